@@ -1,0 +1,62 @@
+# Kestrel. `make demo` and `make test` each work from a fresh clone: they create
+# .venv (Python >= 3.11) and build the generated gRPC code when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= export,bench,dev
+MODELS ?= mobilenet_v2,resnet50,xception
+REPO   ?= models
+PORT   ?= 8001
+SHARED ?= ../shared
+PROTO_OUT := serve/_proto
+PROTOS := $(wildcard proto/*.proto)
+GENERATED := $(patsubst proto/%.proto,$(PROTO_OUT)/%_pb2.py,$(PROTOS))
+
+# Offline machines: use ../shared/keras_home (copied, Keras writes into it)
+# when KERAS_HOME is not set and the folder exists.
+ifeq ($(origin KERAS_HOME), undefined)
+ifneq ($(wildcard $(SHARED)/keras_home/models),)
+export KERAS_HOME := $(CURDIR)/.cache/keras_home
+KERAS_HOME_COPY := 1
+endif
+endif
+
+.PHONY: install proto test test-all demo bench bench-smoke clean keras-home
+
+install: $(VENV)/.installed $(GENERATED)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# Generated code is never hand-edited or committed. protoc writes absolute
+# imports ("import model_config_pb2"); make them package-relative.
+$(PROTO_OUT)/%_pb2.py: proto/%.proto $(VENV)/.installed
+	mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTOS)
+	sed -i -E 's/^import ([a-z_0-9]+_pb2)/from . import \1/' $(PROTO_OUT)/*_pb2*.py
+	touch $(PROTO_OUT)/*_pb2*.py
+
+proto: $(GENERATED)
+
+keras-home:
+ifdef KERAS_HOME_COPY
+	mkdir -p $(KERAS_HOME)/models
+	cp -n $(SHARED)/keras_home/models/* $(KERAS_HOME)/models/ 2>/dev/null || true
+endif
+
+# The CI suite: everything not marked slow (GPU tests skip without a GPU).
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+# Everything, including big models and longer load tests.
+test-all: install
+	$(PY) -m pytest -q
+
+demo: install keras-home
+	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) --port $(PORT) --photos $(SHARED)/photos
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT)/*_pb2*.py .cache

@@ -1,0 +1,79 @@
+"""onnxruntime backend: the default CPU path, and CUDA / TensorRT EP where installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .._optional import require
+from ..errors import ModelLoadError
+from ..repository import ModelEntry, TensorSpec
+from .base import Runner
+
+# Preferred order; only those the installed onnxruntime offers are used.
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def available_providers() -> list[str]:
+    ort = require("onnxruntime", "the onnxruntime backend")
+    return list(ort.get_available_providers())
+
+
+def choose_providers(requested: list[str] | None = None) -> list[str]:
+    """Requested providers (or the defaults) that this onnxruntime build has, in order."""
+    have = set(available_providers())
+    wanted = list(requested) if requested else list(DEFAULT_PROVIDERS)
+    chosen = [p for p in wanted if p in have]
+    if not chosen:
+        raise ModelLoadError(f"none of the requested onnxruntime providers {wanted} is available; this build has {sorted(have)}")
+    return chosen
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs model.onnx with an InferenceSession (thread-safe: sessions allow concurrent run())."""
+
+    thread_safe = True
+
+    def __init__(self, name: str, path: str | Path, input_spec: TensorSpec, output_spec: TensorSpec, *,
+                 labels=None, max_batch_size: int = 0, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+        super().__init__(name, input_spec, output_spec, labels=labels, max_batch_size=max_batch_size)
+        self.path = Path(path)
+        self.requested_providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self.session = None
+        self.providers: list[str] = []
+
+    @classmethod
+    def from_entry(cls, entry: ModelEntry, version: int | None = None, **options) -> "OnnxRuntimeRunner":
+        return cls(entry.name, entry.artifact(version), entry.input_spec, entry.output_spec,
+                   labels=entry.labels(), max_batch_size=entry.max_batch_size, **options)
+
+    def _load(self) -> None:
+        ort = require("onnxruntime", "the onnxruntime backend")
+        if not self.path.is_file():
+            raise ModelLoadError(f"model '{self.name}': {self.path} does not exist")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = self.intra_op_threads or int(os.environ.get("KESTREL_ORT_THREADS", "0") or 0)
+        if threads:
+            opts.intra_op_num_threads = threads
+        if self.inter_op_threads:
+            opts.inter_op_num_threads = self.inter_op_threads
+        providers = choose_providers(self.requested_providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
+            raise ModelLoadError(f"model '{self.name}': onnxruntime cannot load {self.path}: {exc}") from None
+        self.providers = self.session.get_providers()
+        self._input_name = self.session.get_inputs()[0].name
+        self._output_name = self.session.get_outputs()[0].name
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output_name], {self._input_name: batch})[0]
+
+    def _close(self) -> None:
+        self.session = None

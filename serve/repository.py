@@ -1,0 +1,264 @@
+"""The model repository, in Triton's layout.
+
+    models/
+      <name>/
+        config.pbtxt            ModelConfig in protobuf text format (Triton reads it unchanged)
+        labels.txt              one class name per line (output label_filename)
+        <version>/model.onnx    platform onnxruntime_onnx
+        <version>/model.plan    platform tensorrt_plan (+ model.plan.json: build metadata)
+        <version>/model.keras   backend "keras" (Kestrel only: the original Keras path)
+
+Every Kestrel model takes one uint8 NHWC image batch and returns FP32 class
+probabilities; `ModelEntry.input_spec` / `output_spec` describe them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from . import datatypes
+from .errors import ConfigError, ModelNotFoundError
+
+# platform / backend name -> artifact file name
+PLATFORM_ONNX = "onnxruntime_onnx"
+PLATFORM_TENSORRT = "tensorrt_plan"
+BACKEND_KERAS = "keras"
+ARTIFACTS = {
+    PLATFORM_ONNX: "model.onnx",
+    PLATFORM_TENSORRT: "model.plan",
+    BACKEND_KERAS: "model.keras",
+}
+CONFIG_FILE = "config.pbtxt"
+LABELS_FILE = "labels.txt"
+DEFAULT_MAX_BATCH_SIZE = 32
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def _pb():
+    try:
+        from ._proto import model_config_pb2
+    except ImportError as exc:  # pragma: no cover - only on a checkout where `make proto` never ran
+        raise ImportError(
+            "serve/_proto has no generated code; run `make proto` (or `make install`) first"
+        ) from exc
+    return model_config_pb2
+
+
+def validate_name(name: str) -> str:
+    """A model name must be one plain folder name: no separators, no '..', no hidden files."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in {".", ".."}:
+        raise ConfigError(
+            f"invalid model name {name!r}: expected letters, digits, '_', '-', '.', starting with a "
+            "letter or digit (a name must stay inside the repository folder)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model's contract. `shape` excludes the batch dimension; -1 is dynamic."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def datatype(self) -> str:
+        """The V2 protocol datatype string ("UINT8", "FP32")."""
+        return datatypes.to_v2(self.dtype)
+
+
+def make_config(
+    name: str,
+    platform: str,
+    input_spec: TensorSpec,
+    output_spec: TensorSpec,
+    *,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    labels: bool = True,
+    max_queue_delay_us: int = 2000,
+    max_queue_size: int = 256,
+    instance_count: int = 1,
+    parameters: dict[str, str] | None = None,
+):
+    """Build a ModelConfig for an image classifier (batch dim excluded from dims, as Triton wants)."""
+    pb = _pb()
+    validate_name(name)
+    if platform not in ARTIFACTS:
+        raise ConfigError(f"unknown platform {platform!r}; expected one of {sorted(ARTIFACTS)}")
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if platform == BACKEND_KERAS:
+        config.backend = BACKEND_KERAS
+        config.default_model_filename = ARTIFACTS[BACKEND_KERAS]
+    else:
+        config.platform = platform
+    inp = config.input.add(
+        name=input_spec.name, data_type=pb.DataType.Value(datatypes.to_config(input_spec.dtype))
+    )
+    if len(input_spec.shape) == 3:
+        inp.format = pb.ModelInput.FORMAT_NHWC
+    inp.dims.extend(input_spec.shape)
+    out = config.output.add(
+        name=output_spec.name, data_type=pb.DataType.Value(datatypes.to_config(output_spec.dtype))
+    )
+    out.dims.extend(output_spec.shape)
+    if labels:
+        out.label_filename = LABELS_FILE
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    group = config.instance_group.add(count=instance_count)
+    group.kind = pb.ModelInstanceGroup.KIND_GPU if platform == PLATFORM_TENSORRT else pb.ModelInstanceGroup.KIND_CPU
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
+def write_config(config, folder: Path) -> Path:
+    """Write config.pbtxt into `folder`; returns its path."""
+    path = Path(folder) / CONFIG_FILE
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def read_config(path: Path):
+    """Parse a config.pbtxt; a syntax error names the file and the line."""
+    pb = _pb()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: invalid model configuration: {exc}") from None
+
+
+def _spec(tensor) -> TensorSpec:
+    pb = _pb()
+    return TensorSpec(tensor.name, datatypes.from_config(pb.DataType.Name(tensor.data_type)), tuple(tensor.dims))
+
+
+@dataclass
+class ModelEntry:
+    """One model folder of the repository, parsed and checked (artifacts are not loaded)."""
+
+    name: str
+    path: Path
+    config: object  # inference.ModelConfig
+
+    @property
+    def platform(self) -> str:
+        """'onnxruntime_onnx', 'tensorrt_plan' or 'keras'."""
+        return self.config.platform or self.config.backend
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.max_batch_size)
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        return _spec(self.config.input[0])
+
+    @property
+    def output_spec(self) -> TensorSpec:
+        return _spec(self.config.output[0])
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        return {k: v.string_value for k, v in self.config.parameters.items()}
+
+    @property
+    def versions(self) -> list[int]:
+        """Numeric version folders that hold this platform's artifact, ascending."""
+        found = []
+        for child in self.path.iterdir():
+            if child.is_dir() and child.name.isdigit() and (child / self.artifact_name).is_file():
+                found.append(int(child.name))
+        return sorted(found)
+
+    @property
+    def artifact_name(self) -> str:
+        return self.config.default_model_filename or ARTIFACTS[self.platform]
+
+    def artifact(self, version: int | None = None) -> Path:
+        """Path of the artifact for `version` (the latest when None)."""
+        versions = self.versions
+        if not versions:
+            raise ModelNotFoundError(
+                f"model '{self.name}' has no version folder with {self.artifact_name} in {self.path}"
+            )
+        if version is None:
+            version = versions[-1]
+        if version not in versions:
+            raise ModelNotFoundError(
+                f"model '{self.name}' has no version {version}; available versions: {versions}"
+            )
+        return self.path / str(version) / self.artifact_name
+
+    def labels(self) -> list[str] | None:
+        """Class names from the output's label file, or None when the model has none."""
+        label_file = self.config.output[0].label_filename
+        if not label_file:
+            return None
+        path = self.path / label_file
+        if not path.is_file():
+            raise ConfigError(f"{self.path / CONFIG_FILE} names label file {label_file!r}, which does not exist")
+        return [line.rstrip("\n") for line in path.read_text().splitlines()]
+
+
+def load_entry(folder: Path) -> ModelEntry:
+    """Parse and check one model folder."""
+    folder = Path(folder)
+    config = read_config(folder / CONFIG_FILE)
+    name = config.name or folder.name
+    if name != folder.name:
+        raise ConfigError(f"{folder / CONFIG_FILE}: name {name!r} does not match its folder {folder.name!r}")
+    platform = config.platform or config.backend
+    if platform not in ARTIFACTS:
+        raise ConfigError(
+            f"{folder / CONFIG_FILE}: platform/backend {platform!r} is not supported; "
+            f"expected one of {sorted(ARTIFACTS)}"
+        )
+    if len(config.input) != 1 or len(config.output) != 1:
+        raise ConfigError(
+            f"{folder / CONFIG_FILE}: expected exactly one input and one output, "
+            f"got {len(config.input)} inputs and {len(config.output)} outputs"
+        )
+    return ModelEntry(name=name, path=folder, config=config)
+
+
+class ModelRepository:
+    """A folder of model folders. Cheap to construct; entries are parsed on demand."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        """Names of all folders holding a config.pbtxt, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+
+    def folder(self, name: str) -> Path:
+        """The folder a model of this name lives (or would live) in; rejects names escaping the root."""
+        return self.root / validate_name(name)
+
+    def entry(self, name: str) -> ModelEntry:
+        folder = self.folder(name)
+        if not (folder / CONFIG_FILE).is_file():
+            known = ", ".join(self.names()) or "none"
+            raise ModelNotFoundError(f"model '{name}' is not in repository {self.root} (models there: {known})")
+        return load_entry(folder)
+
+    def entries(self) -> list[ModelEntry]:
+        return [self.entry(name) for name in self.names()]

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from serve import repository as repo
+from serve.errors import ConfigError, ModelNotFoundError
+
+IMAGES = repo.TensorSpec("images", np.uint8, (224, 224, 3))
+PROBS = repo.TensorSpec("probabilities", np.float32, (5,))
+
+
+def _write_model(root, name, platform="onnxruntime_onnx", versions=(1,), labels=("a", "b", "c", "d", "e")):
+    folder = root / name
+    folder.mkdir(parents=True)
+    repo.write_config(repo.make_config(name, platform, IMAGES, PROBS), folder)
+    (folder / repo.LABELS_FILE).write_text("\n".join(labels) + "\n")
+    for v in versions:
+        (folder / str(v)).mkdir()
+        (folder / str(v) / repo.ARTIFACTS[platform]).write_bytes(b"x")
+    return folder
+
+
+def test_config_round_trip(tmp_path):
+    _write_model(tmp_path, "m1", versions=(1, 3))
+    entry = repo.ModelRepository(tmp_path).entry("m1")
+    assert entry.platform == "onnxruntime_onnx"
+    assert entry.input_spec == IMAGES
+    assert entry.output_spec == PROBS
+    assert entry.input_spec.datatype == "UINT8"
+    assert entry.max_batch_size == repo.DEFAULT_MAX_BATCH_SIZE
+    assert entry.versions == [1, 3]
+    assert entry.artifact().parent.name == "3"
+    assert entry.artifact(1) == tmp_path / "m1" / "1" / "model.onnx"
+    assert entry.labels() == ["a", "b", "c", "d", "e"]
+    assert entry.config.dynamic_batching.default_queue_policy.max_queue_size == 256
+
+
+def test_keras_backend_config(tmp_path):
+    _write_model(tmp_path, "m_keras", platform="keras")
+    entry = repo.ModelRepository(tmp_path).entry("m_keras")
+    assert entry.platform == "keras"
+    assert entry.config.platform == ""
+    assert entry.artifact().name == "model.keras"
+
+
+def test_unknown_model_and_version(tmp_path):
+    _write_model(tmp_path, "m1")
+    r = repo.ModelRepository(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="models there: m1"):
+        r.entry("nope")
+    with pytest.raises(ModelNotFoundError, match=r"no version 7; available versions: \[1\]"):
+        r.entry("m1").artifact(7)
+    assert r.names() == ["m1"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 200, "a\\b"])
+def test_names_cannot_escape_the_repository(tmp_path, name):
+    with pytest.raises(ConfigError, match="invalid model name"):
+        repo.ModelRepository(tmp_path).folder(name)
+
+
+def test_broken_config_names_the_file(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.pbtxt").write_text("name: 'bad'\nmax_batch_size: notanumber\n")
+    with pytest.raises(ConfigError, match=r"bad/config.pbtxt: invalid model configuration"):
+        repo.ModelRepository(tmp_path).entry("bad")
+
+
+def test_config_name_must_match_folder(tmp_path):
+    folder = _write_model(tmp_path, "m1")
+    (folder / "config.pbtxt").write_text((folder / "config.pbtxt").read_text().replace('"m1"', '"other"'))
+    with pytest.raises(ConfigError, match="does not match its folder"):
+        repo.ModelRepository(tmp_path).entry("m1")
+
+
+def test_missing_label_file_is_reported(tmp_path):
+    folder = _write_model(tmp_path, "m1")
+    (folder / "labels.txt").unlink()
+    with pytest.raises(ConfigError, match="labels.txt"):
+        repo.ModelRepository(tmp_path).entry("m1").labels()
