@@ -28,10 +28,12 @@ from .errors import ConfigError, ModelNotFoundError
 PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_TENSORRT = "tensorrt_plan"
 BACKEND_KERAS = "keras"
+PLATFORM_FAKE = "fake"  # serve/backends/fake.py: deterministic, dependency-free (tests, load tests)
 ARTIFACTS = {
     PLATFORM_ONNX: "model.onnx",
     PLATFORM_TENSORRT: "model.plan",
     BACKEND_KERAS: "model.keras",
+    PLATFORM_FAKE: "model.json",
 }
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
