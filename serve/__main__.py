@@ -1,0 +1,99 @@
+"""python -m serve: serve a model repository over gRPC (KServe V2 + Classify), with health, reflection, metrics.
+
+    python -m serve --repository models --models mobilenet_v2,resnet50 \\
+        --ensemble imagenet=mobilenet_v2,resnet50:mean --port 8001 --metrics-port 8002
+
+SIGTERM / SIGINT: stop accepting, finish in-flight requests within --grace seconds, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import KestrelError
+
+log = logging.getLogger("serve")
+
+
+def _names(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=(
+        "Serve a model repository over gRPC: the KServe V2 inference protocol and Kestrel's Classify."))
+    parser.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default: models)")
+    parser.add_argument("--models", help="comma-separated models to load (default: all in the repository)")
+    parser.add_argument("--ensemble", action="append", default=[], metavar="NAME=a,b,c[:FUSION]",
+                        help="an ensemble of loaded models; FUSION is mean (default), max-confidence or majority")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
+    parser.add_argument("--metrics-port", type=int, default=8002,
+                        help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
+    parser.add_argument("--max-message-mb", type=float, default=64.0,
+                        help="largest gRPC message in MiB, both ways (default 64: 32 float32 224x224x3 images fit)")
+    parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    parser.add_argument("--threads", type=int, default=64, help="gRPC worker threads (default 64)")
+    parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
+    parser.add_argument("--port-file", type=Path,
+                        help="write {\"port\": ..., \"metrics_port\": ...} here once serving (for --port 0)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import create_server  # grpc and the generated code: after --help
+
+    runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
+    try:
+        server, port = create_server(
+            args.repository, models=_names(args.models), ensembles=args.ensemble, host=args.host, port=args.port,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_mb=args.max_message_mb,
+            strict=args.strict, tls_cert=args.tls_cert, tls_key=args.tls_key, threads=args.threads,
+            runner_options=runner_options)
+    except KestrelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for served in server.hub.models.values():
+        if not served.ready:
+            log.warning("model %s is UNAVAILABLE: %s", served.name, served.reason)
+    ready = [m.name for m in server.hub.models.values() if m.ready]
+    scheme = "grpcs" if args.tls_cert else "grpc"
+    log.info("listening on %s://%s:%d (models ready: %s; ensembles: %s)%s", scheme, args.host, port,
+             ", ".join(ready) or "none", ", ".join(server.hub.ensembles) or "none",
+             f"; metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else "")
+    if args.port_file:
+        tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
+        tmp.write_text(json.dumps({"port": port, "metrics_port": server.metrics_port, "pid": os.getpid()}))
+        tmp.replace(args.port_file)  # atomic: readers never see half a file
+
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    while not stop.wait(0.5):
+        pass
+    server.stop(grace=args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""A small client for a Kestrel server, and its command line.
+
+    python -m serve.client photo.jpg other.png --models vgg16,resnet50,xception --top-k 3
+    python -m serve.client photo.jpg --ensemble imagenet --address 127.0.0.1:8001
+
+prints, per image, each model's top 3 and the ensemble's answer.
+
+    with KestrelClient("127.0.0.1:8001") as client:
+        client.wait_ready()
+        answer = client.classify(Path("cat.jpg").read_bytes(), ["mobilenet_v2"], top_k=3)
+        probabilities = client.infer("mobilenet_v2", uint8_batch)     # KServe V2 ModelInfer
+
+gRPC errors become Kestrel exceptions at one boundary (`_call`), each with the
+gRPC status in `.code`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from . import datatypes
+from .errors import (DeadlineExceededError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError,
+                     ResourceExhaustedError)
+
+DEFAULT_ADDRESS = "127.0.0.1:8001"
+DEFAULT_MAX_MESSAGE_MB = 64
+
+_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def _error(exc: grpc.RpcError, address: str) -> KestrelError:
+    code = exc.code()
+    details = exc.details() or code.name
+    if code is grpc.StatusCode.UNAVAILABLE:
+        error: KestrelError = ModelLoadError(details) if "model" in details else KestrelError(
+            f"cannot reach the server at {address}: {details}")
+    else:
+        error = _ERRORS.get(code, KestrelError)(f"{code.name}: {details}" if code not in _ERRORS else details)
+    error.code = code
+    return error
+
+
+class KestrelClient:
+    """Classify and V2 inference against a Kestrel server (insecure, or TLS with `tls_ca`)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
+                 tls_ca: str | Path | None = None, timeout: float | None = 30.0):
+        from ._proto import grpc_service_pb2_grpc, kestrel_pb2_grpc  # generated code: imported on use
+        from grpc_health.v1 import health_pb2_grpc
+
+        size = int(max_message_mb * 1024 * 1024)
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        self.address = address
+        self.timeout = timeout
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.v2 = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.classifier = kestrel_pb2_grpc.ClassifierStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.address) from None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the health service reports SERVING; KestrelError after `timeout` seconds."""
+        from grpc_health.v1 import health_pb2
+
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last = exc.details() or exc.code().name
+            time.sleep(0.1)
+        raise KestrelError(f"server at {self.address} not SERVING after {timeout:.0f} s (last: {last})")
+
+    def classify(self, image: bytes | str | Path, models: Sequence[str] = (), *, top_k: int = 3, fusion: str = "",
+                 timeout: float | None = None):
+        """Classify one encoded image (bytes or a file path); returns a kestrel.v1.ClassifyResponse."""
+        from ._proto import kestrel_pb2
+
+        data = image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+        request = kestrel_pb2.ClassifyRequest(image=bytes(data), models=list(models), top_k=top_k, fusion=fusion)
+        return self._call(self.classifier.Classify, request, timeout)
+
+    def list_models(self):
+        from ._proto import kestrel_pb2
+
+        return self._call(self.classifier.ListModels, kestrel_pb2.ListModelsRequest())
+
+    def infer(self, model: str, batch: np.ndarray, *, version: str = "", input_name: str = "images",
+              timeout: float | None = None) -> np.ndarray:
+        """KServe V2 ModelInfer with raw_input_contents; returns the first output as numpy."""
+        from ._proto import grpc_service_pb2 as pb
+
+        batch = np.ascontiguousarray(batch)
+        request = pb.ModelInferRequest(model_name=model, model_version=version)
+        request.inputs.add(name=input_name, datatype=datatypes.to_v2(batch.dtype), shape=list(batch.shape))
+        request.raw_input_contents.append(batch.astype(batch.dtype.newbyteorder("<"), copy=False).tobytes())
+        response = self._call(self.v2.ModelInfer, request, timeout)
+        out = response.outputs[0]
+        dtype = datatypes.from_v2(out.datatype).newbyteorder("<")
+        return np.frombuffer(response.raw_output_contents[0], dtype=dtype).reshape(tuple(out.shape))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def format_table(name: str, response, top_k: int) -> str:
+    """One image's answer as a text table: each model's top-k, then the ensemble's."""
+    lines = [f"{name}  ({response.image_width}x{response.image_height}, decoded in {response.decode_ms:.1f} ms)"]
+    rows = [(r.model, r.predictions, f"{r.compute_ms:7.1f} ms (batch {r.batch_size})") for r in response.results]
+    rows += [(f"{e.name} [{e.fusion}]", e.predictions, "") for e in response.ensembles]
+    width = max(len(row[0]) for row in rows) if rows else 10
+    for model, predictions, timing in rows:
+        cells = [f"{p.label} ({p.probability:.3f})" for p in predictions[:top_k]]
+        lines.append(f"  {model:<{width}}  " + "  |  ".join(f"{c:<28}" for c in cells) + f"  {timing}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.client", description=(
+        "Classify image files with a Kestrel server: each model's top-k and the ensemble's answer."))
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, BMP, WebP...)")
+    parser.add_argument("--models", default="", help="comma-separated model names (default: the server's choice)")
+    parser.add_argument("--ensemble", action="append", default=[],
+                        help="an ensemble configured on the server (repeatable)")
+    parser.add_argument("--fusion", default="", choices=["", "mean", "max-confidence", "majority"],
+                        help="override the ensembles' fusion")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--top-k", type=int, default=3, help="predictions per model (default 3)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB)
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate to trust (the server uses TLS)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()] + args.ensemble
+    failures = 0
+    try:
+        with KestrelClient(args.address, max_message_mb=args.max_message_mb, tls_ca=args.tls_ca,
+                           timeout=args.timeout) as client:
+            for path in args.images:
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    print(f"error: {path}: {exc.strerror}", file=sys.stderr)
+                    failures += 1
+                    continue
+                try:
+                    response = client.classify(data, names, top_k=args.top_k, fusion=args.fusion)
+                except (ModelNotFoundError, InvalidInputError) as exc:  # this image or name; go on
+                    print(f"error: {path}: {exc}", file=sys.stderr)
+                    failures += 1
+                    continue
+                print(format_table(str(path), response, args.top_k))
+    except KestrelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The models a server serves: loading, batching, inference and classification, without gRPC.
+
+    hub = ModelHub(ModelRepository("models"), models=["a", "b"], ensembles=[Ensemble.parse("e=a,b")])
+    hub.load()                       # a model that fails is UNAVAILABLE with its reason (or raises if strict)
+    result = hub.infer("a", "", uint8_batch, deadline)     # -> InferResult
+    answer = hub.classify(jpeg_bytes, ["e"], top_k=3)      # -> ClassifyResult
+
+The servicers (serve/servicers.py) translate requests and map the exceptions
+raised here (serve.errors) to gRPC status codes; nothing here knows gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import images
+from .backends import create_runner
+from .backends.base import Runner
+from .batching import BatchResult, DynamicBatcher
+from .ensemble import FUSIONS, MAJORITY, Ensemble, check_fusion, rank, top_k
+from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError
+from .metrics import Metrics, ModelStats
+from .repository import ModelEntry, ModelRepository
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+ENSEMBLE_PLATFORM = "ensemble"
+
+
+@dataclass
+class ServedModel:
+    """One model of the repository as this server holds it."""
+
+    name: str
+    entry: ModelEntry | None
+    version: int | None = None
+    runner: Runner | None = None
+    batcher: DynamicBatcher | None = None
+    state: str = UNAVAILABLE
+    reason: str = "not loaded yet"
+    stats: ModelStats | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+
+@dataclass
+class ServedEnsemble:
+    ensemble: Ensemble
+    state: str = UNAVAILABLE
+    reason: str = "not loaded yet"
+    stats: ModelStats | None = None
+
+    @property
+    def name(self) -> str:
+        return self.ensemble.name
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+
+@dataclass
+class InferResult:
+    name: str
+    version: str
+    probabilities: np.ndarray
+    runs: dict[str, BatchResult] = field(default_factory=dict)  # per model that ran
+
+
+@dataclass
+class ModelAnswer:
+    model: str
+    version: str
+    predictions: list[tuple[str, int, float]]  # (label, index, probability)
+    run: BatchResult
+    input_size: tuple[int, int]
+
+
+@dataclass
+class EnsembleAnswer:
+    name: str
+    fusion: str
+    members: list[str]
+    predictions: list[tuple[str, int, float]]
+
+
+@dataclass
+class ClassifyResult:
+    models: list[ModelAnswer]
+    ensembles: list[EnsembleAnswer]
+    image_size: tuple[int, int]  # (height, width) as decoded (after a JPEG draft)
+    decode_s: float
+    total_s: float
+
+
+def _parse_version(name: str, version: str | int | None, loaded: int | None) -> None:
+    if version in (None, "", 0):
+        return
+    text = str(version)
+    if not text.isdigit():
+        raise ModelNotFoundError(f"model '{name}': received version {text!r}, expected a number (or empty)")
+    if loaded is None or int(text) != loaded:
+        raise ModelNotFoundError(
+            f"model '{name}' has no version {text} loaded; loaded version: {loaded if loaded is not None else 'none'}"
+        )
+
+
+class ModelHub:
+    """Loads models (each with a DynamicBatcher), validates ensembles, runs inference and classification."""
+
+    def __init__(self, repository: ModelRepository | str, models: Sequence[str] | None = None,
+                 ensembles: Sequence[Ensemble] = (), *, strict: bool = False,
+                 runner_options: dict[str, dict] | None = None, metrics: Metrics | None = None,
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS):
+        self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
+        self.requested = list(models) if models else None
+        self.strict = strict
+        self.runner_options = runner_options or {}
+        self.metrics = metrics or Metrics()
+        self.max_pixels = max_pixels
+        self.models: dict[str, ServedModel] = {}
+        self.ensembles: dict[str, ServedEnsemble] = {}
+        for ens in ensembles:
+            if ens.name in self.ensembles:
+                raise ConfigError(f"ensemble '{ens.name}' is defined twice")
+            self.ensembles[ens.name] = ServedEnsemble(ens, stats=self.metrics.model(ens.name))
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _names_to_load(self) -> list[str]:
+        available = self.repository.names()
+        if not available and not self.requested:
+            raise ConfigError(f"repository {self.repository.root} holds no models (no <name>/config.pbtxt)")
+        names = list(self.requested) if self.requested else list(available)
+        for served in self.ensembles.values():
+            for member in served.ensemble.members:
+                if member not in names:
+                    names.append(member)
+        for name in names:
+            if name in self.ensembles:
+                raise ConfigError(f"'{name}' names both a model and an ensemble; expected distinct names")
+            if name not in available:
+                raise ConfigError(
+                    f"model '{name}' is not in repository {self.repository.root} "
+                    f"(models there: {', '.join(available) or 'none'})"
+                )
+        return names
+
+    def load(self) -> "ModelHub":
+        """Parse every model, check ensembles' label sets, then load models and start their batchers."""
+        names = self._names_to_load()
+        entries: dict[str, ModelEntry] = {}
+        for name in names:
+            try:
+                entries[name] = self.repository.entry(name)
+                self.models[name] = ServedModel(name, entries[name], stats=self.metrics.model(name))
+            except KestrelError as exc:
+                if self.strict:
+                    raise
+                self.models[name] = ServedModel(name, None, reason=str(exc), stats=self.metrics.model(name))
+                log.error("model %s: %s", name, exc)
+        self._check_ensembles(entries)
+        for name in names:
+            if name in entries:
+                self._load_one(self.models[name])
+        for served in self.ensembles.values():
+            missing = [m for m in served.ensemble.members if not self.models[m].ready]
+            if missing:
+                served.state = UNAVAILABLE
+                served.reason = "members not ready: " + "; ".join(
+                    f"{m}: {self.models[m].reason}" for m in missing)
+            else:
+                served.state, served.reason = READY, ""
+            served.stats.set_ready(served.ready)
+        return self
+
+    def _check_ensembles(self, entries: dict[str, ModelEntry]) -> None:
+        for served in self.ensembles.values():
+            ens = served.ensemble
+            known = [m for m in ens.members if m in entries]
+            try:
+                labels = {m: entries[m].labels() for m in known}
+                classes = {m: entries[m].output_spec.shape[0] for m in known}
+            except KestrelError as exc:
+                raise ConfigError(f"ensemble '{ens.name}': {exc}") from None
+            if len(known) > 1:
+                Ensemble(ens.name, tuple(known), ens.fusion).check_labels(labels, classes)
+
+    def _load_one(self, served: ServedModel) -> None:
+        entry = served.entry
+        t0 = time.perf_counter()
+        try:
+            versions = entry.versions
+            if not versions:
+                entry.artifact()  # raises with the reason
+            served.version = versions[-1]
+            options = dict(self.runner_options.get(entry.platform, {}))
+            runner = create_runner(entry, served.version, **options)
+            runner.load()
+            batching = entry.config.dynamic_batching if entry.config.HasField("dynamic_batching") else None
+            groups = [g.count for g in entry.config.instance_group if g.count > 0]
+            served.batcher = DynamicBatcher(
+                runner,
+                max_batch_size=entry.max_batch_size or 1,
+                max_queue_delay_us=batching.max_queue_delay_microseconds if batching else 0,
+                max_queue_size=batching.default_queue_policy.max_queue_size if batching else 0,
+                workers=sum(groups) or 1,
+                stats=served.stats,
+            ).start()
+            served.runner = runner
+            served.state, served.reason = READY, ""
+            log.info("model %s version %s loaded (%s) in %.2f s", served.name, served.version, entry.platform,
+                     time.perf_counter() - t0)
+        except Exception as exc:  # a model that fails must not take the others down
+            reason = str(exc) if isinstance(exc, KestrelError) else f"{type(exc).__name__}: {exc}"
+            served.state, served.reason = UNAVAILABLE, reason
+            log.error("model %s failed to load: %s", served.name, reason)
+            if self.strict:
+                raise ModelLoadError(f"model '{served.name}' failed to load (--strict): {reason}") from None
+        served.stats.set_ready(served.ready)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Drain and stop every batcher, release every runner."""
+        for served in self.models.values():
+            if served.batcher is not None:
+                served.batcher.close(timeout)
+            if served.runner is not None:
+                try:
+                    served.runner.close()
+                except Exception as exc:  # closing must go on for the others
+                    log.warning("model %s: close failed: %s", served.name, exc)
+            served.state, served.reason = UNAVAILABLE, "server shut down"
+
+    # ---- lookups ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return any(m.ready for m in self.models.values())
+
+    def names(self) -> list[str]:
+        return list(self.models) + list(self.ensembles)
+
+    def find(self, name: str) -> ServedModel | ServedEnsemble:
+        if name in self.models:
+            return self.models[name]
+        if name in self.ensembles:
+            return self.ensembles[name]
+        raise ModelNotFoundError(
+            f"received model name {name!r}, which this server does not serve; "
+            f"expected one of: {', '.join(self.names()) or 'none'}"
+        )
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        target = self.find(name)
+        if isinstance(target, ServedModel):
+            _parse_version(name, version, target.version)
+        elif version not in ("", None):
+            _parse_version(name, version, 1)
+        return target.ready
+
+    def ready_model(self, name: str, version: str = "") -> ServedModel | ServedEnsemble:
+        """The ready model or ensemble; ModelNotFoundError / ModelLoadError (unavailable) otherwise."""
+        target = self.find(name)
+        _parse_version(name, version, target.version if isinstance(target, ServedModel) else 1)
+        if not target.ready:
+            raise ModelLoadError(f"model '{name}' is not ready: {target.reason}")
+        return target
+
+    def members(self, name: str) -> list[ServedModel]:
+        target = self.find(name)
+        if isinstance(target, ServedModel):
+            return [target]
+        return [self.models[m] for m in target.ensemble.members]
+
+    def input_spec(self, name: str):
+        """The input spec of a model, or of an ensemble whose members all take the same input."""
+        members = self.members(name)
+        specs = {m.entry.input_spec for m in members if m.entry is not None}
+        if len(specs) != 1:
+            raise InvalidInputError(
+                f"ensemble '{name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
+                "send images through Classify, or infer each member"
+            )
+        return specs.pop()
+
+    # ---- inference -------------------------------------------------------------------------
+    def infer(self, name: str, version: str, batch: np.ndarray, deadline: float | None = None,
+              fusion: str | None = None) -> InferResult:
+        """Run a uint8 batch on a model (through its batcher) or an ensemble (members concurrently, fused)."""
+        target = self.ready_model(name, version)
+        if isinstance(target, ServedModel):
+            run = target.batcher.infer(batch, deadline)
+            return InferResult(name, str(target.version), run.probabilities, {name: run})
+        self.input_spec(name)  # members must take one input (Classify resizes per member instead)
+        members = self.members(name)
+        pending = {m.name: m.batcher.submit(batch, deadline) for m in members}
+        runs = {m: p.result() for m, p in pending.items()}
+        fusion = check_fusion(fusion or target.ensemble.fusion)
+        scores, _ = rank([r.probabilities for r in runs.values()], fusion)
+        return InferResult(name, "1", scores.astype(np.float32), runs)
+
+    def classify(self, image: bytes, names: Sequence[str] = (), top: int = 5, fusion: str = "",
+                 deadline: float | None = None) -> ClassifyResult:
+        """Decode once, resize once per input size, run every model concurrently, fuse per ensemble."""
+        t_start = time.perf_counter()
+        if fusion:
+            check_fusion(fusion)
+        if top < 0:
+            raise InvalidInputError(f"received top_k={top}; expected a positive number (0 = default 5)")
+        top = top or 5
+        names = [n for n in names if n] or self._default_targets()
+        targets = [self.ready_model(n) for n in dict.fromkeys(names)]
+        models: list[ServedModel] = []
+        for target in targets:
+            for member in (self.members(target.name) if isinstance(target, ServedEnsemble) else [target]):
+                if member not in models:
+                    models.append(member)
+        sizes = {m.runner.image_size for m in models}
+        biggest = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        t0 = time.perf_counter()
+        picture = images.decode(image, min_size=biggest, max_pixels=self.max_pixels)
+        pixels = {size: images.resize(picture, size)[None] for size in sizes}
+        decode_s = time.perf_counter() - t0
+        pending = {m.name: m.batcher.submit(pixels[m.runner.image_size], deadline) for m in models}
+        runs = {name: p.result() for name, p in pending.items()}
+        answers = []
+        for m in models:
+            probs = runs[m.name].probabilities[0]
+            order = np.argsort(-probs, kind="stable")[: min(top, probs.shape[0])]
+            answers.append(ModelAnswer(m.name, str(m.version), [(self._label(m, i), int(i), float(probs[i]))
+                                                                 for i in order], runs[m.name], m.runner.image_size))
+        fused = []
+        for target in targets:
+            if isinstance(target, ServedEnsemble):
+                fused.append(self._fuse(target.name, list(target.ensemble.members), fusion or target.ensemble.fusion,
+                                        runs, top))
+        if not fused and len(models) > 1 and self._share_labels(models):
+            fused.append(self._fuse("ensemble", [m.name for m in models], fusion or "mean", runs, top))
+        return ClassifyResult(answers, fused, (picture.height, picture.width), decode_s,
+                              time.perf_counter() - t_start)
+
+    def _default_targets(self) -> list[str]:
+        if self.ensembles:
+            return [next(iter(self.ensembles))]
+        ready = [m.name for m in self.models.values() if m.ready]
+        if not ready:
+            raise ModelLoadError("no model is ready on this server")
+        return ready
+
+    def _share_labels(self, models: list[ServedModel]) -> bool:
+        first = models[0].runner
+        return all(m.runner.labels == first.labels and m.runner.output_spec.shape == first.output_spec.shape
+                   for m in models[1:])
+
+    @staticmethod
+    def _label(model: ServedModel, index: int) -> str:
+        labels = model.runner.labels
+        return labels[index] if labels and index < len(labels) else str(int(index))
+
+    def _fuse(self, name: str, members: list[str], fusion: str, runs: dict[str, BatchResult],
+              top: int) -> EnsembleAnswer:
+        scores, order = rank([runs[m].probabilities for m in members], fusion)
+        model = self.models[members[0]]
+        picks = top_k(scores, order, top)[0]
+        return EnsembleAnswer(name, fusion, members, [(self._label(model, i), i, s) for i, s in picks])
+

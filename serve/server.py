@@ -1,0 +1,163 @@
+"""Build and run the gRPC server (grpc's examples' shape: create_server returns the server and its port).
+
+    server, port = create_server("models", models=["mobilenet_v2"], port=0)   # loaded, started, SERVING
+    ...
+    server.stop(grace=10)    # NOT_SERVING, refuse new RPCs, finish in-flight ones, drain batchers
+
+Services: inference.GRPCInferenceService (KServe V2), kestrel.v1.Classifier,
+grpc.health.v1.Health ("" and each service: SERVING once models are loaded and
+at least one is ready) and server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import images
+from ._proto import grpc_service_pb2, grpc_service_pb2_grpc, kestrel_pb2, kestrel_pb2_grpc
+from .ensemble import Ensemble
+from .errors import ConfigError
+from .hub import ModelHub
+from .metrics import Metrics
+from .repository import ModelRepository
+from .servicers import ClassifyServicer, InferenceServicer
+
+log = logging.getLogger(__name__)
+
+# 32 float32 224x224x3 images are 19.3 MB; leave room for bigger inputs.
+DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_THREADS = 64
+V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CLASSIFY_SERVICE = kestrel_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+def message_options(max_message_mb: float) -> list[tuple[str, int]]:
+    """gRPC channel/server options raising both message limits to `max_message_mb` MiB."""
+    size = int(max_message_mb * 1024 * 1024)
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+class Server:
+    """A started Kestrel server: the grpc.Server, its models, health and metrics."""
+
+    def __init__(self, grpc_server: grpc.Server, hub: ModelHub, health_servicer: health.HealthServicer,
+                 metrics: Metrics, address: str, port: int, metrics_port: int | None):
+        self.grpc_server = grpc_server
+        self.hub = hub
+        self.health = health_servicer
+        self.metrics = metrics
+        self.address = address
+        self.port = port
+        self.metrics_port = metrics_port
+        self._serving = True
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Graceful shutdown: report NOT_SERVING, refuse new RPCs, let in-flight ones finish
+        within `grace` seconds, then drain the batchers and release the models. Idempotent."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._serving = False
+            self.health.enter_graceful_shutdown()
+            log.info("shutting down: finishing in-flight requests (grace %.1f s)", grace or 0)
+            self.grpc_server.stop(grace).wait()
+            self.hub.close(timeout=grace)
+            self.metrics.close()
+            self._stopped.set()
+            log.info("server stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until stop() finished (True) or `timeout` passed (False)."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop(grace=1.0)
+
+
+def create_server(
+    repository: str | Path | ModelRepository,
+    *,
+    models: Sequence[str] | None = None,
+    ensembles: Sequence[Ensemble | str] = (),
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    metrics_port: int | None = None,
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
+    strict: bool = False,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    threads: int = DEFAULT_THREADS,
+    runner_options: dict[str, dict] | None = None,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+) -> tuple[Server, int]:
+    """Load the models, start serving on host:port (0 = a free port); returns (server, bound port).
+
+    `metrics_port`: None = no Prometheus endpoint, 0 = a free port (server.metrics_port).
+    A model that fails to load is UNAVAILABLE with its reason; with `strict` it raises instead.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key); received one")
+    if max_message_mb <= 0:
+        raise ConfigError(f"received max message size {max_message_mb} MB; expected a positive number")
+    ensembles = [e if isinstance(e, Ensemble) else Ensemble.parse(e) for e in ensembles]
+    metrics = Metrics()
+    hub = ModelHub(repository, models, ensembles, strict=strict, runner_options=runner_options, metrics=metrics,
+                   max_pixels=max_pixels)
+    hub.load()
+    try:
+        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                                  options=message_options(max_message_mb))
+        holder: dict[str, Server] = {}
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(hub, serving=lambda: holder["server"].serving), grpc_server)
+        kestrel_pb2_grpc.add_ClassifierServicer_to_server(ClassifyServicer(hub), grpc_server)
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection(
+            (V2_SERVICE, CLASSIFY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+        address = f"{host}:{port}"
+        try:
+            if tls_cert is not None:
+                credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+                bound = grpc_server.add_secure_port(address, credentials)
+            else:
+                bound = grpc_server.add_insecure_port(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the TLS certificate or key: {exc}") from None
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        if not bound:
+            raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
+        server = Server(grpc_server, hub, health_servicer, metrics, host, bound, None)
+        holder["server"] = server
+        if metrics_port is not None:
+            try:
+                server.metrics_port = metrics.serve_http(metrics_port, host)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror}") from None
+        grpc_server.start()
+    except BaseException:
+        hub.close(timeout=1.0)
+        metrics.close()
+        raise
+    status = health_pb2.HealthCheckResponse.SERVING if hub.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", V2_SERVICE, CLASSIFY_SERVICE):
+        health_servicer.set(service, status)
+    return server, bound
