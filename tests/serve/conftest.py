@@ -168,7 +168,8 @@ class ServeProcess:
         self.address = f"127.0.0.1:{self.port}"
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
