@@ -58,5 +58,14 @@ test-all: install
 demo: install keras-home
 	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) --port $(PORT) --photos $(SHARED)/photos
 
+# The server benchmark (locust): the Keras path vs onnxruntime FP32 vs INT8 (+ TensorRT on a GPU)
+# and a Flask + model.predict app; exports what is missing. Report in benchmarks/results/<timestamp>/.
+bench: install keras-home
+	$(PY) -m benchmarks --repository $(REPO) $(BENCH_ARGS)
+
+# The same pipeline in under a minute (fake models, one level); tests/benchmarks runs it too.
+bench-smoke: install
+	$(PY) -m benchmarks --smoke $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(PROTO_OUT)/*_pb2*.py .cache

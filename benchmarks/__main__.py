@@ -1,0 +1,93 @@
+"""python -m benchmarks: the server benchmark (Keras path vs onnxruntime vs INT8 vs TensorRT, and Flask).
+
+    python -m benchmarks                                  # mobilenet_v2, concurrency 1, 8, 32, 3 repeats
+    python -m benchmarks --levels 8 --repeats 5 --duration 20
+    python -m benchmarks --smoke                          # under a minute, fake models (make bench-smoke)
+
+Writes benchmarks/results/<timestamp>/report.md (+ plots, CSVs). See
+benchmarks/server_bench.py for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from serve.errors import KestrelError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, received {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, received {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=(
+        "Load-test one Kestrel server holding several variants of a model (and a Flask + model.predict "
+        "reference) with locust; write a Markdown report with plots."))
+    p.add_argument("--model", default="mobilenet_v2", help="the model whose variants are compared (default mobilenet_v2)")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
+    p.add_argument("--variants", type=_names,
+                   help="variants to compare (default MODEL_keras,MODEL,MODEL_int8 [+ MODEL_trt_fp16 on a GPU])")
+    p.add_argument("--baseline", help="variant the ratios are against (default the first variant)")
+    p.add_argument("--apis", type=_names, default=["classify", "infer"],
+                   help="classify (image files in) and/or infer (V2 uint8 batch); default both")
+    p.add_argument("--levels", type=_ints, default=[1, 8, 32], help="concurrent clients (default 1,8,32)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per level (default 3)")
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per run (default 15)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
+    p.add_argument("--batch", type=int, default=1, help="images per V2 ModelInfer request (default 1)")
+    p.add_argument("--images", type=Path, help="image folder to send (default ../shared/photos, else synthetic)")
+    p.add_argument("--no-flask", action="store_true", help="skip the Flask + model.predict reference")
+    p.add_argument("--flask-application", metavar="NAME",
+                   help="reference on keras.applications.NAME + preprocess_input instead of MODEL_keras's file")
+    p.add_argument("--no-export", action="store_true", help="do not export missing variants (skip them)")
+    p.add_argument("--weights", default="imagenet", help="weights for exports: imagenet or none (default imagenet)")
+    p.add_argument("--calibration", type=Path, help="INT8 calibration images (default: the image folder)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for python -m serve (repeatable, e.g. --server-arg=--ort-threads=2)")
+    p.add_argument("--budget", type=float, default=60.0, help="minutes; no run starts after (default 60)")
+    p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run: fake models, tiny Flask model, one level, seconds per run (make bench-smoke)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import server_bench
+
+    common = dict(output=args.output, images=args.images, flask=not args.no_flask, server_args=args.server_arg)
+    if args.smoke:
+        settings = server_bench.smoke_settings(**common)
+    else:
+        flask_args = ["--application", args.flask_application, "--weights", args.weights] if args.flask_application else None
+        settings = server_bench.Settings(
+            model=args.model, repository=args.repository, variants=args.variants, baseline=args.baseline,
+            apis=args.apis, levels=args.levels, repeats=args.repeats, duration_s=args.duration,
+            warmup_s=args.warmup, batch=args.batch, export=not args.no_export, weights=args.weights,
+            calibration=args.calibration, budget_s=args.budget * 60.0, flask_args=flask_args, **common)
+    try:
+        out = server_bench.run(settings)
+    except KestrelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
