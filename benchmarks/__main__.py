@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference on keras.applications.NAME + preprocess_input instead of MODEL_keras's file")
     p.add_argument("--no-export", action="store_true", help="do not export missing variants (skip them)")
     p.add_argument("--weights", default="imagenet", help="weights for exports: imagenet or none (default imagenet)")
-    p.add_argument("--calibration", type=Path, help="INT8 calibration images (default: the image folder)")
+    p.add_argument("--calibration", type=Path, help="INT8 calibration images (default ../shared/datasets/flowers, else the image folder)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for python -m serve (repeatable, e.g. --server-arg=--ort-threads=2)")
     p.add_argument("--budget", type=float, default=60.0, help="minutes; no run starts after (default 60)")

@@ -69,7 +69,7 @@ class Settings:
     flask_args: list[str] | None = None  # default: --model <repository>/<baseline>/1/model.keras
     export: bool = True
     weights: str = "imagenet"
-    calibration: Path | None = None  # INT8 calibration images; default ../shared/photos
+    calibration: Path | None = None  # INT8 calibration images; default ../shared/datasets/flowers
     server_args: list[str] = field(default_factory=list)
     output: Path | None = None
     budget_s: float = 3600.0
@@ -89,8 +89,9 @@ class Settings:
             s.baseline = s.variants[0]
         if s.images is None and (SHARED / "photos").is_dir():
             s.images = SHARED / "photos"
-        if s.calibration is None and s.images is not None:
-            s.calibration = s.images
+        if s.calibration is None:  # INT8 calibration wants dozens of real photos
+            flowers = SHARED / "datasets" / "flowers"
+            s.calibration = flowers if flowers.is_dir() else s.images
         unknown = [a for a in s.apis if a not in APIS]
         if unknown or not s.apis:
             raise KestrelError(f"unknown API(s) {unknown or s.apis}; expected some of {', '.join(APIS)}")
@@ -136,8 +137,9 @@ def export_command(variant: str, s: Settings) -> list[str] | None:
         return cmd + (["--calibration", str(s.calibration)] if s.calibration else [])
     for precision in ("fp16", "fp32", "int8"):
         if variant == f"{s.model}_trt_{precision}":
-            return base + ["-m", "export.optimize", s.model, "--repository", str(s.repository),
-                           "--precision", precision, "--tensorrt"]
+            cmd = base + ["-m", "export.optimize", s.model, "--repository", str(s.repository),
+                          "--precision", precision, "--engine-only"]
+            return cmd + (["--calibration", str(s.calibration)] if precision == "int8" and s.calibration else [])
     return None
 
 

@@ -1,0 +1,62 @@
+"""Settings, export commands and the CLI's errors (no processes started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import server_bench
+from serve.errors import KestrelError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_variants_compare_keras_fp32_int8_with_keras_as_baseline(tmp_path):
+    s = server_bench.Settings(repository=tmp_path, output=tmp_path / "out").resolved()
+    assert s.variants[:3] == ["mobilenet_v2_keras", "mobilenet_v2", "mobilenet_v2_int8"]
+    assert s.baseline == "mobilenet_v2_keras"
+    assert s.levels == [1, 8, 32] and s.apis == ["classify", "infer"]
+    assert s.flask_args == ["--model", str(tmp_path / "mobilenet_v2_keras" / "1" / "model.keras")]
+
+
+def test_flask_reference_needs_the_classify_api(tmp_path):
+    s = server_bench.Settings(repository=tmp_path, apis=["infer"], output=tmp_path).resolved()
+    assert s.flask is False
+
+
+@pytest.mark.parametrize("bad", [dict(apis=["grpc"]), dict(levels=[0]), dict(repeats=0), dict(duration_s=0),
+                                 dict(batch=0), dict(variants=[])])
+def test_invalid_settings_are_refused(tmp_path, bad):
+    with pytest.raises(KestrelError):
+        server_bench.Settings(repository=tmp_path, output=tmp_path, **bad).resolved()
+
+
+def test_export_commands_use_the_export_clis(tmp_path):
+    s = server_bench.Settings(repository=tmp_path, output=tmp_path, calibration=tmp_path / "cal").resolved()
+    fp32 = server_bench.export_command("mobilenet_v2", s)
+    assert fp32[1:] == ["-m", "export", "mobilenet_v2", "--weights", "imagenet", "--repository", str(tmp_path)]
+    assert server_bench.export_command("mobilenet_v2_keras", s) == fp32  # one export writes both
+    int8 = server_bench.export_command("mobilenet_v2_int8", s)
+    assert int8[1:4] == ["-m", "export.optimize", "mobilenet_v2"]
+    assert int8[-4:] == ["--precision", "int8", "--calibration", str(tmp_path / "cal")]
+    trt = server_bench.export_command("mobilenet_v2_trt_fp16", s)
+    assert trt[-3:] == ["--precision", "fp16", "--engine-only"]
+    assert server_bench.export_command("resnet50", s) is None
+
+
+def test_missing_variants_without_export_end_with_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--repository", str(tmp_path), "--no-export",
+                             "--no-flask", "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no variant is available to benchmark")
+    assert "mobilenet_v2_int8: not in" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_rejects_bad_levels():
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--levels", "8,x"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expected comma-separated integers" in result.stderr
