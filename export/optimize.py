@@ -1,0 +1,530 @@
+"""Variants of an exported model: `<name>_int8`, `<name>_fp16` and TensorRT engines `<name>_trt_<precision>`.
+
+    python -m export.optimize mobilenet_v2 --repository models --precision int8,fp16 \\
+        --calibration ../shared/datasets/flowers [--accuracy-images DIR] [--engine]
+
+Input: the FP32 export `models/<name>/` (config.pbtxt + 1/model.onnx; uint8
+NHWC "images" in, FP32 "probabilities" out, preprocessing in the graph) and,
+when present, `models/<name>_keras/1/model.keras` (the accuracy reference).
+
+Each variant becomes its own repository entry (config.pbtxt from
+serve.repository.make_config, labels.txt, 1/model.onnx or 1/model.plan, and
+accuracy.json), written into a temporary folder inside the repository and
+renamed into place only after it loaded and passed its accuracy check: a failed
+or interrupted run never leaves a half-written model behind.
+
+Accuracy report (accuracy.json, also printed): the variant against the Keras
+model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on real
+images not used for calibration (`--accuracy-images`, default: a held-out,
+class-stratified 20 % of the calibration folder): top-1 agreement, top-5
+agreement (the reference's top-1 class is in the variant's top 5), relative L2
+of the probability vectors (median/mean/max), the worst images, and batch-1
+latency against FP32 (interleaved medians). Below `--min-agreement` (default
+95 % for INT8, 99 % for FP16 and FP32 engines) the variant is not written and
+the command fails with the report, unless `--force`.
+
+With `--engine`: TensorRT engines for every requested precision (fp32 and fp16
+from the FP32 ONNX with the FP16 flag, int8 from a Q/DQ model quantized for
+TensorRT); see export/tensorrt.py. Without TensorRT or a GPU, `--engine` fails
+with a clear message *after* the ONNX variants were written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from serve import images as simages
+from serve._optional import available
+from serve.errors import ConfigError, KestrelError, ModelNotFoundError
+from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, ModelEntry, ModelRepository,
+                              make_config, write_config)
+
+from . import quantize as quant
+from . import tensorrt as trt_build
+
+VARIANT_PRECISIONS = ("fp16", "int8")  # ONNX variants; fp32 is the export itself
+DEFAULT_MIN_AGREEMENT = {"int8": 0.95, "fp16": 0.99, "fp32": 0.99}
+DEFAULT_MAX_EVAL_IMAGES = 500
+DEFAULT_LATENCY_RUNS = 30
+REPORT_FILE = "accuracy.json"
+WORST = 5
+
+
+class AccuracyError(KestrelError):
+    """A variant agreed with the reference less than the threshold; carries the report."""
+
+    def __init__(self, message: str, report: "AccuracyReport"):
+        super().__init__(message)
+        self.report = report
+
+
+# ---- accuracy report ------------------------------------------------------------------------
+@dataclass
+class AccuracyReport:
+    variant: str
+    precision: str
+    reference: str
+    images: int
+    image_source: str
+    top1_agreement: float
+    top5_agreement: float
+    rel_l2_median: float
+    rel_l2_mean: float
+    rel_l2_max: float
+    min_agreement: float
+    passed: bool
+    worst: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def text(self) -> str:
+        lines = [
+            f"{self.variant} ({self.precision}) vs {self.reference} on {self.images} images ({self.image_source}):",
+            f"  top-1 agreement {self.top1_agreement:.2%} (threshold {self.min_agreement:.2%}: "
+            f"{'PASS' if self.passed else 'FAIL'}), top-5 agreement {self.top5_agreement:.2%}",
+            f"  relative L2: median {self.rel_l2_median:.4f}, mean {self.rel_l2_mean:.4f}, max {self.rel_l2_max:.4f}",
+        ]
+        if self.calibration:
+            lines.append(f"  calibration: {self.calibration.get('images_used')} images, method "
+                         f"{self.calibration.get('method')}, kept in float: "
+                         f"{ {k: len(v) for k, v in self.calibration.get('kept_float_by_rule', {}).items()} }")
+        if self.latency:
+            lines.append(f"  batch-1 latency: {self.latency['variant_ms']:.2f} ms vs FP32 {self.latency['fp32_ms']:.2f} ms "
+                         f"= {self.latency['ratio']:.2f}x ({self.latency['runs']} interleaved runs, medians)")
+        if self.worst:
+            lines.append("  worst images:")
+            for w in self.worst:
+                lines.append(f"    {w['image']}: rel L2 {w['rel_l2']:.3f}, reference {w['reference_top1']} "
+                             f"({w['reference_p']:.3f}) vs {w['variant_top1']} ({w['variant_p']:.3f})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Agreement metrics of two (N, classes) probability arrays."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) == 0:
+        raise ConfigError(f"cannot compare outputs of shapes {reference.shape} and {candidate.shape}")
+    ref_top1 = reference.argmax(1)
+    cand_top1 = candidate.argmax(1)
+    k = min(5, reference.shape[1])
+    cand_top5 = np.argpartition(-candidate, k - 1, axis=1)[:, :k]
+    rel = np.linalg.norm(reference - candidate, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)
+    return {
+        "top1": float(np.mean(ref_top1 == cand_top1)),
+        "top5": float(np.mean([ref_top1[i] in cand_top5[i] for i in range(len(reference))])),
+        "rel_l2": rel,
+        "ref_top1": ref_top1,
+        "cand_top1": cand_top1,
+    }
+
+
+def make_report(variant: str, precision: str, reference_name: str, reference: np.ndarray, candidate: np.ndarray,
+                image_names: Sequence[str], *, image_source: str, min_agreement: float,
+                labels: Sequence[str] | None = None, worst: int = WORST) -> AccuracyReport:
+    m = compare(reference, candidate)
+    rel = m["rel_l2"]
+
+    def label(i: int) -> str:
+        return labels[i] if labels and 0 <= i < len(labels) else str(i)
+
+    # worst first: disagreements, then by relative L2
+    order = sorted(range(len(rel)), key=lambda i: (m["ref_top1"][i] == m["cand_top1"][i], -rel[i]))[:worst]
+    worst_rows = [{
+        "image": str(image_names[i]), "rel_l2": float(rel[i]),
+        "reference_top1": label(int(m["ref_top1"][i])), "reference_p": float(reference[i, m["ref_top1"][i]]),
+        "variant_top1": label(int(m["cand_top1"][i])), "variant_p": float(candidate[i, m["cand_top1"][i]]),
+    } for i in order]
+    return AccuracyReport(
+        variant=variant, precision=precision, reference=reference_name, images=int(len(rel)),
+        image_source=image_source, top1_agreement=m["top1"], top5_agreement=m["top5"],
+        rel_l2_median=float(np.median(rel)), rel_l2_mean=float(np.mean(rel)), rel_l2_max=float(np.max(rel)),
+        min_agreement=float(min_agreement), passed=bool(m["top1"] >= min_agreement), worst=worst_rows,
+    )
+
+
+def predict(runner, images: np.ndarray, batch_size: int = 16, *, progress: bool = False, desc: str = "") -> np.ndarray:
+    """Run `runner` over `images` in batches; returns FP32 (N, classes)."""
+    limit = runner.max_batch_size or batch_size
+    batch_size = max(1, min(batch_size, limit))
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=desc or runner.name, unit="batch", leave=False)
+    return np.concatenate([runner.infer(images[s : s + batch_size]) for s in starts])
+
+
+def interleaved_latency(runners: Sequence, image: np.ndarray, runs: int = DEFAULT_LATENCY_RUNS, warmup: int = 3) -> list[float]:
+    """Median batch-1 latency (ms) of each runner, calls interleaved so load affects all alike."""
+    batch = image[None] if image.ndim == 3 else image[:1]
+    for runner in runners:
+        for _ in range(warmup):
+            runner.infer(batch)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(runs):
+        for i, runner in enumerate(runners):
+            start = time.perf_counter()
+            runner.infer(batch)
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t) * 1000.0) for t in times]
+
+
+# ---- repository entries, written atomically ------------------------------------------------
+def _staging_dir(repo: ModelRepository, name: str) -> Path:
+    repo.root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=repo.root))
+    folder.chmod(0o755)  # mkdtemp makes it private; a model folder is as readable as its siblings
+    return folder
+
+
+def stage_entry(repo: ModelRepository, base: ModelEntry, name: str, platform: str, *,
+                max_batch_size: int | None = None, parameters: dict | None = None) -> Path:
+    """A staging folder holding config.pbtxt, labels.txt and an empty version folder 1/."""
+    folder = _staging_dir(repo, name)
+    config = make_config(name, platform, base.input_spec, base.output_spec,
+                         max_batch_size=max_batch_size or base.max_batch_size,
+                         labels=base.labels() is not None, parameters=parameters)
+    write_config(config, folder)
+    labels_file = base.path / LABELS_FILE
+    if base.labels() is not None and labels_file.is_file():
+        shutil.copyfile(labels_file, folder / LABELS_FILE)
+    (folder / "1").mkdir()
+    return folder
+
+
+def commit_entry(repo: ModelRepository, staging: Path, name: str, *, force: bool) -> Path:
+    """Rename `staging` to the entry's folder; an existing entry is replaced only with force."""
+    target = repo.folder(name)
+    if target.exists():
+        if not force:
+            raise ConfigError(f"{target} already exists; pass --force to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=repo.root))
+        os.replace(target, old / name)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    return target
+
+
+def _onnx_runner(name: str, path: Path, base: ModelEntry, **options):
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+    return OnnxRuntimeRunner(name, path, base.input_spec, base.output_spec, labels=base.labels(),
+                             max_batch_size=base.max_batch_size, **options)
+
+
+# ---- the reference --------------------------------------------------------------------------
+def reference_runner(repo: ModelRepository, name: str, base: ModelEntry, reference: str = "auto"):
+    """(runner, description): the Keras model when present and loadable, else the FP32 ONNX."""
+    keras_name = f"{name}_keras"
+    if reference in ("auto", "keras") and keras_name in repo.names():
+        if available("tensorflow") and available("serve.backends.keras"):
+            from serve.backends import create_runner
+            return create_runner(repo.entry(keras_name)), f"keras:{keras_name}"
+        if reference == "keras":
+            raise ConfigError(f"--reference keras needs TensorFlow and serve.backends.keras to load {keras_name}")
+    elif reference == "keras":
+        raise ConfigError(f"--reference keras: there is no {keras_name} entry in {repo.root}")
+    return _onnx_runner(name, base.artifact(), base), f"onnx:{name}"
+
+
+# ---- orchestration --------------------------------------------------------------------------
+def parse_precisions(value: str | Sequence[str], *, engine: bool = False) -> list[str]:
+    """Validated, de-duplicated precisions; none at all with `engine` means the FP32 engine."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in (i.strip().lower() for i in items):
+        if not item:
+            continue
+        trt_build.check_precision(item)
+        if item not in out:
+            out.append(item)
+    if not out and engine:
+        return ["fp32"]
+    if not out:
+        raise ConfigError(f"--precision needs at least one of {', '.join(trt_build.PRECISIONS)}; got {value!r}")
+    return out
+
+
+def _thresholds(min_agreement: float | dict | None) -> dict[str, float]:
+    out = dict(DEFAULT_MIN_AGREEMENT)
+    if isinstance(min_agreement, dict):
+        out.update(min_agreement)
+    elif min_agreement is not None:
+        out = {k: float(min_agreement) for k in out}
+    for key, value in out.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--min-agreement must be between 0 and 1 (a fraction), got {value}")
+    return out
+
+
+@dataclass
+class Images:
+    calibration: quant.ImageSet | None
+    evaluation: quant.ImageSet
+    source: str
+
+
+def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions, need_calibration,
+                  max_eval, progress) -> Images:
+    cal_paths: list[Path] = []
+    if calibration is not None:
+        cal_paths = simages.find_images(calibration)
+    if need_calibration and calibration is None:
+        raise ConfigError("INT8 needs calibration images: pass --calibration DIR (a folder searched recursively)")
+    if accuracy_images is not None:
+        eval_paths = simages.find_images(accuracy_images)
+        source = f"{accuracy_images}"
+    elif cal_paths:
+        cal_paths, eval_paths = quant.split_calibration(cal_paths, holdout)
+        source = f"held-out {holdout:.0%} of {calibration} (stratified, not used for calibration)"
+    else:
+        eval_paths, source = [], ""
+    cal_set = None
+    if need_calibration:
+        cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress)
+    if eval_paths:
+        eval_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="accuracy images")
+    else:
+        eval_set = quant.ImageSet(np.zeros((0, *image_size, 3), np.uint8), [])
+    if len(eval_set) == 0:
+        eval_set = quant.ImageSet(simages.synthetic_images(32, image_size, seed=1),
+                                  [Path(f"synthetic-{i}") for i in range(32)])
+        source = "32 synthetic images (no real images were given: pass --accuracy-images or --calibration)"
+    return Images(cal_set, eval_set, source)
+
+
+def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | str, calibration: str | Path | None = None,
+             engine: bool = False, engine_only: bool = False, accuracy_images: str | Path | None = None,
+             min_agreement: float | dict | None = None, force: bool = False, holdout: float = quant.DEFAULT_HOLDOUT,
+             quantize_options: quant.QuantizeOptions | None = None, min_batch: int | None = None,
+             opt_batch: int | None = None, max_batch: int | None = None,
+             workspace_mb: int = trt_build.DEFAULT_WORKSPACE_MB, timing_cache: str | Path | None = None,
+             reference: str = "auto", max_eval_images: int = DEFAULT_MAX_EVAL_IMAGES,
+             latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print) -> dict[str, AccuracyReport]:
+    """Build the requested variants of repository entry `name`; returns {variant name: report}.
+
+    `precisions`: any of fp32, fp16, int8. ONNX variants are built for fp16 and
+    int8 (fp32 is the export itself); with `engine`, a TensorRT engine for each.
+    """
+    repo = ModelRepository(repository)
+    base = repo.entry(name)
+    if base.platform != PLATFORM_ONNX:
+        raise ConfigError(f"model '{name}' is {base.platform!r}; optimize needs the FP32 ONNX export ({PLATFORM_ONNX})")
+    wanted = parse_precisions(precisions, engine=engine or engine_only)
+    thresholds = _thresholds(min_agreement)
+    qoptions = quantize_options or quant.QuantizeOptions()
+    build_engines = engine or engine_only
+    profile = trt_build.compute_profile(min_batch, opt_batch, max_batch) if build_engines else None
+    onnx_variants = [] if engine_only else [p for p in VARIANT_PRECISIONS if p in wanted]
+    if not build_engines and not onnx_variants:
+        raise ConfigError(f"nothing to build: --precision {','.join(wanted)} without --engine "
+                          f"(ONNX variants exist for {', '.join(VARIANT_PRECISIONS)}; fp32 is the export itself)")
+    for variant in [f"{name}_{p}" for p in onnx_variants] + (
+            [trt_build.engine_name(name, p) for p in wanted] if build_engines else []):
+        if repo.folder(variant).exists() and not force:
+            raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
+    device = trt_build.probe_device() if build_engines and engine_only else None
+
+    image_size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
+    need_cal = "int8" in wanted
+    imgs = gather_images(image_size, calibration=calibration, accuracy_images=accuracy_images, holdout=holdout,
+                         qoptions=qoptions, need_calibration=need_cal, max_eval=max_eval_images, progress=progress)
+    if imgs.calibration is not None:
+        log(f"calibration: {len(imgs.calibration)} images from {calibration}"
+            + (f" ({len(imgs.calibration.skipped)} undecodable, skipped)" if imgs.calibration.skipped else ""))
+    log(f"accuracy images: {len(imgs.evaluation)} ({imgs.source})")
+
+    ref_runner, ref_name = reference_runner(repo, name, base, reference)
+    with ref_runner:
+        ref_probs = predict(ref_runner, imgs.evaluation.images, progress=progress, desc=f"reference {ref_name}")
+    names = [str(p) for p in imgs.evaluation.paths]
+    fp32 = _onnx_runner(name, base.artifact(), base)
+    reports: dict[str, AccuracyReport] = {}
+    failures: list[AccuracyReport] = []
+
+    def finish(variant: str, precision: str, staging: Path, runner, extra: dict) -> None:
+        try:
+            with runner:
+                probs = predict(runner, imgs.evaluation.images, progress=progress, desc=variant)
+                latency = {}
+                if latency_runs > 0:
+                    with fp32:
+                        v_ms, f_ms = interleaved_latency([runner, fp32], imgs.evaluation.images[0], latency_runs)
+                    latency = {"variant_ms": v_ms, "fp32_ms": f_ms, "ratio": v_ms / f_ms, "runs": latency_runs,
+                               "batch": 1, "fp32": f"onnxruntime {name}"}
+            report = make_report(variant, precision, ref_name, ref_probs, probs, names, image_source=imgs.source,
+                                 min_agreement=thresholds[precision], labels=base.labels())
+            report.latency = latency
+            report.calibration = extra.get("calibration", {})
+            report.notes = extra.get("notes", [])
+            (staging / REPORT_FILE).write_text(report.to_json())
+            reports[variant] = report
+            log(report.text())
+            if not report.passed and not force:
+                failures.append(report)
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            if not report.passed:
+                log(f"{variant}: below the threshold, written anyway (--force)")
+            target = commit_entry(repo, staging, variant, force=force)
+            log(f"wrote {target}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    # ---- ONNX variants
+    for precision in onnx_variants:
+        variant = f"{name}_{precision}"
+        staging = stage_entry(repo, base, variant, PLATFORM_ONNX, parameters={"source": name, "precision": precision})
+        model_path = staging / "1" / "model.onnx"
+        extra: dict = {}
+        try:
+            if precision == "int8":
+                result = quant.quantize(base.artifact(), model_path, imgs.calibration, qoptions,
+                                        input_name=base.input_spec.name)
+                extra["calibration"] = result.summary()
+                log(f"{variant}: quantized with {result.images_used} calibration images")
+            else:
+                from . import fp16
+                fp16.convert(base.artifact(), model_path)
+                extra["notes"] = ["FP16 is meant for GPU runtimes; on CPU onnxruntime runs it through casts (slower)"]
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finish(variant, precision, staging, _onnx_runner(variant, model_path, base), extra)
+
+    # ---- TensorRT engines
+    if build_engines:
+        device = device or trt_build.probe_device()  # raises with a clear message; ONNX variants are written
+        cache_path = trt_build.timing_cache_path(timing_cache, repo.root, device)
+        for precision in wanted:
+            variant = trt_build.engine_name(name, precision)
+            staging = stage_entry(repo, base, variant, PLATFORM_TENSORRT, max_batch_size=profile.max,
+                                  parameters={"source": name, "precision": precision})
+            plan = staging / "1" / "model.plan"
+            extra = {}
+            try:
+                source = base.artifact()
+                if precision == "int8":
+                    source = staging / "qdq_tensorrt.onnx"
+                    topt = quant.QuantizeOptions(**{**asdict(qoptions), "target": "tensorrt"})
+                    result = quant.quantize(base.artifact(), source, imgs.calibration, topt,
+                                            input_name=base.input_spec.name)
+                    extra["calibration"] = result.summary()
+                rebuild = trt_build.rebuild_command(name, repo.root, precision, profile, workspace_mb=workspace_mb,
+                                                    calibration=calibration)
+                meta = trt_build.make_metadata(
+                    device, precision=precision, profile=profile, input_name=base.input_spec.name,
+                    output_name=base.output_spec.name, image_size=image_size,
+                    source=f"{name}/{base.artifact().parent.name}/{base.artifact().name}",
+                    source_sha256=trt_build.sha256(base.artifact()), rebuild=rebuild, workspace_mb=workspace_mb)
+                log(f"{variant}: building TensorRT engine (profile {profile.as_dict()}, timing cache {cache_path})")
+                trt_build.build_engine(source, plan, meta, profile=profile, workspace_mb=workspace_mb,
+                                       timing_cache=cache_path)
+                if precision == "int8":
+                    Path(source).unlink(missing_ok=True)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            from serve.backends.tensorrt import TensorRTRunner
+            runner = TensorRTRunner(variant, plan, base.input_spec, base.output_spec, labels=base.labels(),
+                                    max_batch_size=profile.max)
+            finish(variant, precision, staging, runner, extra)
+
+    if failures:
+        text = "\n".join(r.text() for r in failures)
+        raise AccuracyError(
+            f"{len(failures)} variant(s) below the agreement threshold and not written "
+            f"(pass --force to write them anyway, or --min-agreement):\n{text}", failures[0])
+    return reports
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.optimize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="repository entry of the FP32 ONNX export (models/<name>/)")
+    p.add_argument("--repository", default="models", help="model repository folder (default: models)")
+    p.add_argument("--precision", default="int8", help="comma-separated: fp32,fp16,int8 (default: int8)")
+    p.add_argument("--calibration", help="folder of calibration images (searched recursively); needed for int8")
+    p.add_argument("--accuracy-images", help="folder of images for the accuracy report "
+                   "(default: a held-out 20%% of the calibration folder)")
+    p.add_argument("--holdout", type=float, default=quant.DEFAULT_HOLDOUT,
+                   help="fraction of the calibration folder held out for the report when --accuracy-images is not given")
+    p.add_argument("--min-agreement", type=float, help="top-1 agreement threshold, a fraction "
+                   "(default 0.95 for int8, 0.99 for fp16/fp32)")
+    p.add_argument("--force", action="store_true", help="replace existing entries; write variants below the threshold")
+    p.add_argument("--reference", choices=("auto", "keras", "onnx"), default="auto",
+                   help="what variants are compared with (default: <name>_keras when loadable, else the FP32 ONNX)")
+    p.add_argument("--max-eval-images", type=int, default=DEFAULT_MAX_EVAL_IMAGES)
+    p.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS,
+                   help="batch-1 latency runs against FP32 in the report (0: skip)")
+    q = p.add_argument_group("INT8 quantization")
+    q.add_argument("--calibration-method", choices=quant.METHODS, default=quant.QuantizeOptions.method)
+    q.add_argument("--percentile", type=float, default=quant.QuantizeOptions.percentile)
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per channel)")
+    q.add_argument("--reduce-range", action="store_true", help="7-bit weights (for CPUs without VNNI)")
+    q.add_argument("--keep-float", default=",".join(quant.DEFAULT_KEEP_FLOAT),
+                   help=f"rules for nodes left in float, comma-separated, from {', '.join(quant.KEEP_FLOAT_RULES)} "
+                        "('none' for none)")
+    q.add_argument("--exclude-nodes", default="", help="extra node names to leave in float, comma-separated")
+    q.add_argument("--min-calibration-images", type=int, default=quant.DEFAULT_MIN_IMAGES)
+    q.add_argument("--max-calibration-images", type=int, default=quant.DEFAULT_MAX_IMAGES)
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--engine", action="store_true", help="also build TensorRT engines <name>_trt_<precision>")
+    t.add_argument("--engine-only", action="store_true", help="build only the TensorRT engines")
+    t.add_argument("--min-batch", type=int)
+    t.add_argument("--opt-batch", type=int)
+    t.add_argument("--max-batch", type=int)
+    t.add_argument("--workspace-mb", type=int, default=trt_build.DEFAULT_WORKSPACE_MB)
+    t.add_argument("--timing-cache", help="timing cache file or folder (default: <repository>/.tensorrt/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        keep = tuple(r for r in args.keep_float.split(",") if r and r != "none")
+        qoptions = quant.QuantizeOptions(
+            method=args.calibration_method, percentile=args.percentile, per_channel=not args.per_tensor,
+            reduce_range=args.reduce_range, keep_float=keep,
+            exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
+            min_images=args.min_calibration_images, max_images=args.max_calibration_images)
+        optimize(args.repository, args.name, precisions=args.precision, calibration=args.calibration,
+                 engine=args.engine, engine_only=args.engine_only, accuracy_images=args.accuracy_images,
+                 min_agreement=args.min_agreement, force=args.force, holdout=args.holdout, quantize_options=qoptions,
+                 min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                 workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, reference=args.reference,
+                 max_eval_images=args.max_eval_images, latency_runs=args.latency_runs, progress=not args.quiet)
+    except AccuracyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (KestrelError, ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

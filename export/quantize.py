@@ -1,0 +1,363 @@
+"""INT8 quantization: onnxruntime static quantization to a Q/DQ ONNX model.
+
+One calibration path for both targets:
+
+- images come from a folder (searched recursively) and go through exactly the
+  serving path (`serve.images.load`: decode, EXIF, RGB, bilinear resize); the
+  model's own preprocessing is inside the graph, so calibration feeds the same
+  uint8 NHWC batches the server feeds;
+- `target="cpu"` (the `<name>_int8` repository entry): U8S8 (activations uint8
+  asymmetric, weights int8 symmetric per channel): the fast x86 path
+  (AVX-512 VNNI / AVX2) of onnxruntime's QDQ -> QLinearConv fusion;
+- `target="tensorrt"` (the source of `<name>_trt_int8`): S8S8 symmetric, since
+  TensorRT's explicit quantization accepts only zero-point 0; Clip/Relu stay in
+  the graph and biases stay float (TensorRT fuses them into the INT8 kernels).
+
+What stays in float (the "keep_float" rules; each is a pattern over the graph,
+not a node name, so it applies to every exported model):
+
+- `preprocessing`: the uint8 -> float ops before the first Conv (Cast, Mul,
+  Add, Slice, Concat, Transpose ...). The input is already 8 bit; quantizing
+  the normalised copy only adds error;
+- `first_conv`: the stem convolution (3 input channels: few MACs, sensitive);
+- `classifier`: the last MatMul/Gemm and what follows (bias Add, Softmax);
+- `sensitive` (MobileNet-style models): a per-layer sensitivity search (see
+  below) found that the first depthwise conv of the network carries most of the
+  error: it sees the widest-range activations at full resolution. The rule
+  keeps the *first depthwise Conv* (group > 1) and its ReLU6 in float.
+- `depthwise`: every depthwise Conv (+ its activation). Measured: *worse*
+  (a float depthwise conv between quantized 1x1 convs costs an extra Q/DQ of
+  the wide pre-activation tensor), so it is not a default.
+
+Measurements (mobilenet_v2 with ../shared weights; calibration 150 flowers
+images (30/class); evaluation 250 other flowers images + the 13 photos;
+reference FP32 onnxruntime; latency batch 1, 2 threads, interleaved medians on a
+shared 2-core machine): see `export/QUANTIZATION_RESULTS.md` for the table.
+The summary is repeated in `DEFAULT_RESULTS_NOTE` below once measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from serve import images as simages
+from serve._optional import require
+from serve.errors import ConfigError, ImageDecodeError
+
+METHODS = ("minmax", "percentile", "entropy")
+TARGETS = ("cpu", "tensorrt")
+KEEP_FLOAT_RULES = ("preprocessing", "first_conv", "classifier", "sensitive", "depthwise")
+DEFAULT_KEEP_FLOAT = ("preprocessing", "first_conv", "classifier", "sensitive")
+DEFAULT_MIN_IMAGES = 32
+DEFAULT_MAX_IMAGES = 300
+DEFAULT_HOLDOUT = 0.2
+ACTIVATION_OPS = ("Clip", "Relu")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # save with external data above this (protobuf's 2 GB limit)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize. Invalid values raise ConfigError naming the value and what is allowed."""
+
+    method: str = "percentile"
+    percentile: float = 99.999
+    per_channel: bool = True
+    reduce_range: bool = False
+    target: str = "cpu"
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    exclude_nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime can quantize
+    min_images: int = DEFAULT_MIN_IMAGES
+    max_images: int = DEFAULT_MAX_IMAGES
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown calibration method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown quantization target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if not 90.0 <= float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile must be in [90, 100], got {self.percentile}")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", tuple(self.op_types))
+        unknown = [r for r in self.keep_float if r not in KEEP_FLOAT_RULES]
+        if unknown:
+            raise ConfigError(f"unknown keep-float rule(s) {unknown}; expected some of {', '.join(KEEP_FLOAT_RULES)}")
+        if not isinstance(self.min_images, int) or self.min_images < 1:
+            raise ConfigError(f"min_images must be a positive integer, got {self.min_images!r}")
+        if not isinstance(self.max_images, int) or self.max_images < self.min_images:
+            raise ConfigError(f"max_images ({self.max_images!r}) must be an integer >= min_images ({self.min_images})")
+
+
+# ---- calibration images ---------------------------------------------------------------------
+def split_calibration(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0
+                      ) -> tuple[list[Path], list[Path]]:
+    """Deterministic split into (calibration, held-out), stratified by parent folder (class).
+
+    Each class is shuffled with `seed` and its last `holdout` fraction is held
+    out (at least one image per class once a class has two or more images).
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"holdout fraction must be in [0, 1), got {holdout}")
+    groups: dict[Path, list[Path]] = defaultdict(list)
+    for path in sorted(Path(p) for p in paths):
+        groups[path.parent].append(path)
+    rng = np.random.default_rng(seed)
+    calibration, held = [], []
+    for parent in sorted(groups):
+        files = groups[parent]
+        order = rng.permutation(len(files))
+        n_held = int(round(len(files) * holdout))
+        if holdout > 0 and n_held == 0 and len(files) >= 2:
+            n_held = 1
+        cut = len(files) - n_held
+        calibration += [files[i] for i in order[:cut]]
+        held += [files[i] for i in order[cut:]]
+    return calibration, held
+
+
+def interleave_classes(paths: Sequence[Path]) -> list[Path]:
+    """Round-robin over parent folders, so a prefix of the list covers every class."""
+    groups: dict[Path, list[Path]] = defaultdict(list)
+    for path in paths:
+        groups[Path(path).parent].append(Path(path))
+    ordered, queues = [], [groups[k] for k in sorted(groups)]
+    while any(queues):
+        for q in queues:
+            if q:
+                ordered.append(q.pop(0))
+    return ordered
+
+
+@dataclass
+class ImageSet:
+    """Decoded images (uint8 NHWC) with the files they came from and those that failed."""
+
+    images: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: int | None = None,
+                progress: bool = False, desc: str = "images") -> ImageSet:
+    """Decode + resize through `serve.images` (the serving path); undecodable files are reported."""
+    paths = list(paths)
+    if limit is not None:
+        paths = interleave_classes(paths)
+    arrays, loaded, skipped = [], [], []
+    iterator = paths
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(paths, desc=desc, unit="img", leave=False)
+    for path in iterator:
+        if limit is not None and len(loaded) >= limit:
+            break
+        try:
+            arrays.append(simages.load(path, image_size))
+            loaded.append(Path(path))
+        except ImageDecodeError as exc:
+            skipped.append((Path(path), str(exc)))
+    h, w = int(image_size[0]), int(image_size[1])
+    batch = np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)
+    return ImageSet(batch, loaded, skipped)
+
+
+def load_calibration(paths: Sequence[Path], image_size: tuple[int, int], options: QuantizeOptions, *,
+                     source: str | Path = "", progress: bool = False) -> ImageSet:
+    """Calibration images, at most `max_images`; refuses fewer than `min_images` with the count received."""
+    found = len(paths)
+    images = load_images(paths, image_size, limit=options.max_images, progress=progress, desc="calibration")
+    if len(images) < options.min_images:
+        where = f" in {source}" if source else ""
+        bad = f" ({len(images.skipped)} undecodable)" if images.skipped else ""
+        raise ConfigError(
+            f"INT8 calibration received {len(images)} usable images{where} ({found} image files found{bad}); "
+            f"it needs at least {options.min_images}. Add images or lower --min-calibration-images"
+        )
+    return images
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a uint8 batch, one image at a time."""
+
+    def __init__(self, input_name: str, images: np.ndarray):
+        self.input_name, self.images, self.index = input_name, images, 0
+
+    def get_next(self):
+        if self.index >= len(self.images):
+            return None
+        item = {self.input_name: self.images[self.index : self.index + 1]}
+        self.index += 1
+        return item
+
+    def rewind(self):
+        self.index = 0
+
+    def __len__(self):
+        return len(self.images)
+
+
+# ---- which nodes stay in float --------------------------------------------------------------
+_COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            out[name].append(node)
+    return out
+
+
+def _is_depthwise(node) -> bool:
+    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+
+
+def _with_activation(node, consumers) -> list[str]:
+    """A Conv and the Clip/Relu that follows it (they quantize as one unit)."""
+    names = [node.name]
+    for user in consumers.get(node.output[0], []):
+        if user.op_type in ACTIVATION_OPS:
+            names.append(user.name)
+    return names
+
+
+def keep_float_nodes(model, rules: Iterable[str]) -> dict[str, str]:
+    """{node name: rule} for the nodes that stay in float. `model` is an onnx.ModelProto (topologically sorted)."""
+    graph = model.graph
+    nodes = list(graph.node)
+    consumers = _consumers(graph)
+    compute = [i for i, n in enumerate(nodes) if n.op_type in _COMPUTE_OPS]
+    keep: dict[str, str] = {}
+    rules = tuple(rules)
+    for rule in rules:
+        if rule not in KEEP_FLOAT_RULES:
+            raise ConfigError(f"unknown keep-float rule {rule!r}; expected one of {', '.join(KEEP_FLOAT_RULES)}")
+    if not compute:
+        return keep
+    first = compute[0]
+    if "preprocessing" in rules:
+        for node in nodes[:first]:
+            keep.setdefault(node.name, "preprocessing")
+    if "first_conv" in rules:
+        for name in _with_activation(nodes[first], consumers):
+            keep.setdefault(name, "first_conv")
+    if "classifier" in rules:
+        last_dense = max((i for i in compute if nodes[i].op_type in ("MatMul", "Gemm")), default=None)
+        if last_dense is not None:
+            for node in nodes[last_dense:]:
+                keep.setdefault(node.name, "classifier")
+    if "sensitive" in rules:
+        depthwise = [nodes[i] for i in compute if _is_depthwise(nodes[i])]
+        if depthwise:
+            for name in _with_activation(depthwise[0], consumers):
+                keep.setdefault(name, "sensitive")
+    if "depthwise" in rules:
+        for i in compute:
+            if _is_depthwise(nodes[i]):
+                for name in _with_activation(nodes[i], consumers):
+                    keep.setdefault(name, "depthwise")
+    return keep
+
+
+# ---- quantization ---------------------------------------------------------------------------
+@dataclass
+class QuantizeResult:
+    path: Path
+    images_used: int
+    images_skipped: int
+    method: str
+    target: str
+    kept_float: dict[str, str]
+    quantized_nodes: int
+    options: dict
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["kept_float_by_rule"] = {}
+        for node, rule in self.kept_float.items():
+            data["kept_float_by_rule"].setdefault(rule, []).append(node)
+        del data["kept_float"]
+        return data
+
+
+def preprocess(model_path: str | Path, out_path: str | Path) -> Path:
+    """onnxruntime's quantization pre-processing: optimisation + ONNX shape inference.
+
+    Symbolic shape inference is skipped (it needs sympy; our models' only
+    dynamic dimension is the batch, which ONNX shape inference handles).
+    """
+    require("onnx", "INT8 quantization")
+    shape_inference = require("onnxruntime.quantization.shape_inference", "INT8 quantization")
+    shape_inference.quant_pre_process(str(model_path), str(out_path), skip_symbolic_shape=True)
+    return Path(out_path)
+
+
+def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet | np.ndarray,
+             options: QuantizeOptions = QuantizeOptions(), *, input_name: str = "images",
+             calibration_cache: str | Path | None = None) -> QuantizeResult:
+    """Statically quantize `model_path` (FP32 ONNX) into a Q/DQ model at `out_path`."""
+    onnx = require("onnx", "INT8 quantization")
+    q = require("onnxruntime.quantization", "INT8 quantization")
+    images = calibration.images if isinstance(calibration, ImageSet) else np.asarray(calibration)
+    skipped = len(calibration.skipped) if isinstance(calibration, ImageSet) else 0
+    if len(images) < options.min_images:
+        raise ConfigError(
+            f"INT8 calibration received {len(images)} images; it needs at least {options.min_images}"
+        )
+    images = images[: options.max_images]
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="kestrel-quant-") as tmp:
+        prepared = preprocess(model_path, Path(tmp) / "prepared.onnx")
+        model = onnx.load(str(prepared), load_external_data=False)
+        kept = keep_float_nodes(model, options.keep_float)
+        for name in options.exclude_nodes:
+            kept.setdefault(name, "user")
+        methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
+                   "entropy": q.CalibrationMethod.Entropy}
+        symmetric_activations = options.target == "tensorrt"
+        extra = {
+            "ActivationSymmetric": symmetric_activations,
+            "WeightSymmetric": True,
+            "QDQKeepRemovableActivations": symmetric_activations,
+        }
+        if options.target == "tensorrt":
+            extra["QuantizeBias"] = False  # TensorRT fuses a float bias itself; it has no INT32 dequantize
+        if options.method == "percentile":
+            extra["CalibPercentile"] = float(options.percentile)
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        q.quantize_static(
+            str(prepared), str(out_path), _Reader(input_name, images),
+            quant_format=q.QuantFormat.QDQ,
+            activation_type=q.QuantType.QInt8 if symmetric_activations else q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            calibrate_method=methods[options.method],
+            nodes_to_exclude=sorted(kept),
+            op_types_to_quantize=list(options.op_types) if options.op_types else None,
+            use_external_data_format=size > EXTERNAL_DATA_BYTES,
+            extra_options=extra,
+            calibration_cache_path=calibration_cache,
+        )
+    quantized = onnx.load(str(out_path), load_external_data=False)
+    n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
+    return QuantizeResult(
+        path=out_path, images_used=int(len(images)), images_skipped=skipped, method=options.method,
+        target=options.target, kept_float=kept, quantized_nodes=n_q,
+        options={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+    )

@@ -1,0 +1,251 @@
+"""INT8 / FP16 variants on a tiny ONNX classifier (no TensorFlow): calibration images,
+keep-float rules, quantization, the accuracy report, atomic repository entries and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.errors import ConfigError
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from export import optimize as opt  # noqa: E402
+from export import quantize as quant  # noqa: E402
+
+from onnx_helpers import SIZE, image_folder, tiny_classifier, tiny_onnx, tiny_repo, write_image_folders  # noqa: E402,F401
+
+
+# ---- options and calibration images ---------------------------------------------------------
+def test_options_reject_bad_values():
+    with pytest.raises(ConfigError, match="calibration method 'kl'"):
+        quant.QuantizeOptions(method="kl")
+    with pytest.raises(ConfigError, match="keep-float rule"):
+        quant.QuantizeOptions(keep_float=("stem",))
+    with pytest.raises(ConfigError, match="target"):
+        quant.QuantizeOptions(target="gpu")
+    with pytest.raises(ConfigError, match="max_images"):
+        quant.QuantizeOptions(min_images=10, max_images=5)
+
+
+def test_split_is_stratified_deterministic_and_disjoint(tmp_path):
+    paths = [tmp_path / c / f"{i}.jpg" for c in ("a", "b", "c") for i in range(10)]
+    cal, held = quant.split_calibration(paths, 0.2, seed=0)
+    assert len(cal) == 24 and len(held) == 6
+    assert not set(cal) & set(held)
+    assert sorted(p.parent.name for p in held) == ["a", "a", "b", "b", "c", "c"]
+    assert quant.split_calibration(list(reversed(paths)), 0.2, seed=0) == (cal, held)
+    # a class of two still contributes one held-out image
+    cal2, held2 = quant.split_calibration([tmp_path / "x" / "1.jpg", tmp_path / "x" / "2.jpg"], 0.2)
+    assert len(cal2) == 1 and len(held2) == 1
+    with pytest.raises(ConfigError):
+        quant.split_calibration(paths, 1.0)
+
+
+def test_interleave_covers_every_class_first(tmp_path):
+    paths = [tmp_path / c / f"{i}.jpg" for c in ("a", "b") for i in range(3)]
+    order = quant.interleave_classes(paths)
+    assert [p.parent.name for p in order] == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_calibration_uses_the_serving_decode_and_reports_skips(image_folder):
+    from serve import images as simages
+
+    paths = simages.find_images(image_folder)
+    options = quant.QuantizeOptions(min_images=10, max_images=30)
+    loaded = quant.load_calibration(paths, SIZE, options, source=image_folder)
+    assert loaded.images.shape == (30, *SIZE, 3) and loaded.images.dtype == np.uint8
+    # exactly what the server computes for the same file
+    np.testing.assert_array_equal(loaded.images[0], simages.load(loaded.paths[0], SIZE))
+    # the limit takes classes round-robin
+    assert {p.parent.name for p in loaded.paths[:3]} == {"class0", "class1", "class2"}
+    everything = quant.load_images(paths, SIZE)
+    assert len(everything) == 60 and [p.name for p, _ in everything.skipped] == ["broken.jpg"]
+
+
+def test_too_few_calibration_images_is_refused_with_both_numbers(tmp_path):
+    from serve import images as simages
+
+    folder = write_image_folders(tmp_path / "few", per_class=2, classes=2)
+    paths = simages.find_images(folder)
+    with pytest.raises(ConfigError) as info:
+        quant.load_calibration(paths, SIZE, quant.QuantizeOptions(min_images=32), source=folder)
+    message = str(info.value)
+    assert "received 4 usable images" in message and "at least 32" in message and "1 undecodable" in message
+
+
+# ---- keep-float rules -----------------------------------------------------------------------
+def test_keep_float_rules_find_the_right_nodes():
+    model = tiny_classifier()
+    kept = quant.keep_float_nodes(model, quant.DEFAULT_KEEP_FLOAT)
+    assert kept == {
+        "pre_cast": "preprocessing", "pre_mul": "preprocessing", "pre_add": "preprocessing",
+        "pre_transpose": "preprocessing", "stem_conv": "first_conv", "stem_relu6": "first_conv",
+        "fc_matmul": "classifier", "fc_bias": "classifier", "softmax": "classifier",
+        "dw_conv": "sensitive", "dw_relu6": "sensitive",
+    }
+    assert quant.keep_float_nodes(model, ()) == {}
+    dw = quant.keep_float_nodes(model, ("depthwise",))
+    assert dw == {"dw_conv": "depthwise", "dw_relu6": "depthwise"}
+
+
+def test_quantize_writes_qdq_model_that_agrees(tiny_onnx, tmp_path):
+    import onnxruntime as ort
+
+    from serve.images import synthetic_images
+
+    images = synthetic_images(40, SIZE, seed=3)
+    out = tmp_path / "int8.onnx"
+    result = quant.quantize(tiny_onnx, out, images, quant.QuantizeOptions(min_images=16, method="minmax"))
+    assert result.images_used == 40
+    model = onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and result.quantized_nodes > 0
+    # kept nodes are not fed by a DequantizeLinear; quantized convs are
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    assert by_name["stem_conv"].input[1] == "stem_w"  # float weight, no DequantizeLinear
+    assert producers[by_name["expand_conv"].input[1]].op_type == "DequantizeLinear"
+    # U8S8 for the CPU target: activations uint8
+    q_types = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in model.graph.initializer
+               if i.name.endswith("_zero_point")}
+    assert np.dtype(np.uint8) in q_types
+    # same contract, close outputs
+    x = synthetic_images(8, SIZE, seed=9)
+    ref = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"images": x})[0]
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.max(np.abs(got - ref)) < 0.05
+
+
+def test_tensorrt_target_is_symmetric_int8(tiny_onnx, tmp_path):
+    from serve.images import synthetic_images
+
+    out = tmp_path / "trt.onnx"
+    quant.quantize(tiny_onnx, out, synthetic_images(20, SIZE), quant.QuantizeOptions(
+        min_images=8, method="minmax", target="tensorrt"))
+    model = onnx.load(str(out))
+    zero_points = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not np.any(z) for z in zero_points)
+    assert "Clip" in [n.op_type for n in model.graph.node]  # activations kept for TensorRT
+
+
+# ---- the accuracy report --------------------------------------------------------------------
+def test_compare_and_report_metrics():
+    ref = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]], np.float32)
+    got = ref.copy()
+    got[3] = [0.4, 0.5, 0.1]  # flips the top-1 of image 3
+    report = opt.make_report("m_int8", "int8", "onnx:m", ref, got, ["a", "b", "c", "d"], image_source="test",
+                             min_agreement=0.95, labels=["cat", "dog", "eel"])
+    assert report.top1_agreement == 0.75 and report.top5_agreement == 1.0
+    assert not report.passed
+    assert report.worst[0]["image"] == "d"
+    assert report.worst[0]["reference_top1"] == "cat" and report.worst[0]["variant_top1"] == "dog"
+    assert report.rel_l2_max == pytest.approx(np.linalg.norm([0.1, -0.1, 0]) / np.linalg.norm([0.5, 0.4, 0.1]))
+    assert "FAIL" in report.text() and "75.00%" in report.text()
+    assert json.loads(report.to_json())["top1_agreement"] == 0.75
+    with pytest.raises(ConfigError):
+        opt.compare(ref, got[:2])
+
+
+def test_parse_precisions():
+    assert opt.parse_precisions("int8, fp16,int8") == ["int8", "fp16"]
+    with pytest.raises(ConfigError, match="bf16"):
+        opt.parse_precisions("bf16")
+    with pytest.raises(ConfigError):
+        opt.parse_precisions(",")
+
+
+# ---- end to end: repository entries ---------------------------------------------------------
+def _entry_ok(root: Path, name: str):
+    from serve.backends import create_runner
+    from serve.repository import ModelRepository
+
+    entry = ModelRepository(root).entry(name)
+    runner = create_runner(entry)
+    with runner:
+        out = runner.infer(np.zeros((2, *SIZE, 3), np.uint8))
+    assert out.shape == (2, 5) and out.dtype == np.float32
+    return entry
+
+
+def test_optimize_builds_int8_and_fp16_entries(tiny_repo, image_folder):
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8,fp16", calibration=image_folder,
+                           quantize_options=quant.QuantizeOptions(min_images=16), latency_runs=3,
+                           progress=False, log=lambda *_: None)
+    assert set(reports) == {"tiny_int8", "tiny_fp16"}
+    for name, precision in (("tiny_int8", "int8"), ("tiny_fp16", "fp16")):
+        entry = _entry_ok(tiny_repo, name)
+        assert entry.platform == "onnxruntime_onnx" and entry.labels()[0] == "class_0"
+        assert entry.parameters == {"source": "tiny", "precision": precision}
+        saved = json.loads((tiny_repo / name / "accuracy.json").read_text())
+        assert saved["images"] == 12  # 20 % of 60, stratified, never calibrated on
+        assert saved["reference"] == "onnx:tiny" and saved["passed"] is True
+        assert saved["top1_agreement"] >= 0.95 and saved["latency"]["runs"] == 3
+    cal = json.loads((tiny_repo / "tiny_int8" / "accuracy.json").read_text())["calibration"]
+    assert cal["images_used"] == 48 and cal["images_skipped"] == 1
+    assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]  # no staging left over
+    # an existing entry is kept unless --force
+    with pytest.raises(ConfigError, match="already exists"):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", progress=False, log=lambda *_: None)
+
+
+def test_variant_below_threshold_is_not_written_unless_forced(tiny_repo, image_folder, monkeypatch):
+    # the reference is another (differently initialised) model, so the variant disagrees with it
+    other = Path(tiny_repo).parent / "other.onnx"
+    onnx.save(tiny_classifier(seed=7), str(other))
+    monkeypatch.setattr(opt, "reference_runner",
+                        lambda repo, name, base, reference="auto": (opt._onnx_runner(name, other, base), "onnx:other"))
+    run = dict(precisions="fp16", accuracy_images=image_folder, latency_runs=0, progress=False, log=lambda *_: None)
+    with pytest.raises(opt.AccuracyError) as info:
+        opt.optimize(tiny_repo, "tiny", **run)
+    assert "below the agreement threshold" in str(info.value) and info.value.report.passed is False
+    assert "FAIL" in str(info.value) and "worst images" in str(info.value)
+    assert not (tiny_repo / "tiny_fp16").exists()
+    assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]
+    opt.optimize(tiny_repo, "tiny", force=True, **run)
+    saved = json.loads((tiny_repo / "tiny_fp16" / "accuracy.json").read_text())
+    assert saved["passed"] is False and saved["reference"] == "onnx:other"
+
+
+def test_int8_without_calibration_is_a_clear_error(tiny_repo):
+    with pytest.raises(ConfigError, match="--calibration"):
+        opt.optimize(tiny_repo, "tiny", precisions="int8", progress=False, log=lambda *_: None)
+
+
+def test_engine_without_tensorrt_fails_after_onnx_variants(tiny_repo, image_folder, monkeypatch):
+    from export import tensorrt as trt_build
+
+    monkeypatch.setattr(trt_build, "available", lambda module: False)
+    with pytest.raises(trt_build.TensorRTUnavailableError, match="TensorRT and an NVIDIA GPU"):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", accuracy_images=image_folder, engine=True,
+                     latency_runs=0, progress=False, log=lambda *_: None)
+    assert (tiny_repo / "tiny_fp16" / "1" / "model.onnx").is_file()
+    assert not (tiny_repo / "tiny_trt_fp16").exists()
+
+
+def test_cli_errors_are_one_line(tiny_repo, python_env):
+    cmd = [sys.executable, "-m", "export.optimize", "tiny", "--repository", str(tiny_repo), "--precision", "int8",
+           "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=python_env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: INT8 needs calibration images")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(cmd[:3] + ["missing", "--repository", str(tiny_repo)], capture_output=True, text=True,
+                          env=python_env, timeout=120)
+    assert proc.returncode == 2 and "model 'missing' is not in repository" in proc.stderr
+
+
+def test_cli_builds_a_variant(tiny_repo, image_folder, python_env):
+    cmd = [sys.executable, "-m", "export.optimize", "tiny", "--repository", str(tiny_repo), "--precision", "int8",
+           "--calibration", str(image_folder), "--min-calibration-images", "16", "--latency-runs", "2", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=python_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration: 48 images" in proc.stdout and "top-1 agreement" in proc.stdout
+    _entry_ok(tiny_repo, "tiny_int8")
