@@ -196,24 +196,27 @@ class DynamicBatcher:
             if taken is None:
                 return
             now = time.monotonic()
-            live = []
+            live, outcomes = [], []
             for request in taken:
                 if request.cancelled:
                     continue
                 if request.deadline is not None and request.deadline <= now:
-                    request._finish(error=DeadlineExceededError(
+                    outcomes.append((request, None, DeadlineExceededError(
                         f"model '{self.name}': the request's deadline passed after "
-                        f"{now - request.arrival:.3f} s in the queue; it was not run"))
+                        f"{now - request.arrival:.3f} s in the queue; it was not run")))
                     if self.stats:
                         self.stats.expired()
                     continue
                 live.append(request)
             if live:
-                self._run(live, now)
+                outcomes.extend(self._run(live, now))
+            # no longer outstanding *before* the callers wake up: a caller's next request must see an idle model
             with self._cond:
                 self._outstanding -= len(taken)
+            for request, result, error in outcomes:
+                request._finish(result, error)
 
-    def _run(self, requests: list[Pending], started: float) -> None:
+    def _run(self, requests: list[Pending], started: float) -> list[tuple[Pending, BatchResult | None, BaseException | None]]:
         batch = requests[0].batch if len(requests) == 1 else np.concatenate([r.batch for r in requests])
         try:
             t0 = time.perf_counter()
@@ -225,13 +228,13 @@ class DynamicBatcher:
                 )
         except BaseException as exc:  # every waiting request learns why
             log.warning("model %s: batch of %d failed: %s", self.name, batch.shape[0], exc)
-            for request in requests:
-                request._finish(error=exc)
-            return
+            return [(request, None, exc) for request in requests]
         size = int(batch.shape[0])
         if self.stats:
             self.stats.batch(size, compute, [started - r.arrival for r in requests])
-        row = 0
+        outcomes, row = [], 0
         for request in requests:
-            request._finish(BatchResult(out[row : row + request.size], started - request.arrival, compute, size))
+            outcomes.append((request, BatchResult(out[row : row + request.size], started - request.arrival, compute,
+                                                  size), None))
             row += request.size
+        return outcomes
