@@ -138,14 +138,16 @@ class ModelHub:
         available = self.repository.names()
         if not available and not self.requested:
             raise ConfigError(f"repository {self.repository.root} holds no models (no <name>/config.pbtxt)")
-        names = list(self.requested) if self.requested else list(available)
+        for name in self.ensembles:
+            if name in available:
+                raise ConfigError(f"ensemble '{name}' has the name of a model in the repository; expected distinct names")
+        # an ensemble named in --models is served through its members
+        names = [n for n in self.requested if n not in self.ensembles] if self.requested else list(available)
         for served in self.ensembles.values():
             for member in served.ensemble.members:
                 if member not in names:
                     names.append(member)
         for name in names:
-            if name in self.ensembles:
-                raise ConfigError(f"'{name}' names both a model and an ensemble; expected distinct names")
             if name not in available:
                 raise ConfigError(
                     f"model '{name}' is not in repository {self.repository.root} "

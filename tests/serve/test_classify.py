@@ -219,3 +219,34 @@ def test_client_cli_prints_each_models_top3_and_the_ensemble(address, tmp_path, 
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {bad}: cannot decode image")
     assert "label_" in result.stdout  # the good image was still classified
+
+
+def test_ensemble_members_run_concurrently(tmp_path):
+    """Two members of 300 ms each answer in about 300 ms, not 600."""
+    import time
+
+    from serve import KestrelClient, create_server
+    from serve.backends.fake import write_fake_model
+
+    for name, seed in (("x", 1), ("y", 2)):
+        write_fake_model(tmp_path, name, classes=3, seed=seed, delay_ms=300)
+    server, port = create_server(tmp_path, models=["xy"], ensembles=["xy=x,y"], port=0)
+    try:
+        assert set(server.hub.models) == {"x", "y"}  # --models may name an ensemble: its members load
+        with KestrelClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.classify(png_bytes(PICTURE), ["xy"])  # warm
+            t0 = time.perf_counter()
+            response = client.classify(png_bytes(PICTURE), ["xy"])
+            elapsed = time.perf_counter() - t0
+        assert [r.model for r in response.results] == ["x", "y"] and response.ensembles[0].name == "xy"
+        assert 0.3 <= elapsed < 0.55, elapsed
+    finally:
+        server.stop(1)
+
+
+def test_ensemble_named_like_a_model_is_a_start_up_error(fake_repo):
+    from serve import create_server
+    from serve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ensemble 'a' has the name of a model"):
+        create_server(fake_repo, ensembles=["a=b,c"], port=0)
