@@ -122,6 +122,27 @@ def build_application(app, *, weights="imagenet", input_size=None):
     return wrap(network, input_size=size, mode=app.preprocessing, softmax=True, name=app.name)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def precheck_file(path: Path) -> None:
+    """Reject files that cannot be a Keras model before TensorFlow starts (ModelLoadError)."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2048)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read Keras model {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(f"cannot load Keras model {path}: not a .keras archive (zip), the file is corrupt "
+                                 "or truncated")
+    elif not any(head[offset:offset + 8] == HDF5_SIGNATURE for offset in (0, 512, 1024)):
+        raise ModelLoadError(f"cannot load Keras model {path}: not an HDF5 file, the file is corrupt or truncated")
+
+
 def load_user_model(path: str | Path):
     """Load a `.keras` / `.h5` model with safe_mode; a bad file raises ModelLoadError in one line."""
     keras = _keras()
@@ -130,6 +151,7 @@ def load_user_model(path: str | Path):
         raise ConfigError(f"model file {path} does not exist")
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise ConfigError(f"cannot read {path}: expected a Keras model file ending in {', '.join(MODEL_SUFFIXES)}")
+    precheck_file(path)
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # Keras/h5py/zipfile raise many types for corrupt files

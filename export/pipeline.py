@@ -164,6 +164,7 @@ def _classify_source(source):
         raise ConfigError(f"model file {path} does not exist")
     if path.is_dir() or path.suffix.lower() not in contract.MODEL_SUFFIXES:
         raise ConfigError(f"cannot read {path}: expected a Keras model file ending in {', '.join(contract.MODEL_SUFFIXES)}")
+    contract.precheck_file(path)
     return "file", path
 
 
@@ -252,7 +253,7 @@ def export_model(
     """
     started = time.perf_counter()
     kind, resolved = _classify_source(source)
-    name = name or _default_name(source if kind != "model" else resolved)
+    name = _default_name(source if kind != "model" else resolved) if name is None else name
     repo = repo_lib.ModelRepository(repository)
     final_onnx = repo.folder(name)
     final_keras = repo.folder(name + KERAS_SUFFIX)

@@ -1,0 +1,93 @@
+"""Bad input to `python -m export`: one clear line on stderr, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keras_helpers import cli, error_line, tiny_keras_classifier
+
+
+def _check(result, *fragments: str, code: int = 2) -> str:
+    line = error_line(result.stderr)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert line.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def test_unknown_application(tmp_path):
+    result = cli(["resnet51", "--repository", str(tmp_path / "models")])
+    _check(result, "unknown application 'resnet51'", "mobilenet_v2", "vgg16", ".keras")
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
+def test_name_escaping_the_repository(tmp_path, name):
+    result = cli(["mobilenet_v2", "--name", name, "--repository", str(tmp_path / "models")])
+    _check(result, "invalid model name")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_missing_model_file(tmp_path):
+    result = cli([str(tmp_path / "nope.keras"), "--repository", str(tmp_path / "models")])
+    _check(result, "does not exist", "nope.keras")
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_corrupt_model_file(tmp_path, suffix):
+    bad = tmp_path / f"broken{suffix}"
+    bad.write_bytes(b"PK\x03\x04 this is not a keras archive")
+    result = cli([str(bad), "--repository", str(tmp_path / "models"), "--quiet"])
+    _check(result, "cannot load Keras model", f"broken{suffix}", "corrupt")
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_truncated_keras_archive(tmp_path):
+    """A real .keras file cut short: caught before TensorFlow starts."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "whole.keras")
+    data = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
+    result = cli([str(tmp_path / "cut.keras"), "--repository", str(tmp_path / "models"), "--quiet"])
+    _check(result, "cannot load Keras model", "cut.keras")
+
+
+def test_weights_unavailable_offline(tmp_path):
+    """No weights in KERAS_HOME and no network (a dead proxy): the message says how to provide them."""
+    home = tmp_path / "keras_home"
+    home.mkdir()
+    env = dict(os.environ, KERAS_HOME=str(home), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"c{i}\n" for i in range(1000)))
+    result = cli(["resnet50", "--weights", "imagenet", "--labels", str(labels), "--repository",
+                  str(tmp_path / "models"), "--quiet"], env=env)
+    _check(result, "KERAS_HOME", "models/resnet50_weights_tf_dim_ordering_tf_kernels.h5", "--weights PATH")
+
+
+def test_input_is_not_an_image_and_output_not_a_distribution(tmp_path):
+    """Two bad models in one process run each (TensorFlow start-up dominates)."""
+    import keras
+
+    inputs = keras.Input((10,))
+    vector_model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    vector_model.save(tmp_path / "vector.keras")
+    tiny_keras_classifier(softmax=False).save(tmp_path / "logits.keras")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+
+    result = cli([str(tmp_path / "vector.keras"), "--repository", str(tmp_path / "models"), "--quiet"])
+    _check(result, "not an image", "(None, 10)")
+    result = cli([str(tmp_path / "logits.keras"), "--repository", str(tmp_path / "models"), "--quiet"])
+    _check(result, "not a class distribution", "softmax")
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_unknown_precision_is_a_usage_error(tmp_path):
+    result = cli(["mobilenet_v2", "--precision", "fp8", "--repository", str(tmp_path / "models")])
+    assert result.returncode == 2 and "unknown precision" in result.stderr and "Traceback" not in result.stderr
