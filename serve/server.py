@@ -120,8 +120,9 @@ def create_server(
     metrics = Metrics()
     hub = ModelHub(repository, models, ensembles, strict=strict, runner_options=runner_options, metrics=metrics,
                    max_pixels=max_pixels)
-    hub.load()
+    grpc_server = None
     try:
+        hub.load()
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=message_options(max_message_mb))
         holder: dict[str, Server] = {}
@@ -154,6 +155,8 @@ def create_server(
                 raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror}") from None
         grpc_server.start()
     except BaseException:
+        if grpc_server is not None:
+            grpc_server.stop(None)
         hub.close(timeout=1.0)
         metrics.close()
         raise

@@ -222,3 +222,11 @@ def test_default_limit_carries_32_float32_images(fake_repo):
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "received datatype FP32" in details
     finally:
         server.stop(1)
+
+
+def test_metrics_port_in_use_is_a_clear_error_and_releases_everything(fake_repo, server):
+    from serve import create_server
+    from serve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{server.metrics_port}"):
+        create_server(fake_repo, models=["a"], port=0, metrics_port=server.metrics_port)
