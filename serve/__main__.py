@@ -1,7 +1,8 @@
-"""python -m serve: serve a model repository over gRPC (KServe V2 + Classify), with health, reflection, metrics.
+"""python -m serve: serve a model repository over gRPC (KServe V2 + Classify), with health, reflection, metrics,
+and over HTTP (KServe V2 REST, /v1/classify, a web page at /).
 
     python -m serve --repository models --models mobilenet_v2,resnet50 \\
-        --ensemble imagenet=mobilenet_v2,resnet50:mean --port 8001 --metrics-port 8002
+        --ensemble imagenet=mobilenet_v2,resnet50:mean --port 8001 --metrics-port 8002 --http-port 8000
 
 SIGTERM / SIGINT: stop accepting, finish in-flight requests within --grace seconds, exit 0.
 """
@@ -39,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
     parser.add_argument("--metrics-port", type=int, default=8002,
                         help="Prometheus /metrics port (default 8002; 0 = any free port; -1 = off)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="HTTP port: KServe V2 REST, /v1/classify and the web page (default 8000, or any free "
+                             "port when --port is 0; 0 = any free port; -1 = off)")
     parser.add_argument("--max-message-mb", type=float, default=64.0,
-                        help="largest gRPC message in MiB, both ways (default 64: 32 float32 224x224x3 images fit)")
+                        help="largest gRPC message (and HTTP request body) in MiB (default 64: 32 float32 "
+                             "224x224x3 images fit)")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
     parser.add_argument("--port-file", type=Path,
-                        help="write {\"port\": ..., \"metrics_port\": ...} here once serving (for --port 0)")
+                        help="write {\"port\": ..., \"metrics_port\": ..., \"http_port\": ...} here once serving "
+                             "(for --port 0)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -58,13 +64,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import create_server  # grpc and the generated code: after --help
 
+    http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
     runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
     try:
         server, port = create_server(
             args.repository, models=_names(args.models), ensembles=args.ensemble, host=args.host, port=args.port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_mb=args.max_message_mb,
             strict=args.strict, tls_cert=args.tls_cert, tls_key=args.tls_key, threads=args.threads,
-            runner_options=runner_options)
+            runner_options=runner_options, http_port=None if http_port < 0 else http_port)
     except KestrelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -76,9 +83,13 @@ def main(argv=None) -> int:
     log.info("listening on %s://%s:%d (models ready: %s; ensembles: %s)%s", scheme, args.host, port,
              ", ".join(ready) or "none", ", ".join(server.hub.ensembles) or "none",
              f"; metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else "")
+    if server.http_port is not None:
+        log.info("HTTP on http://%s:%d/ (web page; KServe V2 REST under /v2; POST /v1/classify)", args.host,
+                 server.http_port)
     if args.port_file:
         tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": server.metrics_port, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"port": port, "metrics_port": server.metrics_port,
+                                   "http_port": server.http_port, "pid": os.getpid()}))
         tmp.replace(args.port_file)  # atomic: readers never see half a file
 
     stop = threading.Event()

@@ -6,13 +6,16 @@
 
 Services: inference.GRPCInferenceService (KServe V2), kestrel.v1.Classifier,
 grpc.health.v1.Health ("" and each service: SERVING once models are loaded and
-at least one is ready) and server reflection.
+at least one is ready) and server reflection. With `http_port`, the same models
+and batchers also answer over HTTP (serve/http.py: KServe V2 REST, /v1/classify,
+the web page).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +28,7 @@ from . import images
 from ._proto import grpc_service_pb2, grpc_service_pb2_grpc, kestrel_pb2, kestrel_pb2_grpc
 from .ensemble import Ensemble
 from .errors import ConfigError
+from .http import HttpFrontend
 from .hub import ModelHub
 from .metrics import Metrics
 from .repository import ModelRepository
@@ -49,7 +53,8 @@ class Server:
     """A started Kestrel server: the grpc.Server, its models, health and metrics."""
 
     def __init__(self, grpc_server: grpc.Server, hub: ModelHub, health_servicer: health.HealthServicer,
-                 metrics: Metrics, address: str, port: int, metrics_port: int | None):
+                 metrics: Metrics, address: str, port: int, metrics_port: int | None,
+                 http: HttpFrontend | None = None):
         self.grpc_server = grpc_server
         self.hub = hub
         self.health = health_servicer
@@ -57,6 +62,7 @@ class Server:
         self.address = address
         self.port = port
         self.metrics_port = metrics_port
+        self.http = http  # the HTTP port (serve/http.py), or None
         self._serving = True
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -64,6 +70,10 @@ class Server:
     @property
     def serving(self) -> bool:
         return self._serving
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def stop(self, grace: float | None = 10.0) -> None:
         """Graceful shutdown: report NOT_SERVING, refuse new RPCs, let in-flight ones finish
@@ -74,7 +84,12 @@ class Server:
             self._serving = False
             self.health.enter_graceful_shutdown()
             log.info("shutting down: finishing in-flight requests (grace %.1f s)", grace or 0)
+            t0 = time.monotonic()
+            if self.http is not None:  # both ports stop accepting, then both finish in-flight requests
+                self.http.stop_accepting()
             self.grpc_server.stop(grace).wait()
+            if self.http is not None:
+                self.http.stop(None if grace is None else max(0.0, grace - (time.monotonic() - t0)))
             self.hub.close(timeout=grace)
             self.metrics.close()
             self._stopped.set()
@@ -106,10 +121,13 @@ def create_server(
     threads: int = DEFAULT_THREADS,
     runner_options: dict[str, dict] | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    http_port: int | None = None,
 ) -> tuple[Server, int]:
     """Load the models, start serving on host:port (0 = a free port); returns (server, bound port).
 
     `metrics_port`: None = no Prometheus endpoint, 0 = a free port (server.metrics_port).
+    `http_port`: None = no HTTP port, 0 = a free port (server.http_port); HTTP bodies are
+    capped at `max_message_mb` like gRPC messages.
     A model that fails to load is UNAVAILABLE with its reason; with `strict` it raises instead.
     """
     if (tls_cert is None) != (tls_key is None):
@@ -121,6 +139,7 @@ def create_server(
     hub = ModelHub(repository, models, ensembles, strict=strict, runner_options=runner_options, metrics=metrics,
                    max_pixels=max_pixels)
     grpc_server = None
+    frontend = None
     try:
         hub.load()
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
@@ -153,8 +172,17 @@ def create_server(
                 server.metrics_port = metrics.serve_http(metrics_port, host)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror}") from None
+        if http_port is not None:
+            try:
+                frontend = HttpFrontend(hub, host=host, port=http_port, serving=lambda: server.serving,
+                                        max_body_mb=max_message_mb).start()
+            except OSError as exc:
+                raise ConfigError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror}") from None
+            server.http = frontend
         grpc_server.start()
     except BaseException:
+        if frontend is not None:
+            frontend.stop(grace=0)
         if grpc_server is not None:
             grpc_server.stop(None)
         hub.close(timeout=1.0)

@@ -414,3 +414,46 @@ def test_stop_finishes_in_flight_requests_then_refuses_connections(hub):
     with pytest.raises(ConnectionRefusedError):
         _Conn(fe.port).request("GET", "/v2/health/live")
     idle.close()
+
+
+# ---- wired into the server ----------------------------------------------------------------------
+def test_create_server_serves_http_beside_grpc_and_stops_both(fake_repo):
+    from serve import KestrelClient, create_server
+
+    server, port = create_server(fake_repo, models=["a"], port=0, http_port=0)
+    try:
+        assert server.http_port and server.http_port != port
+        with _Conn(server.http_port) as web:
+            good_infer(web)
+            status, body = classify(web, png_bytes(PICTURE), models="a")
+            assert status == 200 and body["models"][0]["model"] == "a"
+        with KestrelClient(f"127.0.0.1:{port}", timeout=10) as client:  # the same hub, through gRPC
+            assert client.classify(png_bytes(PICTURE), ["a"], top_k=3).results[0].model == "a"
+        snap = server.hub.metrics.model("a").snapshot()
+        assert snap["success"][0] >= 3  # HTTP infer + HTTP classify + gRPC classify, one set of counters
+    finally:
+        server.stop(grace=2)
+    with pytest.raises(ConnectionRefusedError):
+        _Conn(server.http_port).request("GET", "/v2/health/live")
+
+
+def test_http_port_in_use_is_a_clear_error(fake_repo, frontend):
+    from serve import create_server
+    from serve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"cannot serve HTTP on 127.0.0.1:{frontend.port}"):
+        create_server(fake_repo, models=["a"], port=0, http_port=frontend.port)
+
+
+def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
+    proc = serve_process("--repository", str(fake_repo), "--models", "a,b", "--ensemble", "ab=a,b",
+                         "--metrics-port", "-1")  # --port 0: the HTTP port defaults to a free one too
+    http_port = __import__("json").loads(proc.port_file.read_text())["http_port"]
+    assert http_port and f"HTTP on http://127.0.0.1:{http_port}/" in proc.output()
+    with _Conn(http_port) as web:
+        assert web.request("GET", "/v2/health/ready")[0] == 200
+        assert classify(web, b"not an image", models="ab")[0] == 400
+        status, body = classify(web, png_bytes(PICTURE), ensemble="ab")
+        assert status == 200 and body["ensembles"][0]["name"] == "ab"
+    assert proc.stop() == 0
+    assert "server stopped" in proc.output()
