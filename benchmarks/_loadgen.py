@@ -43,6 +43,9 @@ def add_common_arguments(parser) -> None:
     group.add_argument("--kestrel-images", env_var="KESTREL_IMAGES", default="",
                        help=f"folder of images to send (default {DEFAULT_PHOTOS} when present, "
                             "else synthetic JPEGs)")
+    group.add_argument("--kestrel-encode", env_var="KESTREL_ENCODE", default="jpeg", choices=("jpeg", "asis"),
+                       help="jpeg (default): send every image as JPEG bytes, re-encoding other formats once "
+                            "(quality 92), as phone photos arrive; asis: the files' bytes unchanged")
     group.add_argument("--kestrel-warmup", env_var="KESTREL_WARMUP", type=float, default=0.0,
                        help="seconds at the start whose requests are not measured (default 0)")
     group.add_argument("--kestrel-record", env_var="KESTREL_RECORD", default="",
@@ -63,16 +66,29 @@ def _synthetic_jpegs(count: int = 8, size: tuple[int, int] = (480, 640)) -> list
     return out
 
 
-_FILES: dict[str, list[tuple[str, bytes]]] = {}
+_FILES: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
 
 
-def image_files(folder: str = "") -> list[tuple[str, bytes]]:
+def _as_jpeg(name: str, data: bytes) -> tuple[str, bytes]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            return name, data
+    rgb = kimages.decode(data)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=92)
+    return str(Path(name).with_suffix(".jpg")), buf.getvalue()
+
+
+def image_files(folder: str = "", encode: str = "jpeg") -> list[tuple[str, bytes]]:
     """[(file name, encoded bytes)] of the decodable images in `folder`, at most MAX_IMAGES.
 
-    The files are sent as they are on disk (what a person uploads). With no
-    folder, ../shared/photos is used when present, else synthetic JPEGs.
+    encode="jpeg": non-JPEG files are re-encoded to JPEG once (what phones
+    upload); "asis": the bytes on disk. With no folder, ../shared/photos is
+    used when present, else synthetic JPEGs.
     """
-    key = folder or ""
+    key = (folder or "", encode)
     if key in _FILES:
         return _FILES[key]
     path = Path(folder) if folder else DEFAULT_PHOTOS
@@ -84,7 +100,7 @@ def image_files(folder: str = "") -> list[tuple[str, bytes]]:
                 kimages.decode(data, min_size=(32, 32))
             except ImageDecodeError:
                 continue  # not an image we can send as a valid request
-            files.append((p.name, data))
+            files.append(_as_jpeg(p.name, data) if encode == "jpeg" else (p.name, data))
             if len(files) >= MAX_IMAGES:
                 break
         if not files:
@@ -102,7 +118,7 @@ def image_arrays(folder: str, size: tuple[int, int]) -> list:
     """The image set decoded and resized to (height, width): uint8 HxWx3 arrays (cached)."""
     key = (folder or "", tuple(size))
     if key not in _ARRAYS:
-        _ARRAYS[key] = [kimages.load(data, size) for _, data in image_files(folder)]
+        _ARRAYS[key] = [kimages.load(data, size) for _, data in image_files(folder, "asis")]
     return _ARRAYS[key]
 
 

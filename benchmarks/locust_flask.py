@@ -9,7 +9,7 @@ back. FastHttpUser (locust's geventhttpclient user) keeps the client's own
 CPU use low: on a small machine the load generator shares the cores with
 the server, and a cheaper client flatters the reference, not Kestrel.
 
-Options: --kestrel-images, --kestrel-warmup, --kestrel-record, --kestrel-top-k
+Options: --kestrel-images, --kestrel-encode, --kestrel-warmup, --kestrel-record, --kestrel-top-k
 (environment variables KESTREL_IMAGES, ...).
 """
 
@@ -47,7 +47,7 @@ class FlaskPredictUser(FastHttpUser):
 
     def on_start(self):
         options = self.environment.parsed_options
-        files = _loadgen.image_files(options.kestrel_images)
+        files = _loadgen.image_files(options.kestrel_images, options.kestrel_encode)
         offset = next(_USER_IDS)
         self._files = itertools.cycle([files[(offset + i) % len(files)] for i in range(len(files))])
         self._path = f"/predict?top_k={int(options.kestrel_top_k)}"

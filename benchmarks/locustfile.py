@@ -11,6 +11,7 @@ Options (each also an environment variable, e.g. KESTREL_API=infer):
                         over them, each timed under its own name. For classify,
                         "a+b" sends one request naming both (fused answer).
     --kestrel-images    folder of images (default ../shared/photos, else synthetic)
+    --kestrel-encode    jpeg (default: other formats re-encoded to JPEG once) | asis
     --kestrel-batch     images per ModelInfer request (default 1)
     --kestrel-top-k     Classify's top_k (default 5)
     --kestrel-deadline  per-call gRPC deadline in seconds (default 30)
@@ -143,7 +144,7 @@ class KestrelUser(User):
         else:
             stub = kestrel_pb2_grpc.ClassifierStub(self.channel)
             self.call = stub.Classify
-            files = _loadgen.image_files(self.folder)
+            files = _loadgen.image_files(self.folder, options_encode(self.environment))
             requests = []
             for i in range(len(files)):
                 _, data = files[(offset + i) % len(files)]
@@ -184,6 +185,10 @@ class KestrelUser(User):
             request_type="grpc", name=name, response_time=elapsed, response_length=length,
             exception=exception, context={"images": images},
         )
+
+
+def options_encode(environment) -> str:
+    return getattr(environment.parsed_options, "kestrel_encode", "jpeg")
 
 
 def _check_classify(response) -> None:

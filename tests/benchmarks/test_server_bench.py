@@ -41,7 +41,8 @@ def test_export_commands_use_the_export_clis(tmp_path):
     assert server_bench.export_command("mobilenet_v2_keras", s) == fp32  # one export writes both
     int8 = server_bench.export_command("mobilenet_v2_int8", s)
     assert int8[1:4] == ["-m", "export.optimize", "mobilenet_v2"]
-    assert int8[-4:] == ["--precision", "int8", "--calibration", str(tmp_path / "cal")]
+    assert int8[-6:] == ["--precision", "int8", "--max-calibration-images", "64", "--calibration",
+                         str(tmp_path / "cal")]
     trt = server_bench.export_command("mobilenet_v2_trt_fp16", s)
     assert trt[-3:] == ["--precision", "fp16", "--engine-only"]
     assert server_bench.export_command("resnet50", s) is None
