@@ -11,8 +11,14 @@ same images through the server, ...) so that background load on a shared
 machine hits both alike, with a pause between blocks: onnxruntime's worker
 threads spin after each run, and a spinning in-process session would steal
 the server's cores if the paths alternated image by image. The report gives
-medians and the overhead (server median - in-process median), which should be
-within 3 ms.
+medians and two overheads, which should be within 3 ms:
+
+- overhead_median_ms: Classify median - in-process median (two samples, taken
+  in turn; on a machine shared with other work both swing by tens of ms);
+- transport_overhead_median_ms: per request, the client's round trip minus
+  the server's own time for that request (decode + queue + inference, its
+  `total_ms`): what gRPC, protobuf and the servicer add, paired request by
+  request, so it holds up when the machine is busy.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
         runner.infer(images.resize(picture, size)[None])
 
     proc, port, log = _start_server(args.repository, args.model, args.ort_threads)
-    local, remote = [], []
+    local, remote, paired = [], [], []
     try:
         with KestrelClient(f"127.0.0.1:{port}", timeout=60) as client:
             client.wait_ready(60)
@@ -100,8 +106,9 @@ def main(argv=None) -> int:
                 time.sleep(0.05)
                 for data in block:
                     t0 = time.perf_counter()
-                    client.classify(data, [args.model], top_k=3)
+                    response = client.classify(data, [args.model], top_k=3)
                     remote.append((time.perf_counter() - t0) * 1e3)
+                    paired.append(remote[-1] - response.total_ms)
                 time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -109,18 +116,25 @@ def main(argv=None) -> int:
         runner.close()
     local_ms, remote_ms = statistics.median(local), statistics.median(remote)
     overhead = remote_ms - local_ms
+    transport = statistics.median(paired)
     result = {
         "model": args.model, "platform": entry.platform, "images": len(pictures), "repeats": args.repeats,
         "in_process_median_ms": round(local_ms, 2), "classify_median_ms": round(remote_ms, 2),
         "overhead_median_ms": round(overhead, 2),
+        "transport_overhead_median_ms": round(transport, 2),
+        "transport_overhead_p90_ms": round(sorted(paired)[int(0.9 * len(paired))], 2),
         "in_process_p90_ms": round(sorted(local)[int(0.9 * len(local))], 2),
         "classify_p90_ms": round(sorted(remote)[int(0.9 * len(remote))], 2),
-        "within_target": overhead <= TARGET_MS, "target_ms": TARGET_MS,
+        "within_target": overhead <= TARGET_MS and transport <= TARGET_MS, "target_ms": TARGET_MS,
+        "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
     }
     print(f"{'path':<34}{'median ms':>10}")
     print(f"{'in-process decode + infer':<34}{local_ms:>10.2f}")
     print(f"{'Classify via gRPC (concurrency 1)':<34}{remote_ms:>10.2f}")
-    print(f"{'overhead':<34}{overhead:>10.2f}   target <= {TARGET_MS} ms: {'yes' if result['within_target'] else 'NO'}")
+    print(f"{'overhead (difference of medians)':<34}{overhead:>10.2f}")
+    print(f"{'overhead (paired, transport)':<34}{transport:>10.2f}")
+    print(f"target <= {TARGET_MS} ms: {'yes' if result['within_target'] else 'NO'} "
+          f"(load average {result['load_average_1min']} on {result['cpus']} CPUs)")
     print(json.dumps(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
