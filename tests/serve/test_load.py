@@ -138,3 +138,36 @@ def test_sixteen_clients_for_twenty_seconds(serve_process, tmp_path):
     assert len(latencies) > CLIENTS
     assert mean_batch > 1.0, report
     assert rss_end - rss_start < RSS_GROWTH_LIMIT_MB, report
+
+
+EXPECTED_TOP1 = {"cat.bmp": "Egyptian_cat", "hot_dog.jpg": "hotdog", "parrot.jpg": "macaw"}
+
+
+@pytest.mark.shared_data
+def test_exported_mobilenet_v2_classifies_real_photos(tmp_path):
+    """With `python -m export mobilenet_v2` (ImageNet weights) done, the server names real photos right,
+    and Classify equals in-process decode + inference. Skipped when no exported model is there."""
+    pytest.importorskip("onnxruntime")
+    repo = Path(os.environ.get("KESTREL_LOAD_REPOSITORY", ROOT / "models"))
+    entry_dir = repo / "mobilenet_v2"
+    if not any(entry_dir.glob("*/model.onnx")):
+        pytest.skip(f"no exported mobilenet_v2 in {repo} (python -m export mobilenet_v2)")
+    export_info = next(entry_dir.glob("*/export.json"), None)
+    if export_info is None or '"imagenet"' not in export_info.read_text():
+        pytest.skip("the exported mobilenet_v2 does not carry ImageNet weights")
+    from serve import KestrelClient, ModelRepository, create_runner, create_server, images
+
+    server, port = create_server(repo, models=["mobilenet_v2"], port=0)
+    runner = create_runner(ModelRepository(repo).entry("mobilenet_v2")).load()
+    try:
+        with KestrelClient(f"127.0.0.1:{port}", timeout=60) as client:
+            for name, label in EXPECTED_TOP1.items():
+                data = (PHOTOS / name).read_bytes()
+                result = client.classify(data, ["mobilenet_v2"], top_k=3).results[0]
+                assert result.predictions[0].label == label, (name, result.predictions)
+                local = runner.infer(images.load(data, runner.image_size)[None])[0]
+                assert result.predictions[0].index == int(np.argmax(local))
+                np.testing.assert_allclose(result.predictions[0].probability, local.max(), rtol=1e-4)
+    finally:
+        runner.close()
+        server.stop(1)
