@@ -158,7 +158,7 @@ async function classify() {
     try { body = JSON.parse(text); } catch (_) { body = { error: text || response.statusText }; }
     clearOutput();
     if (!response.ok) {
-      showError(`The server could not classify ${state.file.name} (HTTP ${response.status}): ${body.error}`);
+      showError(`Could not classify ${state.file.name}: the server answered HTTP ${response.status}.\n${body.error}`);
       $("placeholder").hidden = true;
       return;
     }
@@ -204,7 +204,7 @@ function render(result, roundTripMs) {
       ...predictionRows(model.predictions.slice(0, TOP_K)));
     $("model-results").append(card);
   }
-  $("timings").textContent = `image ${result.image.width}×${result.image.height} · decode ${ms(result.decode_ms)}` +
+  $("timings").textContent = `decoded at ${result.image.width}×${result.image.height} · decode ${ms(result.decode_ms)}` +
     ` · server ${ms(result.total_ms)} · round trip ${ms(roundTripMs)}`;
 }
 

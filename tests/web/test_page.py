@@ -1,0 +1,166 @@
+"""The web page in a real browser: upload a photo, see each model's top 3 with bars, the ensemble's answer and
+latencies; a non-image shows a clear error and the next upload works; drag and drop.
+
+What the page shows is compared with what POST /v1/classify answers for the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+TIMEOUT = 20
+MODELS = ["fake_a", "fake_b", "fake_c"]  # tests/web/conftest.py's server; ensemble "trio" of all three
+
+
+def _wait(browser, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, TIMEOUT, poll_frequency=0.05).until(condition, message)
+
+
+def _api_classify(base_url: str, data: bytes, filename: str, **fields) -> dict:
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+             "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{base_url}/v1/classify", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _open(browser, base_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(base_url + "/")
+    _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#ensemble-select option"), "the ensembles never listed")
+    _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#model-list input")) == len(MODELS),
+          "the models never listed")
+
+
+def _upload(browser, path: Path):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "file-input").send_keys(str(path))
+
+
+def _cards(browser, selector: str, count: int):
+    from selenium.webdriver.common.by import By
+
+    _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, selector)) == count,
+          f"expected {count} {selector} in the page")
+    return browser.find_elements(By.CSS_SELECTOR, selector)
+
+
+def _rows(card) -> list[tuple[str, float, float]]:
+    """(label, bar width %, shown probability %) per prediction row of a card."""
+    from selenium.webdriver.common.by import By
+
+    rows = []
+    for row in card.find_elements(By.CSS_SELECTOR, ".prediction"):
+        label = row.find_element(By.CSS_SELECTOR, ".label").text
+        fill = row.find_element(By.CSS_SELECTOR, ".bar-fill")
+        bar = float(re.search(r"width:\s*([\d.]+)%", fill.get_attribute("style")).group(1))
+        shown = float(row.find_element(By.CSS_SELECTOR, ".prob").text.rstrip("%"))
+        assert fill.size["width"] > 0, f"the bar of {label!r} is not drawn"
+        rows.append((label, bar, shown))
+    return rows
+
+
+def test_upload_a_photo_shows_top3_bars_ensemble_and_latency(browser, base_url, photo, save_screenshot, labels):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, base_url)
+    assert browser.find_element(By.ID, "ensemble-select").get_attribute("value") == "trio"
+    _upload(browser, photo)
+    cards = _cards(browser, "#model-results .card.model", 3)
+    expected = _api_classify(base_url, photo.read_bytes(), photo.name, ensemble="trio", top_k=3)
+
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", preview) > 0
+
+    assert [c.get_attribute("data-model") for c in cards] == ["fake_a", "fake_b", "fake_c"]
+    for card, answer in zip(cards, expected["models"]):
+        rows = _rows(card)
+        assert [label for label, _, _ in rows] == [p["label"] for p in answer["predictions"]]
+        assert all(label in labels for label, _, _ in rows)
+        for (_, bar, shown), p in zip(rows, answer["predictions"]):
+            assert bar == pytest.approx(p["probability"] * 100, abs=0.01)
+            assert shown == pytest.approx(p["probability"] * 100, abs=0.06)
+        assert [b for _, b, _ in rows] == sorted((b for _, b, _ in rows), reverse=True)
+        latency = card.find_element(By.CSS_SELECTOR, ".latency").text
+        assert re.fullmatch(r"\d+(\.\d+)? ms", latency), latency
+        assert float(latency.split()[0]) > 0
+        assert "compute" in card.find_element(By.CSS_SELECTOR, ".meta").text
+
+    (ensemble,) = _cards(browser, "#ensemble-results .card.ensemble", 1)
+    fused = expected["ensembles"][0]
+    assert ensemble.get_attribute("data-ensemble") == "trio"
+    assert ensemble.find_element(By.CSS_SELECTOR, ".answer-label").text == fused["predictions"][0]["label"]
+    assert [label for label, _, _ in _rows(ensemble)] == [p["label"] for p in fused["predictions"]]
+    timings = browser.find_element(By.ID, "timings").text
+    assert "decode" in timings and "round trip" in timings
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    shot = save_screenshot("kestrel-web-results")
+    assert shot.stat().st_size > 10_000
+
+    # chosen models instead of the ensemble: two models and their ad-hoc fused answer
+    browser.find_element(By.ID, "mode-models").click()
+    browser.find_element(By.CSS_SELECTOR, "#model-list input[value='fake_c']").click()
+    browser.find_element(By.ID, "classify-button").click()
+    cards = _cards(browser, "#model-results .card.model", 2)
+    assert [c.get_attribute("data-model") for c in cards] == ["fake_a", "fake_b"]
+    (ensemble,) = _cards(browser, "#ensemble-results .card.ensemble", 1)
+    expected = _api_classify(base_url, photo.read_bytes(), photo.name, models="fake_a,fake_b", top_k=3)
+    assert ensemble.find_element(By.CSS_SELECTOR, ".answer-label").text == expected["ensembles"][0]["predictions"][0]["label"]
+
+
+def test_non_image_upload_shows_a_clear_error_then_a_photo_works(browser, base_url, photo, tmp_path, save_screenshot):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, base_url)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not a photo\n")
+    _upload(browser, notes)
+    error = browser.find_element(By.ID, "error")
+    _wait(browser, lambda b: error.is_displayed() and error.text, "no error shown for a text file")
+    assert "notes.txt" in error.text and "HTTP 400" in error.text and "cannot decode image" in error.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#model-results .card")
+    save_screenshot("kestrel-web-error")
+
+    _upload(browser, photo)  # the server kept serving
+    _cards(browser, "#model-results .card.model", 3)
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_drag_and_drop_a_png(browser, base_url):
+    from PIL import Image
+    import io
+
+    from selenium.webdriver.common.by import By
+
+    _open(browser, base_url)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "PNG")
+    browser.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const file = new File([bytes], "dropped.png", {type: "image/png"});
+        const data = new DataTransfer();
+        data.items.add(file);
+        const zone = document.getElementById("dropzone");
+        zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: data, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        """, base64.b64encode(buffer.getvalue()).decode())
+    cards = _cards(browser, "#model-results .card.model", 3)
+    assert "dropped.png" in browser.find_element(By.ID, "file-name").text
+    expected = _api_classify(base_url, buffer.getvalue(), "dropped.png", ensemble="trio", top_k=3)
+    assert [label for label, _, _ in _rows(cards[0])] == [p["label"] for p in expected["models"][0]["predictions"]]
