@@ -299,11 +299,11 @@ class ModelHub:
         if isinstance(target, ServedModel):
             run = target.batcher.infer(batch, deadline)
             return InferResult(name, str(target.version), run.probabilities, {name: run})
+        fusion = check_fusion(fusion or target.ensemble.fusion)
         self.input_spec(name)  # members must take one input (Classify resizes per member instead)
         members = self.members(name)
         pending = {m.name: m.batcher.submit(batch, deadline) for m in members}
         runs = {m: p.result() for m, p in pending.items()}
-        fusion = check_fusion(fusion or target.ensemble.fusion)
         scores, _ = rank([r.probabilities for r in runs.values()], fusion)
         return InferResult(name, "1", scores.astype(np.float32), runs)
 
@@ -318,11 +318,11 @@ class ModelHub:
         top = top or 5
         names = [n for n in names if n] or self._default_targets()
         targets = [self.ready_model(n) for n in dict.fromkeys(names)]
-        models: list[ServedModel] = []
+        unique: dict[str, ServedModel] = {}  # each model runs once, however often it is named
         for target in targets:
-            for member in (self.members(target.name) if isinstance(target, ServedEnsemble) else [target]):
-                if member not in models:
-                    models.append(member)
+            for member in self.members(target.name):
+                unique.setdefault(member.name, member)
+        models = list(unique.values())
         sizes = {m.runner.image_size for m in models}
         biggest = (max(h for h, _ in sizes), max(w for _, w in sizes))
         t0 = time.perf_counter()
