@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", default=",".join(quant.DEFAULT_KEEP_FLOAT),
                    help=f"rules for nodes left in float, comma-separated, from {', '.join(quant.KEEP_FLOAT_RULES)} "
                         "('none' for none)")
+    q.add_argument("--float-prefix", type=int, default=quant.QuantizeOptions.float_prefix,
+                   help="keep the first N compute layers (Conv/MatMul/Gemm) in float (mixed precision)")
     q.add_argument("--exclude-nodes", default="", help="extra node names to leave in float, comma-separated")
     q.add_argument("--min-calibration-images", type=int, default=quant.DEFAULT_MIN_IMAGES)
     q.add_argument("--max-calibration-images", type=int, default=quant.DEFAULT_MAX_IMAGES)
@@ -505,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = tuple(r for r in args.keep_float.split(",") if r and r != "none")
         qoptions = quant.QuantizeOptions(
             method=args.calibration_method, percentile=args.percentile, per_channel=not args.per_tensor,
-            reduce_range=args.reduce_range, keep_float=keep,
+            reduce_range=args.reduce_range, keep_float=keep, float_prefix=args.float_prefix,
             exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
             min_images=args.min_calibration_images, max_images=args.max_calibration_images)
         optimize(args.repository, args.name, precisions=args.precision, calibration=args.calibration,

@@ -76,6 +76,7 @@ class QuantizeOptions:
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     exclude_nodes: tuple[str, ...] = ()
     op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime can quantize
+    float_prefix: int = 0  # the first N compute layers (Conv/MatMul/Gemm) and all between them stay float
     min_images: int = DEFAULT_MIN_IMAGES
     max_images: int = DEFAULT_MAX_IMAGES
 
@@ -93,6 +94,8 @@ class QuantizeOptions:
         unknown = [r for r in self.keep_float if r not in KEEP_FLOAT_RULES]
         if unknown:
             raise ConfigError(f"unknown keep-float rule(s) {unknown}; expected some of {', '.join(KEEP_FLOAT_RULES)}")
+        if not isinstance(self.float_prefix, int) or self.float_prefix < 0:
+            raise ConfigError(f"float_prefix must be an integer >= 0, got {self.float_prefix!r}")
         if not isinstance(self.min_images, int) or self.min_images < 1:
             raise ConfigError(f"min_images must be a positive integer, got {self.min_images!r}")
         if not isinstance(self.max_images, int) or self.max_images < self.min_images:
@@ -235,8 +238,12 @@ def _with_activation(node, consumers) -> list[str]:
     return names
 
 
-def keep_float_nodes(model, rules: Iterable[str]) -> dict[str, str]:
-    """{node name: rule} for the nodes that stay in float. `model` is an onnx.ModelProto (topologically sorted)."""
+def keep_float_nodes(model, rules: Iterable[str], float_prefix: int = 0) -> dict[str, str]:
+    """{node name: rule} for the nodes that stay in float. `model` is an onnx.ModelProto (topologically sorted).
+
+    `float_prefix` N keeps every node before the (N+1)-th compute layer in float, plus the
+    activation right after the N-th (a Conv and its ReLU6 quantize as one unit).
+    """
     graph = model.graph
     nodes = list(graph.node)
     consumers = _consumers(graph)
@@ -265,6 +272,12 @@ def keep_float_nodes(model, rules: Iterable[str]) -> dict[str, str]:
         if depthwise:
             for name in _with_activation(depthwise[0], consumers):
                 keep.setdefault(name, "sensitive")
+    if float_prefix > 0:
+        cut = compute[float_prefix] if float_prefix < len(compute) else len(nodes)
+        for node in nodes[:cut]:
+            keep.setdefault(node.name, "prefix")
+        for name in _with_activation(nodes[compute[min(float_prefix, len(compute)) - 1]], consumers):
+            keep.setdefault(name, "prefix")
     if "depthwise" in rules:
         for i in compute:
             if _is_depthwise(nodes[i]):
@@ -324,7 +337,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
     with tempfile.TemporaryDirectory(prefix="kestrel-quant-") as tmp:
         prepared = preprocess(model_path, Path(tmp) / "prepared.onnx")
         model = onnx.load(str(prepared), load_external_data=False)
-        kept = keep_float_nodes(model, options.keep_float)
+        kept = keep_float_nodes(model, options.keep_float, options.float_prefix)
         for name in options.exclude_nodes:
             kept.setdefault(name, "user")
         methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,

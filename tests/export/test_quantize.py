@@ -93,6 +93,12 @@ def test_keep_float_rules_find_the_right_nodes():
     assert quant.keep_float_nodes(model, ()) == {}
     dw = quant.keep_float_nodes(model, ("depthwise",))
     assert dw == {"dw_conv": "depthwise", "dw_relu6": "depthwise"}
+    prefix = quant.keep_float_nodes(model, (), float_prefix=2)  # stem + depthwise, and what lies before
+    assert set(prefix) == {"pre_cast", "pre_mul", "pre_add", "pre_transpose", "stem_conv", "stem_relu6",
+                           "dw_conv", "dw_relu6"}
+    assert len(quant.keep_float_nodes(model, (), float_prefix=99)) == len(model.graph.node)
+    with pytest.raises(ConfigError, match="float_prefix"):
+        quant.QuantizeOptions(float_prefix=-1)
 
 
 def test_quantize_writes_qdq_model_that_agrees(tiny_onnx, tmp_path):
