@@ -509,10 +509,10 @@ class HttpFrontend:
             return self._infer(req, model, version or "")
 
     def _infer(self, req: "_Handler", model: str, version: str) -> Response:
+        body = req.read_body()  # first: an error answered with the body unread would cost the connection
         self.hub.ready_model(model, version)
         spec = self.hub.input_spec(model)
         output_spec = self.hub.members(model)[0].entry.output_spec
-        body = req.read_body()
         header_length = req.headers.get(HEADER_LENGTH)
         if header_length is not None:
             if not header_length.strip().isdigit() or int(header_length) > len(body):
@@ -697,6 +697,8 @@ class _Stats:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kestrel"
+    disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK (40 ms)
+    wbufsize = 1 << 16  # headers and a small body leave in one send
     sys_version = ""
     server: _Server
 
@@ -710,10 +712,27 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.frontend._track(self.connection, False)
 
+    def send_error(self, code, message=None, explain=None):
+        """Errors http.server raises itself (malformed request line, header too long...) as JSON too."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        body = json.dumps({"error": f"{text}" + (f": {explain}" if explain else "")}).encode()
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+        self.wfile.flush()
+
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         log.debug("http %s %s", self.address_string(), format % args)
 
     def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):  # GET's status and headers, no body (_send checks self.command)
         self._dispatch("GET")
 
     def do_POST(self):

@@ -380,6 +380,22 @@ def test_unknown_path_and_wrong_method(web):
     assert status == 405 and headers["Allow"] == "POST" and "received GET" in json.loads(data)["error"]
 
 
+def test_head_and_malformed_requests_get_answers_too(frontend, web):
+    status, headers, data = web.request("HEAD", "/v2/models/a")
+    assert status == 200 and data == b"" and int(headers["Content-Length"]) > 50
+    import socket
+
+    with socket.create_connection(("127.0.0.1", frontend.port), timeout=5) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and b"application/json" in head
+    assert "Line too long" in json.loads(body)["error"]
+    good_infer(web)
+
+
 def test_requests_are_counted_in_the_servers_metrics(hub, web):
     from prometheus_client import generate_latest
 
