@@ -98,13 +98,13 @@ class _Handler:
             for stats in self.stats:
                 stats.finished(self.api, seconds)
             return False
-        if isinstance(exc, grpc.RpcError) or not isinstance(exc, Exception):
-            return False  # context.abort() already set the status; or KeyboardInterrupt & co.
+        if not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt, SystemExit & co. go on up
         code = status_for(exc)
         for stats in self.stats:
             stats.finished(self.api, seconds, code.name)
         if code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed unexpectedly", self.api)
+            log.error("%s failed unexpectedly", self.api, exc_info=(kind, exc, tb))
             message = f"internal error: {type(exc).__name__}: {exc}"
         else:
             log.info("%s: %s: %s", self.api, code.name, exc)

@@ -18,6 +18,7 @@ model.json options:
     per_image_ms    additional simulated time per image of the batch
     thread_safe     false: the server gives the model a single worker
     fail_load       a reason: load() raises ModelLoadError with it
+    fail_infer      a reason: every inference raises RuntimeError with it (an unexpected backend failure)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class FakeRunner(Runner):
 
     def __init__(self, name: str, input_spec: TensorSpec, output_spec: TensorSpec, *, labels=None,
                  max_batch_size: int = 0, seed: int = 0, delay_ms: float = 0.0, per_image_ms: float = 0.0,
-                 thread_safe: bool = True, fail_load: str | None = None):
+                 thread_safe: bool = True, fail_load: str | None = None, fail_infer: str | None = None):
         super().__init__(name, input_spec, output_spec, labels=labels, max_batch_size=max_batch_size)
         if len(output_spec.shape) != 1 or output_spec.shape[0] < 1:
             raise ConfigError(
@@ -69,6 +70,7 @@ class FakeRunner(Runner):
         self.per_image_ms = float(per_image_ms)
         self.thread_safe = bool(thread_safe)
         self.fail_load = fail_load
+        self.fail_infer = fail_infer
         self.batch_sizes: list[int] = []  # every executed batch size, for tests
 
     @classmethod
@@ -80,7 +82,7 @@ class FakeRunner(Runner):
             raise ModelLoadError(f"fake model '{entry.name}': cannot read {path}: {exc}") from None
         if not isinstance(settings, dict):
             raise ModelLoadError(f"fake model '{entry.name}': {path} must hold a JSON object, got {settings!r}")
-        known = {"seed", "delay_ms", "per_image_ms", "thread_safe", "fail_load"}
+        known = {"seed", "delay_ms", "per_image_ms", "thread_safe", "fail_load", "fail_infer"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ModelLoadError(f"fake model '{entry.name}': unknown keys {unknown} in {path}; expected {sorted(known)}")
@@ -94,6 +96,8 @@ class FakeRunner(Runner):
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(int(batch.shape[0]))
+        if self.fail_infer:
+            raise RuntimeError(f"fake model '{self.name}': {self.fail_infer}")
         pause = self.delay_ms + self.per_image_ms * batch.shape[0]
         if pause > 0:
             time.sleep(pause / 1000.0)
@@ -106,7 +110,7 @@ def write_fake_model(root: str | Path, name: str, *, classes: int = 10, size: tu
                      **settings) -> Path:
     """Write a fake model folder into repository `root`; returns the folder.
 
-    `settings` go to model.json (seed, delay_ms, per_image_ms, thread_safe, fail_load).
+    `settings` go to model.json (seed, delay_ms, per_image_ms, thread_safe, fail_load, fail_infer).
     """
     folder = Path(root) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def tiny_onnx_expected(batch: np.ndarray, classes: int = 4, seed: int = 0) -> np
 @pytest.fixture(scope="session")
 def fake_repo(tmp_path_factory) -> Path:
     """a, c: 32x32; b: 48x40 (same 10 labels); odd: other labels; broken: fails to load;
-    slow: 80 ms per batch, not thread-safe, queue of 2."""
+    slow: 80 ms per batch, not thread-safe, queue of 2. Other test files assert this exact set:
+    add models for new tests in their own repositories, not here."""
     from serve.backends.fake import write_fake_model
 
     root = tmp_path_factory.mktemp("fake_repo")

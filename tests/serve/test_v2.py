@@ -230,3 +230,23 @@ def test_metrics_port_in_use_is_a_clear_error_and_releases_everything(fake_repo,
 
     with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{server.metrics_port}"):
         create_server(fake_repo, models=["a"], port=0, metrics_port=server.metrics_port)
+
+
+def test_unexpected_backend_failure_is_internal_and_the_server_keeps_serving(tmp_path, caplog):
+    from serve import create_server
+    from serve._proto import grpc_service_pb2_grpc
+    from serve.backends.fake import write_fake_model
+
+    write_fake_model(tmp_path, "a", classes=10)
+    write_fake_model(tmp_path, "faulty", classes=10, fail_infer="simulated crash")
+    server, port = create_server(tmp_path, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            code, details = _status(stub.ModelInfer, _request("faulty"))
+            assert code == grpc.StatusCode.INTERNAL
+            assert details == "internal error: RuntimeError: fake model 'faulty': simulated crash"
+            assert any("failed unexpectedly" in r.message and r.exc_info for r in caplog.records)
+            assert _probs(stub.ModelInfer(_request("a"))).shape == (3, 10)
+    finally:
+        server.stop(1)
