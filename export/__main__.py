@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra or args.engine:
             from .optimize import optimize
 
-            optimize(Path(args.repository), report.name, precisions=extra, calibration=args.calibration,
-                     engine=args.engine)
+            optimize(Path(args.repository), report.name, precisions=args.precision, calibration=args.calibration,
+                     engine=args.engine, progress=not args.quiet)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

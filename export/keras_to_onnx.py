@@ -112,6 +112,7 @@ def convert(model, path: str | Path, *, opset: int | None = None, optimize: bool
             keep_inputs.append(inp)
     del graph.input[:]
     graph.input.extend(keep_inputs)
+    keep_inputs = inp = None  # sub-message references would keep the whole proto alive
     _rename_io(graph)
     if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
         raise ConversionError(
@@ -123,12 +124,19 @@ def convert(model, path: str | Path, *, opset: int | None = None, optimize: bool
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if optimize:
-        model_proto = _optimize_basic(model_proto, path)
-    _save(onnx, model_proto, path)
+    nodes = len(graph.node)
+    if not optimize:
+        _save(onnx, model_proto, path)
+    else:
+        large = model_proto.ByteSize() > PROTOBUF_LIMIT
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            _save(onnx, model_proto, raw)
+            del model_proto, graph  # the file is the only copy now: keeps the peak memory down
+            nodes = _optimize_basic(raw, path, large=large)
     onnx.checker.check_model(str(path))
-    return ConversionResult(path=path, opset=int(used_opset), nodes=len(model_proto.graph.node),
-                            parameters=int(total), bytes=path.stat().st_size)
+    return ConversionResult(path=path, opset=int(used_opset), nodes=nodes, parameters=int(total),
+                            bytes=path.stat().st_size)
 
 
 def _rename_io(graph) -> None:
@@ -169,33 +177,30 @@ def _save(onnx, model_proto, path: Path) -> None:
         onnx.save_model(model_proto, str(path))
 
 
-def _optimize_basic(model_proto, path: Path):
-    """Constant-fold the weight transposes and fuse BatchNorm with onnxruntime's basic level.
+def _optimize_basic(raw: Path, path: Path, *, large: bool) -> int:
+    """Constant-fold the weight transposes and fuse BatchNorm with onnxruntime's basic level; returns node count.
 
     Basic-level rewrites produce standard ONNX operators only; the result is
-    checked for that and the unoptimised model is kept otherwise.
+    checked for that before it is written to `path`.
     """
     ort = require("onnxruntime", "optimising the exported ONNX model")
     onnx = require("onnx", "exporting to ONNX")
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-opt-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        out = Path(tmp) / "optimized.onnx"
-        _save(onnx, model_proto, raw)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(out)
-        if model_proto.ByteSize() > PROTOBUF_LIMIT:
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", out.name + ".data")
-        ort.InferenceSession(str(raw), sess_options=options, providers=["CPUExecutionProvider"])
-        del model_proto
-        optimized = onnx.load(str(out))
+    optimized_path = raw.with_name("optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(optimized_path)
+    if large:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized_path.name + ".data")
+    session = ort.InferenceSession(str(raw), sess_options=options, providers=["CPUExecutionProvider"])
+    del session
+    optimized = onnx.load(str(optimized_path))
     domains = {node.domain for node in optimized.graph.node}
     if not domains <= STANDARD_DOMAINS:
         raise ConversionError(f"onnxruntime's basic optimisation introduced non-standard operator domains {domains}")
-    # onnxruntime may drop the symbolic batch name; restore the contract's interface.
-    _set_dims(optimized.graph)
-    return optimized
+    _set_dims(optimized.graph)  # the contract's symbolic batch dimension, whatever onnxruntime wrote
+    _save(onnx, optimized, path)
+    return len(optimized.graph.node)
 
 
 def opset_of(path: str | Path) -> int:

@@ -273,17 +273,17 @@ def export_model(
             if mode not in (None, app.preprocessing):
                 raise ConfigError(f"{app.name} uses {app.preprocessing!r} preprocessing; it cannot be changed")
             class_names, label_source = _resolve_labels(labels, default_path=None)
-            model = _build_app(app, weights, input_size)
-            classes = int(model.outputs[0].shape[-1])
-            if class_names is None:
+            if class_names is None:  # before the (slow) build, so a missing class index fails fast
                 try:
                     class_names, label_source = labels_lib.imagenet_labels(), "ImageNet class index"
                 except ConfigError as exc:
                     if weights == "imagenet":
                         raise
                     steps.warn(f"{exc}; untrained model ({weights or 'no weights'}): labels are class_0000..")
-                    class_names = [f"class_{i:04d}" for i in range(classes)]
+                    class_names = [f"class_{i:04d}" for i in range(1000)]
                     label_source = "placeholder (no class index)"
+            model = _build_app(app, weights, input_size)
+            classes = int(model.outputs[0].shape[-1])
             mode = app.preprocessing
             source_text = f"keras.applications.{app.constructor} (weights={weights})"
         else:
