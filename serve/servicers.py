@@ -240,20 +240,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             spec = self.hub.input_spec(name)
             output_name = self.hub.members(name)[0].entry.output_spec.name
             batch = _input_array(request, spec, name)
+            class_count = 0
             for wanted in request.outputs:
                 if wanted.name != output_name:
                     raise InvalidInputError(
                         f"model '{name}': received requested output {wanted.name!r}, expected {output_name!r}"
                     )
+                if "classification" in wanted.parameters:
+                    class_count = _class_count(wanted.parameters["classification"], name)
             fusion = None
             if "fusion" in request.parameters:
                 fusion = request.parameters["fusion"].string_param
             result = self.hub.infer(name, request.model_version, batch, _deadline(context), fusion=fusion)
             probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
             response = pb.ModelInferResponse(model_name=name, model_version=result.version, id=request.id)
-            response.outputs.add(name=output_name, datatype="FP32", shape=list(probs.shape))
-            response.raw_output_contents.append(probs.tobytes())
+            if class_count:
+                labels = self.hub.members(name)[0].runner.labels
+                top = _classification(probs, class_count, labels)
+                response.outputs.add(name=output_name, datatype="BYTES", shape=[probs.shape[0], top.shape[1]])
+                response.raw_output_contents.append(_bytes_tensor(top))
+            else:
+                response.outputs.add(name=output_name, datatype="FP32", shape=list(probs.shape))
+                response.raw_output_contents.append(probs.tobytes())
             return response
+
+
+def _class_count(parameter, name: str) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else None
+    if kind not in ("int64_param", "uint64_param") or value < 1:
+        raise InvalidInputError(
+            f"model '{name}': received classification parameter {value!r} ({kind}); expected a positive integer"
+        )
+    return int(value)
+
+
+def _classification(probs: np.ndarray, count: int, labels) -> np.ndarray:
+    """Triton's classification extension: per image the top `count` classes as b"probability:index[:label]"."""
+    count = min(count, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :count]
+    rows = []
+    for row, indices in enumerate(order):
+        items = []
+        for i in indices:
+            label = labels[i] if labels and i < len(labels) else ""
+            items.append(f"{probs[row, i]:f}:{int(i)}" + (f":{label}" if label else ""))
+        rows.append([item.encode() for item in items])
+    return np.array(rows, dtype=object)
+
+
+def _bytes_tensor(values: np.ndarray) -> bytes:
+    """A BYTES tensor's raw contents: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values.ravel())
 
 
 def _input_array(request, spec, name: str) -> np.ndarray:

@@ -131,6 +131,10 @@ TRITON_CLIENT = textwrap.dedent(
     result = infer("tiny", batch)
     np.save(out_path, result.as_numpy("probabilities"))
     report["response"] = result.get_response(as_json=True)
+    inp = grpcclient.InferInput("images", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch)
+    top = client.infer("tiny", [inp], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
+    report["classification"] = [[item.decode() for item in row] for row in top.as_numpy("probabilities")]
     cases = {
         "unknown_model": lambda: infer("nope", batch),
         "wrong_datatype": lambda: infer("tiny", batch.astype(np.float32), "FP32"),
@@ -189,6 +193,11 @@ def test_tritonclient_against_the_server(onnx_server, tmp_path):
     assert probs.shape == (4, 4) and probs.dtype == np.float32
     np.testing.assert_allclose(probs, tiny_onnx_expected(batch), rtol=1e-4, atol=1e-6)
     assert report["response"]["outputs"][0]["shape"] == ["4", "4"]
+    # Triton's classification extension: "probability:index:label", best first
+    for row, items in zip(probs, report["classification"]):
+        order = np.argsort(-row)[:2]
+        assert [item.split(":", 1)[1] for item in items] == [f"{i}:tiny_{i}" for i in order]
+        np.testing.assert_allclose([float(item.split(":")[0]) for item in items], row[order], atol=1e-6)
     errors = report["errors"]
     assert errors["unknown_model"][0] == "StatusCode.NOT_FOUND"
     assert errors["wrong_datatype"][0] == "StatusCode.INVALID_ARGUMENT" and "received datatype FP32" in errors["wrong_datatype"][1]

@@ -250,3 +250,23 @@ def test_unexpected_backend_failure_is_internal_and_the_server_keeps_serving(tmp
             assert _probs(stub.ModelInfer(_request("a"))).shape == (3, 10)
     finally:
         server.stop(1)
+
+
+def test_classification_extension(v2):
+    req = _request("a")
+    req.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
+    response = v2.ModelInfer(req)
+    out = response.outputs[0]
+    assert out.datatype == "BYTES" and list(out.shape) == [3, 2]
+    raw, items = response.raw_output_contents[0], []
+    while raw:
+        size = int.from_bytes(raw[:4], "little")
+        items.append(raw[4 : 4 + size].decode())
+        raw = raw[4 + size :]
+    expected = fake_probabilities(BATCH, 10, seed=1)
+    for row in range(3):
+        order = np.argsort(-expected[row])[:2]
+        assert [i.split(":", 1)[1] for i in items[2 * row : 2 * row + 2]] == [f"{k}:label_{k}" for k in order]
+    req.outputs[0].parameters["classification"].string_param = "two"
+    code, details = _status(v2.ModelInfer, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected a positive integer" in details
