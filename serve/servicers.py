@@ -36,7 +36,7 @@ from .hub import ENSEMBLE_PLATFORM, READY, UNAVAILABLE, ModelHub, ServedModel
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "kestrel"
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "kestrel_classify"]
+EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "kestrel_classify"]
 
 _STATUS = [  # most specific first
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
