@@ -109,7 +109,8 @@ def test_tritonclient_http_health_metadata_infer_and_errors(http_server, tmp_pat
 
     errors = report["errors"]
     assert errors["unknown_model"][0] == "404" and "received model name 'nope'" in errors["unknown_model"][1]
-    assert errors["wrong_datatype"][0] == "400" and "received datatype 'FP32', expected 'UINT8'" in errors["wrong_datatype"][1]
+    assert errors["wrong_datatype"][0] == "400"
+    assert "received datatype 'FP32', expected 'UINT8'" in errors["wrong_datatype"][1]
     assert errors["wrong_shape"][0] == "400" and "received shape [2, 31, 32, 3]" in errors["wrong_shape"][1]
     assert errors["unknown_output"][0] == "400" and "'logits'" in errors["unknown_output"][1]
     assert errors["unavailable_model"][0] == "503" and "simulated load failure" in errors["unavailable_model"][1]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-import uuid
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -120,7 +120,8 @@ def test_upload_a_photo_shows_top3_bars_ensemble_and_latency(browser, base_url, 
     assert [c.get_attribute("data-model") for c in cards] == ["fake_a", "fake_b"]
     (ensemble,) = _cards(browser, "#ensemble-results .card.ensemble", 1)
     expected = _api_classify(base_url, photo.read_bytes(), photo.name, models="fake_a,fake_b", top_k=3)
-    assert ensemble.find_element(By.CSS_SELECTOR, ".answer-label").text == expected["ensembles"][0]["predictions"][0]["label"]
+    answer = ensemble.find_element(By.CSS_SELECTOR, ".answer-label").text
+    assert answer == expected["ensembles"][0]["predictions"][0]["label"]
 
 
 def test_non_image_upload_shows_a_clear_error_then_a_photo_works(browser, base_url, photo, tmp_path, save_screenshot):
@@ -142,9 +143,9 @@ def test_non_image_upload_shows_a_clear_error_then_a_photo_works(browser, base_u
 
 
 def test_drag_and_drop_a_png(browser, base_url):
-    from PIL import Image
     import io
 
+    from PIL import Image
     from selenium.webdriver.common.by import By
 
     _open(browser, base_url)
