@@ -64,6 +64,10 @@ class Pending:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def cancel(self) -> None:
+        """The caller no longer wants the result: if still queued, it is not run."""
+        self.cancelled = True
+
     def _finish(self, result: BatchResult | None = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._done.set()
@@ -198,7 +202,9 @@ class DynamicBatcher:
             now = time.monotonic()
             live, outcomes = [], []
             for request in taken:
-                if request.cancelled:
+                if request.cancelled:  # its caller gave up (deadline) or its client went away
+                    outcomes.append((request, None, DeadlineExceededError(
+                        f"model '{self.name}': the request was cancelled before it ran")))
                     continue
                 if request.deadline is not None and request.deadline <= now:
                     outcomes.append((request, None, DeadlineExceededError(

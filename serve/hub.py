@@ -293,23 +293,33 @@ class ModelHub:
 
     # ---- inference -------------------------------------------------------------------------
     def infer(self, name: str, version: str, batch: np.ndarray, deadline: float | None = None,
-              fusion: str | None = None) -> InferResult:
-        """Run a uint8 batch on a model (through its batcher) or an ensemble (members concurrently, fused)."""
+              fusion: str | None = None, submitted: list | None = None) -> InferResult:
+        """Run a uint8 batch on a model (through its batcher) or an ensemble (members concurrently, fused).
+
+        `submitted` (optional) collects the queued requests (batching.Pending), so that a caller
+        whose client went away can cancel them: a cancelled request is not run.
+        """
         target = self.ready_model(name, version)
         if isinstance(target, ServedModel):
-            run = target.batcher.infer(batch, deadline)
+            pending = target.batcher.submit(batch, deadline)
+            if submitted is not None:
+                submitted.append(pending)
+            run = pending.result()
             return InferResult(name, str(target.version), run.probabilities, {name: run})
         fusion = check_fusion(fusion or target.ensemble.fusion)
         self.input_spec(name)  # members must take one input (Classify resizes per member instead)
         members = self.members(name)
         pending = {m.name: m.batcher.submit(batch, deadline) for m in members}
+        if submitted is not None:
+            submitted.extend(pending.values())
         runs = {m: p.result() for m, p in pending.items()}
         scores, _ = rank([r.probabilities for r in runs.values()], fusion)
         return InferResult(name, "1", scores.astype(np.float32), runs)
 
     def classify(self, image: bytes, names: Sequence[str] = (), top: int = 5, fusion: str = "",
-                 deadline: float | None = None) -> ClassifyResult:
-        """Decode once, resize once per input size, run every model concurrently, fuse per ensemble."""
+                 deadline: float | None = None, submitted: list | None = None) -> ClassifyResult:
+        """Decode once, resize once per input size, run every model concurrently, fuse per ensemble.
+        (`submitted`: as for infer.)"""
         t_start = time.perf_counter()
         if fusion:
             check_fusion(fusion)
@@ -330,6 +340,8 @@ class ModelHub:
         pixels = {size: images.resize(picture, size)[None] for size in sizes}
         decode_s = time.perf_counter() - t0
         pending = {m.name: m.batcher.submit(pixels[m.runner.image_size], deadline) for m in models}
+        if submitted is not None:
+            submitted.extend(pending.values())
         runs = {name: p.result() for name, p in pending.items()}
         answers = []
         for m in models:

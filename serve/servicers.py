@@ -71,6 +71,14 @@ def _version() -> str:
         return "0.0.0"
 
 
+def _cancel_on_termination(context) -> list:
+    """A list for the request's queued work; when the RPC ends (done, cancelled by the client,
+    or its deadline passed) anything still queued is dropped instead of run."""
+    submitted: list = []
+    context.add_callback(lambda: [pending.cancel() for pending in submitted if not pending.done()])
+    return submitted
+
+
 def _deadline(context) -> float | None:
     remaining = context.time_remaining()  # no deadline: None, or a huge number
     if remaining is None or remaining > 1e6:
@@ -251,7 +259,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             fusion = None
             if "fusion" in request.parameters:
                 fusion = request.parameters["fusion"].string_param
-            result = self.hub.infer(name, request.model_version, batch, _deadline(context), fusion=fusion)
+            result = self.hub.infer(name, request.model_version, batch, _deadline(context), fusion=fusion,
+                                    submitted=_cancel_on_termination(context))
             probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
             response = pb.ModelInferResponse(model_name=name, model_version=result.version, id=request.id)
             if class_count:
@@ -365,7 +374,8 @@ class ClassifyServicer(kpb_grpc.ClassifierServicer):
     def Classify(self, request, context):
         names = list(request.models)
         with _Handler(self.hub, context, "classify", names):
-            result = self.hub.classify(request.image, names, request.top_k, request.fusion, _deadline(context))
+            result = self.hub.classify(request.image, names, request.top_k, request.fusion, _deadline(context),
+                                       submitted=_cancel_on_termination(context))
             response = kpb.ClassifyResponse(image_height=result.image_size[0], image_width=result.image_size[1],
                                             decode_ms=result.decode_s * 1e3, total_ms=result.total_s * 1e3)
             for answer in result.models:

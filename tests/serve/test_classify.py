@@ -250,3 +250,27 @@ def test_ensemble_named_like_a_model_is_a_start_up_error(fake_repo):
 
     with pytest.raises(ConfigError, match="ensemble 'a' has the name of a model"):
         create_server(fake_repo, ensembles=["a=b,c"], port=0)
+
+
+def test_a_cancelled_request_is_not_run(server, address):
+    import time
+
+    import grpc
+
+    from serve._proto import kestrel_pb2, kestrel_pb2_grpc
+
+    runner = server.hub.models["slow"].runner
+    with grpc.insecure_channel(address) as channel:
+        stub = kestrel_pb2_grpc.ClassifierStub(channel)
+        request = kestrel_pb2.ClassifyRequest(image=png_bytes(PICTURE), models=["slow"])
+        stub.Classify(request, timeout=10)  # warm
+        before = len(runner.batch_sizes)
+        blocker = stub.Classify.future(request, timeout=10)  # holds the only worker for 80 ms
+        time.sleep(0.02)
+        doomed = stub.Classify.future(request, timeout=10)
+        time.sleep(0.02)
+        doomed.cancel()
+        assert blocker.result().results[0].model == "slow"
+        time.sleep(0.3)
+        assert len(runner.batch_sizes) == before + 1  # the blocker ran; the cancelled request did not
+        assert stub.Classify(request, timeout=10).results[0].batch_size == 1
