@@ -121,7 +121,7 @@ class ModelStats:
         with self._lock:
             self.inference_count += size
             self.execution_count += 1
-            self.compute_infer.add(compute_s, len(queue_s))
+            self.compute_infer.add(compute_s * len(queue_s), len(queue_s))  # per request, as Triton counts
             for wait in queue_s:
                 self.queue.add(wait)
             self.batches.setdefault(size, _Duration()).add(compute_s)
