@@ -48,14 +48,15 @@ class HttpFrontend:
 
     def __init__(self, hub: ModelHub, *, host: str = "127.0.0.1", port: int = 8000,
                  serving: Callable[[], bool] = lambda: True, max_body_mb: float = DEFAULT_MAX_BODY_MB,
-                 web_root: Path = WEB_ROOT, idle_timeout: float = 60.0):
+                 web_root: Path = WEB_ROOT, idle_timeout: float = 60.0, max_connections: int = 512):
         self.hub = hub
         self.host = host
         self.requested_port = port
         self.serving = serving
         self.max_body = int(max_body_mb * 1024 * 1024)
         self.web_root = Path(web_root)
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = idle_timeout  # an idle keep-alive connection is closed after it
+        self.max_connections = max_connections  # open connections (one thread each); more get 503
         self.port: int | None = None
         self._httpd: Server | None = None
         self._thread: threading.Thread | None = None

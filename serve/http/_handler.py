@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import time
 import zlib
 from http import HTTPStatus
@@ -50,12 +51,51 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection, at most `frontend.max_connections` at once (more are answered 503)."""
+
     daemon_threads = True  # idle keep-alive connections must not hold up shutdown
     request_queue_size = 128
 
     def __init__(self, address, handler, frontend: "HttpFrontend"):
         self.frontend = frontend
+        self._open = 0
+        self._open_lock = threading.Lock()
         super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            admitted = self._open < self.frontend.max_connections
+            self._open += admitted
+        if not admitted:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._leave()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"too many connections (the limit is {self.frontend.max_connections}); "
+                                    "retry later or reuse a keep-alive connection"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 class Handler(BaseHTTPRequestHandler):

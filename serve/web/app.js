@@ -77,6 +77,8 @@ async function loadCatalog() {
 
   if (!firstReady) {
     $("mode-ensemble").disabled = true;
+    $("mode-ensemble").parentElement.title = catalog.ensembles.length
+      ? "no ensemble is ready" : "no ensemble is configured (python -m serve --ensemble NAME=a,b,c)";
     $("mode-models").checked = true;
   }
   updateMode();

@@ -402,6 +402,30 @@ def test_head_and_malformed_requests_get_answers_too(frontend, web):
     good_infer(web)
 
 
+def test_connections_over_the_limit_get_503_and_idle_ones_time_out(hub):
+    from serve.http import HttpFrontend
+
+    fe = HttpFrontend(hub, port=0, max_connections=2, idle_timeout=0.5).start()
+    try:
+        first, second = _Conn(fe.port), _Conn(fe.port)
+        assert first.request("GET", "/v2/health/live")[0] == 200
+        assert second.request("GET", "/v2/health/live")[0] == 200
+        with _Conn(fe.port) as third:
+            status, headers, data = third.request("GET", "/v2/health/live")
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert "too many connections" in json.loads(data)["error"]
+        first.close()
+        second.close()
+        time.sleep(0.2)
+        with _Conn(fe.port) as again:  # closed connections free their places
+            assert again.request("GET", "/v2/health/live")[0] == 200
+            time.sleep(1.0)  # idle past idle_timeout: the server closed it
+            with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+                again.request("GET", "/v2/health/live")
+    finally:
+        fe.stop(grace=1)
+
+
 def test_requests_are_counted_in_the_servers_metrics(hub, web):
     from prometheus_client import generate_latest
 
