@@ -22,7 +22,7 @@ from . import images
 from .backends import create_runner
 from .backends.base import Runner
 from .batching import BatchResult, DynamicBatcher
-from .ensemble import FUSIONS, MAJORITY, Ensemble, check_fusion, rank, top_k
+from .ensemble import Ensemble, check_fusion, rank, top_k
 from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError
 from .metrics import Metrics, ModelStats
 from .repository import ModelEntry, ModelRepository

@@ -29,7 +29,7 @@ from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import kestrel_pb2 as kpb
 from ._proto import kestrel_pb2_grpc as kpb_grpc
-from .errors import (ConfigError, DeadlineExceededError, InvalidInputError, KestrelError, MissingDependencyError,
+from .errors import (ConfigError, DeadlineExceededError, InvalidInputError, MissingDependencyError,
                      ModelLoadError, ModelNotFoundError, ResourceExhaustedError)
 from .hub import ENSEMBLE_PLATFORM, READY, UNAVAILABLE, ModelHub, ServedModel
 
