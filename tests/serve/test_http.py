@@ -503,3 +503,28 @@ def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
         assert status == 200 and body["ensembles"][0]["name"] == "ab"
     assert proc.stop() == 0
     assert "server stopped" in proc.output()
+
+
+def test_sigterm_lets_an_in_flight_http_request_finish(tmp_path, serve_process):
+    from serve.backends.fake import write_fake_model
+
+    repo = tmp_path / "repo"
+    write_fake_model(repo, "sleepy", classes=10, labels=LABELS, delay_ms=1000)
+    proc = serve_process("--repository", str(repo), "--metrics-port", "-1", "--grace", "10")
+    http_port = json.loads(proc.port_file.read_text())["http_port"]
+    results = []
+
+    def call():
+        with _Conn(http_port) as conn:
+            results.append(conn.json("POST", "/v2/models/sleepy/infer", *v2_request(BATCH[:1])))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.4)  # the request is running (1 s)
+    assert proc.stop() == 0
+    thread.join(10)
+    assert results and results[0][0] == 200, results
+    np.testing.assert_allclose(np.array(results[0][1]["outputs"][0]["data"]).reshape(1, 10),
+                               fake_probabilities(BATCH[:1], 10, seed=0), rtol=1e-6)
+    with pytest.raises(ConnectionRefusedError):
+        _Conn(http_port).request("GET", "/v2/health/live")
