@@ -103,8 +103,10 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "kestrel"
     disable_nagle_algorithm = True  # small responses must not wait for the client's delayed ACK (40 ms)
     wbufsize = 1 << 16  # headers and a small body leave in one send
-    sys_version = ""
     server: Server
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def setup(self):
         super().setup()

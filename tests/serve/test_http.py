@@ -354,6 +354,22 @@ def test_body_over_the_limit_is_413_and_the_server_keeps_serving(frontend, web):
     assert classify(web, png_bytes(PICTURE), models="a")[0] == 200
 
 
+def test_multipart_parser_keeps_binary_data_and_utf8_filenames():
+    from serve.errors import InvalidInputError
+    from serve.http import parse_multipart
+
+    data = b"\x89PNG\r\n\r\n--not-the-boundary\r\n\x00\xff"
+    body = ('--XyZ\r\nContent-Disposition: form-data; name="image"; filename="ch\u00e2t \u732b.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + data + (
+        b'\r\n--XyZ\r\nContent-Disposition: form-data; name="models"\r\n\r\na,b\r\n--XyZ--\r\n')
+    fields = parse_multipart(body, "multipart/form-data; boundary=XyZ")
+    assert fields == {"image": [("ch\u00e2t \u732b.png", data)], "models": [(None, b"a,b")]}
+    with pytest.raises(InvalidInputError, match="without its closing boundary"):
+        parse_multipart(body[:-9], "multipart/form-data; boundary=XyZ")
+    with pytest.raises(InvalidInputError, match="without a boundary"):
+        parse_multipart(body, "multipart/form-data")
+
+
 def test_models_listing_for_the_page(web):
     status, body = web.json("GET", "/v1/models")
     assert status == 200
