@@ -283,26 +283,42 @@ class Images:
 
 def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions, need_calibration,
                   max_eval, progress) -> Images:
-    cal_paths: list[Path] = []
-    if calibration is not None:
-        cal_paths = simages.find_images(calibration)
+    """Calibration and evaluation images, never overlapping.
+
+    Evaluation = every `accuracy_images` folder, plus the held-out `holdout`
+    fraction of the calibration folder (default: 20 % when no accuracy folder
+    is given, none otherwise).
+    """
+    folders = [] if accuracy_images is None else (
+        [accuracy_images] if isinstance(accuracy_images, (str, Path)) else list(accuracy_images))
+    if holdout is None:
+        holdout = 0.0 if folders else quant.DEFAULT_HOLDOUT
     if need_calibration and calibration is None:
         raise ConfigError("INT8 needs calibration images: pass --calibration DIR (a folder searched recursively)")
-    if accuracy_images is not None:
-        eval_paths = simages.find_images(accuracy_images)
-        source = f"{accuracy_images}"
-    elif cal_paths:
-        cal_paths, eval_paths = quant.split_calibration(cal_paths, holdout)
-        source = f"held-out {holdout:.0%} of {calibration} (stratified, not used for calibration)"
-    else:
-        eval_paths, source = [], ""
+    cal_paths: list[Path] = simages.find_images(calibration) if calibration is not None else []
+    eval_paths: list[Path] = []
+    sources = []
+    if cal_paths and holdout > 0:
+        cal_paths, held = quant.split_calibration(cal_paths, holdout)
+        eval_paths += held
+        sources.append(f"held-out {holdout:.0%} of {calibration} (stratified, not used for calibration)")
+    extra: list[Path] = []
+    for folder in folders:
+        found = simages.find_images(folder)
+        extra += found
+        sources.append(f"{folder} ({len(found)} files)")
     cal_set = None
     if need_calibration:
+        overlap = set(map(str, cal_paths)) & set(map(str, extra))
+        if overlap:
+            raise ConfigError(f"{len(overlap)} accuracy images are also calibration images (e.g. {sorted(overlap)[0]}); "
+                              "use a separate --accuracy-images folder or --holdout")
         cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress)
-    if eval_paths:
-        eval_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="accuracy images")
-    else:
-        eval_set = quant.ImageSet(np.zeros((0, *image_size, 3), np.uint8), [])
+    held_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="held-out images")
+    extra_set = quant.load_images(extra, image_size, progress=progress, desc="accuracy images")
+    eval_set = quant.ImageSet(np.concatenate([held_set.images, extra_set.images]), held_set.paths + extra_set.paths,
+                              held_set.skipped + extra_set.skipped)
+    source = " + ".join(sources)
     if len(eval_set) == 0:
         eval_set = quant.ImageSet(simages.synthetic_images(32, image_size, seed=1),
                                   [Path(f"synthetic-{i}") for i in range(32)])
@@ -311,8 +327,9 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
 
 
 def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | str, calibration: str | Path | None = None,
-             engine: bool = False, engine_only: bool = False, accuracy_images: str | Path | None = None,
-             min_agreement: float | dict | None = None, force: bool = False, holdout: float = quant.DEFAULT_HOLDOUT,
+             engine: bool = False, engine_only: bool = False,
+             accuracy_images: str | Path | Sequence[str | Path] | None = None,
+             min_agreement: float | dict | None = None, force: bool = False, holdout: float | None = None,
              quantize_options: quant.QuantizeOptions | None = None, min_batch: int | None = None,
              opt_batch: int | None = None, max_batch: int | None = None,
              workspace_mb: int = trt_build.DEFAULT_WORKSPACE_MB, timing_cache: str | Path | None = None,
@@ -464,10 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", default="models", help="model repository folder (default: models)")
     p.add_argument("--precision", default="int8", help="comma-separated: fp32,fp16,int8 (default: int8)")
     p.add_argument("--calibration", help="folder of calibration images (searched recursively); needed for int8")
-    p.add_argument("--accuracy-images", help="folder of images for the accuracy report "
-                   "(default: a held-out 20%% of the calibration folder)")
-    p.add_argument("--holdout", type=float, default=quant.DEFAULT_HOLDOUT,
-                   help="fraction of the calibration folder held out for the report when --accuracy-images is not given")
+    p.add_argument("--accuracy-images", action="append", metavar="DIR",
+                   help="folder of real images for the accuracy report (repeatable; default: a held-out 20%% "
+                        "of the calibration folder)")
+    p.add_argument("--holdout", type=float,
+                   help="fraction of the calibration folder held out for the report, never calibrated on "
+                        "(default: 0.2 without --accuracy-images, 0 with)")
     p.add_argument("--min-agreement", type=float, help="top-1 agreement threshold, a fraction "
                    "(default 0.95 for int8, 0.99 for fp16/fp32)")
     p.add_argument("--force", action="store_true", help="replace existing entries; write variants below the threshold")

@@ -255,3 +255,23 @@ def test_cli_builds_a_variant(tiny_repo, image_folder, python_env):
     assert proc.returncode == 0, proc.stderr
     assert "calibration: 48 images" in proc.stdout and "top-1 agreement" in proc.stdout
     _entry_ok(tiny_repo, "tiny_int8")
+
+
+def test_evaluation_images_combine_folders_and_holdout_without_overlap(tmp_path, image_folder):
+    from serve.images import find_images
+
+    photos = write_image_folders(tmp_path / "photos", per_class=3, classes=1, seed=4)
+    options = quant.QuantizeOptions(min_images=16)
+    imgs = opt.gather_images(SIZE, calibration=image_folder, accuracy_images=[photos], holdout=0.1, qoptions=options,
+                             need_calibration=True, max_eval=100, progress=False)
+    assert len(imgs.evaluation) == 6 + 3  # 10 % of each 20-image class, plus the photos folder
+    assert not set(imgs.calibration.paths) & set(imgs.evaluation.paths)
+    assert "held-out 10%" in imgs.source and str(photos) in imgs.source
+    # with an accuracy folder and no --holdout, the whole calibration folder calibrates
+    imgs = opt.gather_images(SIZE, calibration=image_folder, accuracy_images=str(photos), holdout=None,
+                             qoptions=options, need_calibration=True, max_eval=100, progress=False)
+    assert len(imgs.calibration) == 60 and len(imgs.evaluation) == 3
+    with pytest.raises(ConfigError, match="also calibration images"):
+        opt.gather_images(SIZE, calibration=image_folder, accuracy_images=image_folder / "class1", holdout=0,
+                          qoptions=options, need_calibration=True, max_eval=100, progress=False)
+    assert len(find_images(image_folder)) == 61
