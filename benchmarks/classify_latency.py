@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         runner.infer(images.resize(picture, size)[None])
 
     proc, port, log = _start_server(args.repository, args.model, args.ort_threads)
-    local, remote, paired = [], [], []
+    local, remote, paired, sizes = [], [], [], []
     try:
         with KestrelClient(f"127.0.0.1:{port}", timeout=60) as client:
             client.wait_ready(60)
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
                     response = client.classify(data, [args.model], top_k=3)
                     remote.append((time.perf_counter() - t0) * 1e3)
                     paired.append(remote[-1] - response.total_ms)
+                    sizes.append(len(data))
                 time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -117,12 +118,16 @@ def main(argv=None) -> int:
     local_ms, remote_ms = statistics.median(local), statistics.median(remote)
     overhead = remote_ms - local_ms
     transport = statistics.median(paired)
+    small = [p for p, n in zip(paired, sizes) if n < 256 * 1024]
+    large = [p for p, n in zip(paired, sizes) if n >= 256 * 1024]
     result = {
         "model": args.model, "platform": entry.platform, "images": len(pictures), "repeats": args.repeats,
         "in_process_median_ms": round(local_ms, 2), "classify_median_ms": round(remote_ms, 2),
         "overhead_median_ms": round(overhead, 2),
         "transport_overhead_median_ms": round(transport, 2),
         "transport_overhead_p90_ms": round(sorted(paired)[int(0.9 * len(paired))], 2),
+        "transport_overhead_median_ms_under_256kb": round(statistics.median(small), 2) if small else None,
+        "transport_overhead_median_ms_over_256kb": round(statistics.median(large), 2) if large else None,
         "in_process_p90_ms": round(sorted(local)[int(0.9 * len(local))], 2),
         "classify_p90_ms": round(sorted(remote)[int(0.9 * len(remote))], 2),
         "within_target": overhead <= TARGET_MS and transport <= TARGET_MS, "target_ms": TARGET_MS,
