@@ -88,14 +88,23 @@ def main(argv=None) -> int:
                  server.http_port)
     if args.port_file:
         tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": server.metrics_port,
-                                   "http_port": server.http_port, "pid": os.getpid()}))
-        tmp.replace(args.port_file)  # atomic: readers never see half a file
+        try:
+            tmp.write_text(json.dumps({"port": port, "metrics_port": server.metrics_port,
+                                       "http_port": server.http_port, "pid": os.getpid()}))
+            tmp.replace(args.port_file)  # atomic: readers never see half a file
+        except OSError as exc:
+            print(f"error: cannot write the port file {args.port_file}: {exc.strerror}", file=sys.stderr)
+            server.stop(grace=0)
+            return 1
 
     stop = threading.Event()
 
     def _on_signal(signum, _frame):
-        log.info("received %s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():  # a second signal: the operator does not want to wait for the grace period
+            log.warning("received %s again: exiting without waiting for in-flight requests", name)
+            os._exit(1)
+        log.info("received %s", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)

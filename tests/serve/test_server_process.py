@@ -99,3 +99,29 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_process,
     assert time.perf_counter() - t_signal < 8  # did not wait for the whole grace period
     log = proc.output()
     assert "received SIGTERM" in log and "shutting down" in log and "server stopped" in log
+
+
+def test_a_second_signal_exits_at_once(serve_process, tmp_path):
+    from serve import KestrelClient
+
+    repo = tmp_path / "repo"
+    write_fake_model(repo, "sleepy", classes=3, delay_ms=5000)
+    proc = serve_process("--repository", str(repo), "--metrics-port", "-1", "--grace", "30")
+
+    def in_flight():
+        with KestrelClient(proc.address, timeout=20) as client:
+            try:
+                client.classify(png_bytes(PICTURE), ["sleepy"])
+            except Exception:
+                pass  # the server goes away under it
+
+    thread = threading.Thread(target=in_flight, daemon=True)
+    thread.start()
+    time.sleep(0.4)
+    t0 = time.perf_counter()
+    proc.proc.send_signal(15)
+    time.sleep(0.3)
+    proc.proc.send_signal(2)
+    assert proc.proc.wait(10) == 1
+    assert time.perf_counter() - t0 < 4  # neither the 5 s request nor the 30 s grace period
+    assert "received SIGINT again: exiting without waiting" in proc.output()
