@@ -71,7 +71,7 @@ def test_full_queue_fails_fast_with_resource_exhausted():
     t0 = time.perf_counter()
     with pytest.raises(ResourceExhaustedError, match=r"queue full \(2 requests waiting, max_queue_size=2\)"):
         batcher.submit(_images(1))
-    assert time.perf_counter() - t0 < 0.05  # fails at once, does not wait
+    assert time.perf_counter() - t0 < 0.15  # fails at once, does not wait for the 200 ms batch
     for p in [first, *queued]:
         assert p.result(5).probabilities.shape == (1, 5)
     batcher.close()
@@ -100,12 +100,12 @@ def test_not_thread_safe_runner_gets_one_worker():
 
 
 def test_idle_model_does_not_wait_for_company():
-    batcher = DynamicBatcher(_runner(), max_queue_delay_us=200_000).start()
+    batcher = DynamicBatcher(_runner(), max_queue_delay_us=500_000).start()
     t0 = time.perf_counter()
     result = batcher.infer(_images(1))
     elapsed = time.perf_counter() - t0
     batcher.close()
-    assert elapsed < 0.1 and result.queue_s < 0.1  # not the 200 ms delay
+    assert elapsed < 0.25 and result.queue_s < 0.25  # not the 500 ms delay
     waiting = DynamicBatcher(_runner(), max_queue_delay_us=100_000, idle_fast_path=False).start()
     assert waiting.infer(_images(1)).queue_s >= 0.09  # Triton's behaviour when asked
     waiting.close()
