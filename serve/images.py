@@ -72,7 +72,11 @@ def decode(
         raise ImageDecodeError(f"image {what} refused as a decompression bomb: {exc}") from None
     except FileNotFoundError:
         raise ImageDecodeError(f"image file {what} does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"cannot decode image {what}: not a recognised image format; expected JPEG, PNG, BMP or WebP"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(
             f"cannot decode image {what}: {exc}; expected a complete JPEG, PNG, BMP or WebP image"
         ) from None
