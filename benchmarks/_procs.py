@@ -168,6 +168,24 @@ class KestrelServer:
                 out[name] = (bool(ready), "" if ready else reasons.get(name, "not ready"))
         return out
 
+    def counts(self, model: str) -> tuple[int, int] | None:
+        """(images inferred, batches executed) so far for `model`, from V2 ModelStatistics."""
+        import grpc
+
+        from serve._proto import grpc_service_pb2 as v2
+        from serve._proto import grpc_service_pb2_grpc as v2_grpc
+
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                stats = v2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                    v2.ModelStatisticsRequest(name=model), timeout=10)
+        except grpc.RpcError:
+            return None
+        for entry in stats.model_stats:
+            if entry.name == model:
+                return int(entry.inference_count), int(entry.execution_count)
+        return None
+
     def stop(self) -> int | None:
         return self.process.stop(timeout=30)
 

@@ -39,7 +39,7 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
         ok = [r for r in items if not r.get("error")]
         out[key] = {
             metric: _method.over_repeats(r.get(metric) for r in ok)
-            for metric in ("items_per_s", "requests_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms")
+            for metric in ("items_per_s", "requests_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "mean_batch")
         }
         out[key]["failures"] = sum(int(r.get("failures") or 0) for r in items)
         out[key]["requests"] = sum(int(r.get("requests") or 0) for r in items)
@@ -164,7 +164,7 @@ def tables(meta: dict, rows: list[dict], agg: dict) -> list[str]:
         what = ("Classify: the image file's bytes in, top-k out (decode + resize in the server)" if api == "classify"
                 else f"V2 ModelInfer: a uint8 batch of {s['batch']} in raw_input_contents, probabilities out")
         lines += [f"### API: {api}", "", what, ""]
-        header = ("| concurrency | target | images/s | p50 ms | p95 ms | p99 ms | failed | x " + baseline
+        header = ("| concurrency | target | images/s | p50 ms | p95 ms | p99 ms | batch | failed | x " + baseline
                   + (" | x Flask" if api == "classify" and meta.get("flask") else "") + " |")
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         for level in levels:
@@ -174,10 +174,9 @@ def tables(meta: dict, rows: list[dict], agg: dict) -> list[str]:
                     continue
                 cells = [str(level), label(t, a["platform"]), a["items_per_s"].format(1), a["p50_ms"].format(1),
                          a["p95_ms"].format(1), a["p99_ms"].format(1),
+                         "1" if t == FLASK else (f"{a['mean_batch'].median:.1f}" if a["mean_batch"].n else "n/a"),
                          f"{a['failures']}/{a['requests'] + a['failures']}",
-                         "1 (reference)" if t == baseline else (
-                             ratio_text(agg, rows, api, level, t, baseline) if t != FLASK else
-                             ratio_text(agg, rows, api, level, t, baseline))]
+                         "1 (reference)" if t == baseline else ratio_text(agg, rows, api, level, t, baseline)]
                 if api == "classify" and meta.get("flask"):
                     cells.append("1 (reference)" if t == FLASK else ratio_text(agg, rows, api, level, t, FLASK))
                 lines.append("| " + " | ".join(cells) + " |")
@@ -227,7 +226,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   f"Medians over {s['repeats']} interleaved repeats (range in parentheses); each run "
                   f"{s['warmup_s']:g} s warm-up (not measured) + {s['duration_s']:g} s measured, closed loop "
                   "(each client sends its next request when the previous one returns). Ratios are of the medians, "
-                  "with the range of the per-repeat paired ratios.", ""]
+                  "with the range of the per-repeat paired ratios. *batch*: mean batch size the server executed "
+                  "(dynamic batching; V2 ModelStatistics over the run, warm-up included).", ""]
         lines += tables(meta, rows, agg)
         lines += ["![throughput](throughput.png)", ""]
         lines += [f"![latency {api}](latency_{api}.png)" for api in s["apis"]] + [""]

@@ -322,6 +322,7 @@ def run(settings: Settings) -> Path:
                 options.update({"kestrel-api": api, "kestrel-model": target, "kestrel-batch": s.batch})
             command = locust_command(locustfile, users=level, run_time_s=s.warmup_s + s.duration_s, host=host,
                                      csv_prefix=raw / stem, options=options)
+            counts_before = server.counts(target) if target != FLASK else None
             monitor = _method.LoadMonitor(pids=pids)
             load_before = _method.load_average()
             monitor.start()
@@ -331,6 +332,11 @@ def run(settings: Settings) -> Path:
             except BenchmarkError as exc:
                 code, error = None, str(exc)
             usage = monitor.stop()
+            counts_after = server.counts(target) if target != FLASK else None
+            mean_batch = float("nan")
+            if counts_before and counts_after and counts_after[1] > counts_before[1]:
+                mean_batch = (counts_after[0] - counts_before[0]) / (counts_after[1] - counts_before[1])
+            usage["mean_batch"] = round(mean_batch, 2)
             base = dict(api=api, target=target, platform=platform_of(s.repository, target), level=level,
                         repeat=repeat, order=index, locust_exit=code, load_average_1m=(load_before or [None])[0],
                         **usage)
@@ -388,7 +394,7 @@ def _progress(total: int):
 
 RUN_FIELDS = ["api", "target", "platform", "level", "repeat", "order", "requests", "failures", "items", "window_s",
               "requests_per_s", "items_per_s", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms",
-              "busy_cores", "own_cores", "foreign_cores", "load_average_1m", "locust_exit", "error"]
+              "mean_batch", "busy_cores", "own_cores", "foreign_cores", "load_average_1m", "locust_exit", "error"]
 
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:

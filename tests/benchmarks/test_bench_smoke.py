@@ -49,6 +49,8 @@ def test_make_bench_smoke_writes_a_report(tmp_path, python_env):
         assert run["error"] == "", run
         assert int(run["requests"]) > 0 and int(run["failures"]) == 0, run
         assert float(run["items_per_s"]) > 0 and 0 < float(run["p50_ms"]) <= float(run["p99_ms"])
+        if run["target"] != "flask":  # the server's own count of executed batches
+            assert float(run["mean_batch"]) >= 1.0, run
     # the measurement tells the models apart: 1 ms vs 4 ms (simulated) per batch
     infer = {r["target"]: float(r["items_per_s"]) for r in runs if r["api"] == "infer"}
     assert infer["smoke_fast"] > infer["smoke_reference"]

@@ -10,7 +10,7 @@ from benchmarks import report
 def _row(api, target, level, repeat, ips, p95, platform="onnxruntime_onnx"):
     return dict(api=api, target=target, platform=platform, level=level, repeat=repeat, items_per_s=ips,
                 requests_per_s=ips, mean_ms=p95 / 2, p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95 * 1.2, failures=0,
-                requests=100, error="", foreign_cores=0.1, own_cores=1.5)
+                requests=100, error="", foreign_cores=0.1, own_cores=1.5, mean_batch=2.0)
 
 
 def _meta(flask=True):
@@ -76,7 +76,7 @@ def test_markdown_and_plots(tmp_path):
     path = report.write(tmp_path, _meta(), rows)
     text = path.read_text()
     assert "a Flask + Keras `model.predict` app did **5.0 images/s at p95 1600 ms**" in text
-    assert "| 8 | m [onnxruntime] | 61.0 (60.0-62.0) |" in text
+    assert "| 8 | m [onnxruntime] | 61.0 (60.0-62.0) | 75.0 | 150.0 | 180.0 | 2.0 |" in text
     assert "FAIL" in text and "PASS" in text
     assert "m_trt_fp16: no GPU; skipped" in text
     for name in ("throughput.png", "latency_classify.png", "latency_infer.png"):
