@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not export missing variants (skip them)")
     p.add_argument("--weights", default="imagenet", help="weights for exports: imagenet or none (default imagenet)")
     p.add_argument("--calibration", type=Path, help="INT8 calibration images (default ../shared/datasets/flowers, else the image folder)")
+    p.add_argument("--calibration-images", type=int, default=64,
+                   help="most INT8 calibration images (default 64; export.optimize holds all their activations "
+                        "in memory)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for python -m serve (repeatable, e.g. --server-arg=--ort-threads=2)")
     p.add_argument("--budget", type=float, default=60.0, help="minutes; no run starts after (default 60)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, repository=args.repository, variants=args.variants, baseline=args.baseline,
             apis=args.apis, levels=args.levels, repeats=args.repeats, duration_s=args.duration,
             warmup_s=args.warmup, batch=args.batch, export=not args.no_export, weights=args.weights,
-            calibration=args.calibration, budget_s=args.budget * 60.0, flask_args=flask_args, **common)
+            calibration=args.calibration, calibration_images=args.calibration_images, budget_s=args.budget * 60.0, flask_args=flask_args, **common)
     try:
         out = server_bench.run(settings)
     except KestrelError as exc:
