@@ -242,7 +242,12 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, metadata: EngineM
         raise ConfigError(f"--workspace-mb must be >= 1, got {workspace_mb}")
     logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch always; no flags needed
+    flags = builder_flags(metadata.precision)
+    strongly_typed = not all(hasattr(trt.BuilderFlag, f) for f in flags)
+    # TensorRT 10: explicit batch always. Weak typing + precision flags is the TensorRT 10 default;
+    # a release that dropped the flags gets a strongly typed network (Q/DQ and ONNX types decide).
+    network = builder.create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -253,7 +258,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, metadata: EngineM
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    for flag in builder_flags(metadata.precision):
+    for flag in () if strongly_typed else flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     optimization_profile = builder.create_optimization_profile()
     optimization_profile.set_shape(metadata.input_name, *profile.shapes(metadata.image_size))
