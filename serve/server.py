@@ -142,8 +142,9 @@ def create_server(
     frontend = None
     try:
         hub.load()
+        # so_reuseport off: a second server on a busy port must fail, not silently share it
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                  options=message_options(max_message_mb))
+                                  options=message_options(max_message_mb) + [("grpc.so_reuseport", 0)])
         holder: dict[str, Server] = {}
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(hub, serving=lambda: holder["server"].serving), grpc_server)

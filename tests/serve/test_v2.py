@@ -270,3 +270,11 @@ def test_classification_extension(v2):
     req.outputs[0].parameters["classification"].string_param = "two"
     code, details = _status(v2.ModelInfer, req)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected a positive integer" in details
+
+
+def test_a_busy_port_is_a_clear_error(fake_repo, server):
+    from serve import create_server
+    from serve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        create_server(fake_repo, models=["a"], port=server.port)
