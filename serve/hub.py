@@ -360,8 +360,10 @@ class ModelHub:
                               time.perf_counter() - t_start)
 
     def _default_targets(self) -> list[str]:
-        if self.ensembles:
-            return [next(iter(self.ensembles))]
+        """The first ready ensemble, else every ready model."""
+        for served in self.ensembles.values():
+            if served.ready:
+                return [served.name]
         ready = [m.name for m in self.models.values() if m.ready]
         if not ready:
             raise ModelLoadError("no model is ready on this server")
