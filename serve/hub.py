@@ -216,6 +216,7 @@ class ModelHub:
                 workers=sum(groups) or 1,
                 stats=served.stats,
             ).start()
+            served.stats.watch_queue(lambda batcher=served.batcher: batcher.queued)
             served.runner = runner
             served.state, served.reason = READY, ""
             log.info("model %s version %s loaded (%s) in %.2f s", served.name, served.version, entry.platform,

@@ -10,6 +10,7 @@ Prometheus names (label `model`; request metrics also `api`: "infer" or "classif
     kestrel_batch_size                       images per executed batch, histogram
     kestrel_expired_requests_total           queued requests dropped unrun because their deadline passed
     kestrel_model_ready                      1 when the model is loaded and serving
+    kestrel_queue_depth                      requests waiting for a batch now
 
 Each server owns its own registry (several servers in one test process do not mix).
 """
@@ -46,6 +47,7 @@ class Metrics:
                                ["model"], registry=r)
         self.model_ready = Gauge("kestrel_model_ready", "1 when the model is loaded and serving", ["model"],
                                  registry=r)
+        self.queue_depth = Gauge("kestrel_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self._models: dict[str, ModelStats] = {}
         self._lock = threading.Lock()
         self._http = None
@@ -99,6 +101,10 @@ class ModelStats:
 
     def set_ready(self, ready: bool) -> None:
         self._m.model_ready.labels(self.name).set(1 if ready else 0)
+
+    def watch_queue(self, depth) -> None:
+        """Report `depth()` (requests waiting) as kestrel_queue_depth at each scrape."""
+        self._m.queue_depth.labels(self.name).set_function(depth)
 
     def received(self, api: str) -> None:
         self._m.requests.labels(self.name, api).inc()

@@ -169,6 +169,7 @@ def test_failures_are_counted_and_metrics_scrape(server, v2):
         assert f'{name}{{le="+Inf",model="a"}}' in text or f"{name}{{api=" in text, name
     assert 'kestrel_model_ready{model="broken"} 0.0' in text
     assert 'kestrel_model_ready{model="a"} 1.0' in text
+    assert 'kestrel_queue_depth{model="a"} 0.0' in text
     assert 'model="nope"' not in text  # unknown names do not create series
 
 
