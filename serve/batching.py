@@ -8,15 +8,19 @@
 A worker takes the oldest request, then waits up to `max_queue_delay_us`
 (counted from that request's arrival) for more until `max_batch_size` images
 are queued, concatenates them, runs the runner once and hands each request its
-rows. Idle fast path: a request that arrives while the model has no other
-request outstanding (queued or running) does not wait for company; waiting
-only pays when others are in flight, and a lone client (concurrency 1) would
-otherwise pay the whole delay on every request. `idle_fast_path=False` gives
-Triton's behaviour (always wait). The queue is bounded (`max_queue_size` requests waiting; 0 = unbounded):
-a request arriving at a full queue fails at once with ResourceExhaustedError.
-A request whose deadline passed while it waited is dropped, never run
-(DeadlineExceededError). A runner that is not thread-safe gets one worker;
-a thread-safe one gets `workers` (default 1: one worker keeps the batches big).
+rows.
+
+- Idle fast path: a request that arrives while the model has no other request
+  outstanding (queued or running) does not wait for company. Waiting only pays
+  when others are in flight; a lone client (concurrency 1) would otherwise pay
+  the whole delay on every request. `idle_fast_path=False` gives Triton's
+  behaviour (always wait).
+- Bounded queue (`max_queue_size` requests waiting; 0 = unbounded): a request
+  arriving at a full queue fails at once with ResourceExhaustedError.
+- Deadlines: a request whose deadline passed while it waited, or that was
+  cancelled (`Pending.cancel()`: its client went away), is dropped, never run.
+- Workers: a runner that is not thread-safe gets one; a thread-safe one gets
+  `workers` (default 1: one worker keeps the batches big).
 """
 
 from __future__ import annotations
