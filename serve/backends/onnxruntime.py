@@ -38,12 +38,17 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, name: str, path: str | Path, input_spec: TensorSpec, output_spec: TensorSpec, *,
                  labels=None, max_batch_size: int = 0, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 allow_spinning: bool = False):
         super().__init__(name, input_spec, output_spec, labels=labels, max_batch_size=max_batch_size)
         self.path = Path(path)
         self.requested_providers = providers
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        # Busy-waiting worker threads cut a little latency on an idle, dedicated
+        # machine but burn the cores the batcher, decoding and other models need:
+        # measured with 16 clients on 2 cores, 32.5 req/s spinning vs 60.9 without.
+        self.allow_spinning = allow_spinning
         self.session = None
         self.providers: list[str] = []
 
@@ -63,6 +68,9 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         if self.inter_op_threads:
             opts.inter_op_num_threads = self.inter_op_threads
+        spin = "1" if self.allow_spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers = choose_providers(self.requested_providers)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
