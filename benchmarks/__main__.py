@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
     p.add_argument("--batch", type=int, default=1, help="images per V2 ModelInfer request (default 1)")
     p.add_argument("--images", type=Path, help="image folder to send (default ../shared/photos, else synthetic)")
+    p.add_argument("--encode", choices=("jpeg", "asis"), default="jpeg",
+                   help="jpeg: upload JPEG bytes, other formats re-encoded once (default); asis: the files' bytes")
     p.add_argument("--no-flask", action="store_true", help="skip the Flask + model.predict reference")
     p.add_argument("--flask-application", metavar="NAME",
                    help="reference on keras.applications.NAME + preprocess_input instead of MODEL_keras's file")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import server_bench
 
-    common = dict(output=args.output, images=args.images, flask=not args.no_flask, server_args=args.server_arg)
+    common = dict(output=args.output, images=args.images, encode=args.encode, flask=not args.no_flask, server_args=args.server_arg)
     if args.smoke:
         settings = server_bench.smoke_settings(**common)
     else:

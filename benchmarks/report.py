@@ -236,12 +236,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               f"- Server: `python -m serve` started once with {', '.join(meta['variants'])} "
               f"({', '.join(f'{v}: {p}' for v, p in meta['platforms'].items())}); extra arguments: "
               f"{' '.join(s['server_args']) or 'none'}.",
+              *[f"- Accuracy of {v} (export.optimize's report): top-1 agreement with {a.get('reference')} "
+                f"{100 * (a.get('top1_agreement') or 0):.1f}%, top-5 {100 * (a.get('top5_agreement') or 0):.1f}% on "
+                f"{a.get('images')} images ({a.get('image_source')}); "
+                + ("passed its threshold" if a.get("passed") else
+                   f"BELOW its {100 * (a.get('min_agreement') or 0):.0f}% threshold (written with --force: "
+                   "speed measured, not a shippable variant)") + "."
+                for v, a in (meta.get("accuracy") or {}).items()],
               f"- Reference: benchmarks/flask_app.py ({' '.join(meta.get('flask_args') or []) or 'not run'}), "
               "werkzeug threaded server, one `model.predict` per uploaded image.",
               f"- Load: locust {meta['versions'].get('locust', '?')} headless, one process, users = concurrency, "
               "all spawned at once; gRPC users on gevent (benchmarks/locustfile.py), HTTP users FastHttpUser "
               "(benchmarks/locust_flask.py). The load generator shares the machine's cores with the server.",
-              f"- Images: {s.get('images') or 'synthetic JPEGs'} (sent as the files are).",
+              f"- Images: {s.get('images') or 'synthetic JPEGs'}, "
+              + ("uploaded as JPEG bytes (files in other formats re-encoded once, quality 92)"
+                 if s.get("encode", "jpeg") == "jpeg" else "uploaded as the files are") + "; the same files for "
+              "Classify and Flask; ModelInfer gets them decoded and resized to the model's input.",
               f"- Concurrency levels {s['levels']}, {s['repeats']} repeats, order rotated each repeat.",
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["versions"].items())) + ".", ""]
     if meta.get("notes"):

@@ -65,6 +65,7 @@ class Settings:
     batch: int = 1
     top_k: int = 5
     images: Path | None = None  # default ../shared/photos when present, else synthetic JPEGs
+    encode: str = "jpeg"  # jpeg: every upload is JPEG bytes (other formats re-encoded once); asis: the files
     flask: bool = True
     flask_args: list[str] | None = None  # default: --model <repository>/<baseline>/1/model.keras
     export: bool = True
@@ -100,6 +101,8 @@ class Settings:
             raise KestrelError(f"unknown API(s) {unknown or s.apis}; expected some of {', '.join(APIS)}")
         if not s.levels or any(int(level) < 1 for level in s.levels):
             raise KestrelError(f"concurrency levels must be >= 1, received {s.levels}")
+        if s.encode not in ("jpeg", "asis"):
+            raise KestrelError(f"unknown encoding {s.encode!r}; expected jpeg or asis")
         if s.repeats < 1 or s.duration_s <= 0 or s.warmup_s < 0 or s.batch < 1:
             raise KestrelError(f"received repeats={s.repeats}, duration={s.duration_s}, warmup={s.warmup_s}, "
                                f"batch={s.batch}; expected repeats >= 1, duration > 0, warm-up >= 0, batch >= 1")
@@ -184,6 +187,16 @@ def export_missing(s: Settings, logs: Path, notes: list[str]) -> list[str]:
         if v not in present and not any(n.startswith(f"{v}:") for n in notes):
             notes.append(f"{v}: not in {s.repository} after export; skipped")
     return present
+
+
+def accuracy_of(repository: Path, variant: str) -> dict | None:
+    """The variant's accuracy report (accuracy.json, written by export.optimize), when there is one."""
+    try:
+        data = json.loads((repository / variant / "accuracy.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keep = ("reference", "images", "image_source", "top1_agreement", "top5_agreement", "min_agreement", "passed")
+    return {k: data.get(k) for k in keep}
 
 
 def platform_of(repository: Path, variant: str) -> str:
@@ -312,7 +325,7 @@ def run(settings: Settings) -> Path:
             stem = f"{api}_{target}_c{level}_r{repeat}"
             record_path = raw / f"{stem}.json"
             options = {"kestrel-warmup": s.warmup_s, "kestrel-record": record_path, "kestrel-label": stem,
-                       "kestrel-top-k": s.top_k}
+                       "kestrel-top-k": s.top_k, "kestrel-encode": s.encode}
             if s.images is not None:
                 options["kestrel-images"] = s.images
             if target == FLASK:
@@ -361,6 +374,7 @@ def run(settings: Settings) -> Path:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "variants": variants,
         "platforms": {v: platform_of(s.repository, v) for v in variants},
+        "accuracy": {v: a for v in variants if (a := accuracy_of(s.repository, v))},
         "machine": machine_start,
         "load_average_end": _method.load_average(),
         "versions": _method.package_versions(),

@@ -27,7 +27,7 @@ def test_flask_reference_needs_the_classify_api(tmp_path):
     assert s.flask is False
 
 
-@pytest.mark.parametrize("bad", [dict(apis=["grpc"]), dict(levels=[0]), dict(repeats=0), dict(duration_s=0),
+@pytest.mark.parametrize("bad", [dict(apis=["grpc"]), dict(levels=[0]), dict(encode="png"), dict(repeats=0), dict(duration_s=0),
                                  dict(batch=0), dict(variants=[])])
 def test_invalid_settings_are_refused(tmp_path, bad):
     with pytest.raises(KestrelError):
