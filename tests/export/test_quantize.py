@@ -273,3 +273,13 @@ def test_evaluation_images_combine_folders_and_holdout_without_overlap(tmp_path,
         opt.gather_images(SIZE, calibration=image_folder, accuracy_images=image_folder / "class1", holdout=0,
                           qoptions=options, need_calibration=True, max_eval=100, progress=False)
     assert len(find_images(image_folder)) == 61
+
+
+def test_calibration_is_collected_in_chunks():
+    assert quant.chunk_size(300) == 30 and quant.chunk_size(64) == 32 and quant.chunk_size(31) == 31
+    assert quant.chunk_size(37) == 1 and quant.chunk_size(1) == 1
+    reader = quant._Reader("images", np.zeros((5, 2, 2, 3), np.uint8))
+    reader.set_range(2, 4)
+    assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
+    reader.rewind()
+    assert reader.get_next()["images"].shape == (1, 2, 2, 3) and len(reader) == 5
