@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in memory)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for python -m serve (repeatable, e.g. --server-arg=--ort-threads=2)")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the server (repeatable, e.g. TF_NUM_INTRAOP_THREADS=1)")
     p.add_argument("--budget", type=float, default=60.0, help="minutes; no run starts after (default 60)")
     p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
     p.add_argument("--smoke", action="store_true",
@@ -72,7 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import server_bench
 
-    common = dict(output=args.output, images=args.images, encode=args.encode, flask=not args.no_flask, server_args=args.server_arg)
+    server_env = {}
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --server-env expects KEY=VALUE, received {item!r}", file=sys.stderr)
+            return 2
+        server_env[key] = value
+
+    common = dict(output=args.output, images=args.images, encode=args.encode, flask=not args.no_flask, server_args=args.server_arg,
+                  server_env=server_env)
     if args.smoke:
         settings = server_bench.smoke_settings(**common)
     else:

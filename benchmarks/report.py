@@ -235,7 +235,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += ["## Set-up", "",
               f"- Server: `python -m serve` started once with {', '.join(meta['variants'])} "
               f"({', '.join(f'{v}: {p}' for v, p in meta['platforms'].items())}); extra arguments: "
-              f"{' '.join(s['server_args']) or 'none'}.",
+              f"{' '.join(s['server_args']) or 'none'}; environment: "
+              f"{' '.join(f'{k}={v}' for k, v in (s.get('server_env') or {}).items()) or 'default'}.",
               *[f"- Accuracy of {v} (export.optimize's report): top-1 agreement with {a.get('reference')} "
                 f"{100 * (a.get('top1_agreement') or 0):.1f}%, top-5 {100 * (a.get('top5_agreement') or 0):.1f}% on "
                 f"{a.get('images')} images ({a.get('image_source')}); "

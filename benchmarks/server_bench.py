@@ -75,6 +75,7 @@ class Settings:
     # MobileNetV2: its default of 300 images needs ~18 GB); 64 keeps the export at a few GB
     calibration_images: int = 64
     server_args: list[str] = field(default_factory=list)
+    server_env: dict[str, str] = field(default_factory=dict)  # e.g. TF_NUM_INTRAOP_THREADS for the Keras backend
     output: Path | None = None
     budget_s: float = 3600.0
     start_timeout_s: float = 600.0
@@ -276,7 +277,8 @@ def run(settings: Settings) -> Path:
     if not variants:
         raise BenchmarkError("no variant is available to benchmark:\n  " + "\n  ".join(notes))
 
-    server = KestrelServer(s.repository, variants, logs / "server.log", extra_args=s.server_args)
+    server = KestrelServer(s.repository, variants, logs / "server.log", extra_args=s.server_args,
+                           env=python_env(s.server_env))
     flask = None
     if s.flask:
         if s.flask_args and s.flask_args[0] == "--model" and not Path(s.flask_args[1]).is_file():
