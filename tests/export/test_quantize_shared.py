@@ -1,0 +1,48 @@
+"""INT8 on real images from ../shared: the serving decode path on real JPEG/BMP files, and (slow)
+the real MobileNetV2 against its Keras model on held-out flowers + photos."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from export import optimize as opt  # noqa: E402
+from export import quantize as quant  # noqa: E402
+
+from onnx_helpers import tiny_onnx, tiny_repo  # noqa: E402,F401 (fixtures)
+
+pytestmark = pytest.mark.shared_data
+
+
+def test_tiny_model_calibrated_on_real_flowers_and_photos(tiny_repo, flowers_dir, photos_dir):
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=flowers_dir, holdout=0.01,
+                           accuracy_images=photos_dir, quantize_options=quant.QuantizeOptions(max_images=40),
+                           max_eval_images=20, latency_runs=0, progress=False, log=lambda *_: None)
+    report = reports["tiny_int8"]
+    assert report.calibration["images_used"] == 40
+    assert report.images == 20 + 13  # held-out flowers (capped) + every photo
+    assert any("photos" in w["image"] or "flowers" in w["image"] for w in report.worst)
+    assert report.passed
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_int8_against_keras(tmp_path, keras_home, flowers_dir, photos_dir):
+    from export.pipeline import export_model
+
+    root = tmp_path / "models"
+    export_model("mobilenet_v2", repository=root, progress=False, parity=False)
+    reports = opt.optimize(root, "mobilenet_v2", precisions="int8", calibration=flowers_dir, holdout=0.2,
+                           accuracy_images=photos_dir, max_eval_images=250, latency_runs=30, min_agreement=0.8,
+                           progress=False, log=lambda *_: None)
+    report = reports["mobilenet_v2_int8"]
+    assert report.reference == "keras:mobilenet_v2_keras"
+    assert report.images == 263 and report.calibration["images_used"] == 300
+    assert report.top1_agreement >= 0.85 and report.top5_agreement >= 0.98  # measured 0.87 / 1.00
+    saved = json.loads((root / "mobilenet_v2_int8" / "accuracy.json").read_text())
+    photos = [w for w in saved["worst"] if "photos" in w["image"]]
+    assert all(w["reference_top1"] == w["variant_top1"] for w in photos)
+    assert report.latency["ratio"] < 0.8  # measured 0.50-0.53 on 2 loaded cores
