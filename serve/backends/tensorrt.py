@@ -272,16 +272,20 @@ class TensorRTRunner(Runner):
                             "batches above %d are refused", self.name, self.max_batch_size, profile_max, profile_max)
             self.max_batch_size = profile_max  # check() then refuses bigger batches with a clear message
         self._engine = engine
-        self._context = engine.create_execution_context()
-        self._stream = _check(rt.cudaStreamCreate(), "cudaStreamCreate")
-        classes = int(self.output_spec.shape[-1])
-        sizes = {
-            self._input: self._capacity * int(np.prod(self.input_spec.shape)) * self._dtypes[self._input].itemsize,
-            self._output: self._capacity * classes * self._dtypes[self._output].itemsize,
-        }
-        for tensor, nbytes in sizes.items():
-            self._buffers[tensor] = int(_check(rt.cudaMalloc(nbytes), "cudaMalloc"))
-            self._context.set_tensor_address(tensor, self._buffers[tensor])
+        try:
+            self._context = engine.create_execution_context()
+            self._stream = _check(rt.cudaStreamCreate(), "cudaStreamCreate")
+            classes = int(self.output_spec.shape[-1])
+            sizes = {
+                self._input: self._capacity * int(np.prod(self.input_spec.shape)) * self._dtypes[self._input].itemsize,
+                self._output: self._capacity * classes * self._dtypes[self._output].itemsize,
+            }
+            for tensor, nbytes in sizes.items():
+                self._buffers[tensor] = int(_check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+                self._context.set_tensor_address(tensor, self._buffers[tensor])
+        except BaseException:
+            self._close()  # free what was allocated before the failure
+            raise
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         rt = cudart()

@@ -264,3 +264,22 @@ def test_undeserializable_engine_says_how_to_rebuild(tmp_path, fake_gpu):
     trt_backend.write_metadata(plan, metadata())
     with pytest.raises(ModelLoadError, match="could not deserialize.*--engine-only --force"):
         TensorRTRunner("m", plan, SPEC_IN, SPEC_OUT).load()
+
+
+def test_failed_allocation_frees_what_was_allocated(tmp_path, fake_gpu, monkeypatch):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    trt_backend.write_metadata(plan, metadata())
+    calls = {"n": 0}
+    real_malloc = fake_gpu.cudaMalloc
+
+    def malloc_once(nbytes):
+        calls["n"] += 1
+        return real_malloc(nbytes) if calls["n"] == 1 else (2, 0)  # 2 = cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(fake_gpu, "cudaMalloc", malloc_once)
+    fake_gpu.cudaGetErrorName = lambda err: (0, b"cudaErrorMemoryAllocation")
+    runner = TensorRTRunner("m", plan, SPEC_IN, SPEC_OUT)
+    with pytest.raises(ModelLoadError, match="cudaMalloc.*cudaErrorMemoryAllocation"):
+        runner.load()
+    assert not runner.loaded and not fake_gpu.blocks
