@@ -43,6 +43,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=shared_reason))
 
 
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched("threading"))
+
+
+def pytest_collection_finish(session):
+    if _gevent_patched():
+        pytest.exit("a test module imported locust (or called gevent.monkey.patch_all) during collection: "
+                    "the whole pytest process is now gevent-patched; run locust in a subprocess", returncode=3)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    if _gevent_patched():
+        pytest.exit(f"{item.nodeid} gevent-patched the pytest process (imported locust?); "
+                    "later tests would deadlock: run locust in a subprocess", returncode=3)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """../shared (skips the test when absent)."""

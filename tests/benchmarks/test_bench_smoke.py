@@ -9,6 +9,7 @@ Bounded: one concurrency level, seconds per run, a hard timeout here.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,8 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytest.importorskip("locust")
-pytest.importorskip("matplotlib")
+# find_spec, not importorskip: importing locust monkey-patches this whole pytest
+# process with gevent (threads become greenlets and later tests deadlock).
+for _package in ("locust", "matplotlib"):
+    if importlib.util.find_spec(_package) is None:
+        pytest.skip(f"{_package} is not installed (pip install 'kestrel[bench]')", allow_module_level=True)
 
 
 def _smoke_command(output: Path) -> list[str]:
