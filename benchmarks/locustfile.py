@@ -35,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import grpc.experimental.gevent as grpc_gevent
+import numpy as np
 
 grpc_gevent.init_gevent()  # before any grpc object is created
 
@@ -87,8 +88,6 @@ class _InferTarget:
             raise RuntimeError(f"model {model!r} input {tensor.name}: {tensor.datatype} {shape}; "
                                "expected UINT8 [-1, H, W, 3]")
         arrays = _loadgen.image_arrays(folder, (int(shape[1]), int(shape[2])))
-        import numpy as np
-
         picks = [arrays[(offset + i) % len(arrays)] for i in range(batch)]
         data = np.ascontiguousarray(np.stack(picks))
         self.images = batch
