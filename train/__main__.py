@@ -1,0 +1,103 @@
+"""python -m train DATA_DIR --base mobilenet_v2 [--augment] [--fine-tune-layers K] [--export] ...
+
+Bad input gives one line on stderr and exit status 2; Ctrl-C gives exit
+status 130 with the previous outputs untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from export import applications
+from serve.errors import KestrelError
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Transfer learning: train a classifier head (and optionally the base's top layers) on a "
+                    "folder with one sub-folder of images per class; write a .keras model with Kestrel's "
+                    "uint8 'images' -> 'probabilities' contract, a report, and optionally export it.",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", type=Path, help="folder with one sub-folder per class")
+    p.add_argument("--base", default="mobilenet_v2", choices=sorted(applications.APPLICATIONS),
+                   help="the frozen base application (default mobilenet_v2)")
+    p.add_argument("--name", help="model name (default: DATA_DIR's folder name)")
+    p.add_argument("--output", type=Path, help="output folder (default runs/NAME)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum head epochs (early stopping on validation)")
+    p.add_argument("--val-split", type=_fraction, default=0.2, help="validation fraction per class (default 0.2)")
+    p.add_argument("--test-split", type=_fraction, default=0.1, help="test fraction per class (default 0.1)")
+    p.add_argument("--augment", action="store_true",
+                   help="also train on features of flipped and cropped training images (cached too)")
+    p.add_argument("--fine-tune-layers", type=int, default=0, metavar="K",
+                   help="afterwards train the base's top K layers (from the nearest block boundary) with the "
+                        "head at a low learning rate, BatchNorm frozen (default 0: off)")
+    p.add_argument("--fine-tune-epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
+    p.add_argument("--fine-tune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
+    p.add_argument("--weights", default="imagenet", help="base weights: imagenet (default), none, or an .h5 path")
+    p.add_argument("--image-size", type=int, help="square input size (default: the application's, e.g. 224)")
+    p.add_argument("--alpha", type=float, help="width multiplier of MobileNet bases (default: the full network)")
+    p.add_argument("--heads", default="linear,mlp", help="head candidates, best validation accuracy wins")
+    p.add_argument("--batch-size", type=int, default=256, help="head training batch size (default 256)")
+    p.add_argument("--export", action="store_true", help="export the trained model into the repository")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache folder (default .cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    try:
+        from .pipeline import TrainOptions, train
+
+        options = TrainOptions(
+            data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
+            val_split=args.val_split, test_split=args.test_split, augment=args.augment,
+            fine_tune_layers=args.fine_tune_layers, fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
+            alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
+            batch_size=args.batch_size, export=args.export, repository=args.repository,
+            cache_dir=args.cache_dir, progress=not args.no_progress,
+        )
+        result = train(options)
+    except KestrelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no model was written (earlier outputs are unchanged)", file=sys.stderr)
+        return 130
+    report = result.report
+    accuracy = report.get("test_accuracy")
+    seconds = report.get("seconds", {})
+    print(f"model: {result.model_path}")
+    print(f"report: {result.report_path}")
+    if accuracy is not None:
+        print(f"test accuracy: {accuracy:.4f} ({report.get('test_images')} images); "
+              f"validation accuracy {report.get('val_accuracy')}; head {report.get('chosen_head')}")
+    if report.get("skipped_images"):
+        print(f"skipped {len(report['skipped_images'])} undecodable image(s): "
+              + ", ".join(s["path"] for s in report["skipped_images"]))
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    if result.export is not None:
+        print(f"exported: {result.export.folder} (serve it: python -m serve --repository {args.repository})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The frozen base network: any application from export's table, without its top.
+
+    base = build_base("mobilenet_v2", weights="imagenet", input_size=(224, 224))
+    extractor = feature_extractor(base)                # uint8 "images" -> pooled features
+    bottom, top, cut = split_top(base.network, k=10)   # for fine-tuning the top K layers
+
+The application table (names, constructors, input sizes, preprocessing modes)
+and the uint8 preprocessing layers come from `export.applications` and
+`export.contract`; this module only adds what a *headless* base needs:
+`include_top=False`, an arbitrary input size, MobileNet's `alpha`, and a
+weights hash for the feature cache. TensorFlow is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from export import applications, contract
+from serve._optional import require
+from serve.errors import ConfigError, KestrelError, ModelLoadError
+
+
+@dataclass
+class Base:
+    """A headless application: `network` maps preprocessed float images to a feature map."""
+
+    app: applications.Application
+    network: object  # keras.Model, include_top=False, no pooling
+    input_size: tuple[int, int]
+    weights: str | None  # "imagenet", None or a path
+    weights_sha256: str
+    alpha: float | None = None
+
+    @property
+    def preprocessing(self) -> str:
+        return self.app.preprocessing
+
+    @property
+    def description(self) -> str:
+        alpha = f", alpha {self.alpha}" if self.alpha else ""
+        return f"{self.app.name}{alpha} {self.input_size[0]}x{self.input_size[1]} (weights {self.weights or 'none'})"
+
+    def key(self) -> dict:
+        """What identifies the features this base produces (for the cache)."""
+        return {"base": self.app.name, "alpha": self.alpha, "input_size": list(self.input_size),
+                "preprocessing": self.preprocessing, "weights_sha256": self.weights_sha256}
+
+
+def _keras():
+    require("tensorflow", "training")
+    return require("keras", "training")
+
+
+def weights_arg(weights: str | None) -> str | None:
+    """'imagenet' | None | an existing file path; anything else raises ConfigError."""
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        return "imagenet"
+    path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} does not exist; expected 'imagenet', 'none' or a path to an .h5 file")
+    return str(path)
+
+
+def weights_hash(network) -> str:
+    """sha256 of every weight value: the identity of the weights, whatever file they came from."""
+    digest = hashlib.sha256()
+    for variable in network.weights:
+        value = variable.numpy()
+        digest.update(f"{variable.path}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def build_base(name: str, *, weights: str | None = "imagenet", input_size: tuple[int, int] | None = None,
+               alpha: float | None = None, seed: int = 0) -> Base:
+    """Build the headless application `name` (a key of export.applications.APPLICATIONS).
+
+    With `weights=None` the random initialisation is seeded, so the same seed
+    gives the same weights (and the feature cache still hits).
+    """
+    app = applications.get(name)
+    weights = weights_arg(weights)
+    keras = _keras()
+    size = (int(input_size[0]), int(input_size[1])) if input_size else tuple(app.input_size)
+    if min(size) < 32:
+        raise ConfigError(f"image size {size} is too small; expected at least 32x32")
+    kwargs = {}
+    if alpha is not None:
+        if "MobileNet" not in app.constructor:
+            raise ConfigError(f"--alpha applies to MobileNet bases only, not {app.name}")
+        kwargs["alpha"] = float(alpha)
+    constructor = getattr(keras.applications, app.constructor)
+    # Keras picks the ImageNet weights file by input size for some applications
+    # (MobileNetV2 has one per size); a size-free input loads the default
+    # (224) file, and the convolution weights fit any size.
+    shape = (None, None, 3) if weights == "imagenet" else (size[0], size[1], 3)
+    file_weights = weights if weights not in (None, "imagenet") else None
+    keras.utils.set_random_seed(int(seed))
+    try:
+        network = constructor(include_top=False, weights=None if file_weights else weights,
+                              input_shape=shape, pooling=None, **kwargs)
+        if file_weights:
+            network.load_weights(file_weights)
+    except KestrelError:
+        raise
+    except Exception as exc:  # keras raises ValueError/OSError/Exception for downloads, shapes, files
+        text = " ".join(str(exc).split())
+        if weights == "imagenet" and ("URL fetch failure" in text or "urlopen" in text or "HTTP" in text):
+            home = os.environ.get("KERAS_HOME", "~/.keras")
+            raise ConfigError(
+                f"cannot obtain the ImageNet weights for {app.name} without top (offline?): put them in "
+                f"{home}/models (set KERAS_HOME), or pass --weights PATH / --weights none"
+            ) from None
+        if file_weights:
+            raise ModelLoadError(f"cannot load weights {file_weights} into {app.name} (no top): {text[:300]}") from None
+        raise ConfigError(f"cannot build {app.name} at {size[0]}x{size[1]}: {text[:300]}") from None
+    network.trainable = False
+    return Base(app=app, network=network, input_size=size, weights=weights, weights_sha256=weights_hash(network),
+                alpha=kwargs.get("alpha"))
+
+
+def feature_extractor(base: Base, cut: str | None = None):
+    """uint8 "images" -> features: the global-average-pooled output, or the raw output of layer `cut`.
+
+    The preprocessing is export's (contract.wrap), so features are computed on
+    exactly what the joined model sees; the output tensor keeps the contract's
+    name ("probabilities") although it holds features.
+    """
+    keras = _keras()
+    network = base.network
+    if cut is None:
+        inner = keras.Model(network.inputs, keras.layers.GlobalAveragePooling2D(name="features")(network.output),
+                            name=f"{network.name}_pooled")
+    else:
+        inner = bottom_model(base, cut)
+    return contract.wrap(inner, input_size=base.input_size, mode=base.preprocessing, softmax=False,
+                         name=f"{base.app.name}_features")
+
+
+def classifier(base: Base, head):
+    """The joined model: uint8 "images" -> preprocessing -> base -> pooling -> `head` -> "probabilities"."""
+    keras = _keras()
+    network = base.network
+    x = keras.layers.GlobalAveragePooling2D(name="features")(network.output)
+    inner = keras.Model(network.inputs, head(x), name=f"{base.app.name}_classifier")
+    return contract.wrap(inner, input_size=base.input_size, mode=base.preprocessing, softmax=False,
+                         name=f"{base.app.name}_transfer")
+
+
+def bottom_model(base: Base, cut: str):
+    keras = _keras()
+    network = base.network
+    return keras.Model(network.inputs, network.get_layer(cut).output, name=f"{network.name}_to_{cut}")
+
+
+def split_top(base: Base, k: int):
+    """(cut layer name, top model, top layer names) for fine-tuning at least the top `k` layers.
+
+    The cut is the output of a layer from which the rest of the network depends
+    on that one tensor only (a block boundary): the nearest such point at or
+    below `k` layers from the top. ConfigError when there is none.
+    """
+    keras = _keras()
+    network = base.network
+    layers = [layer for layer in network.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if k < 1 or k >= len(layers):
+        raise ConfigError(f"--fine-tune-layers {k}: expected 1..{len(layers) - 1} for {base.app.name}")
+    for index in range(len(layers) - 1 - k, 0, -1):
+        cut = layers[index]
+        try:
+            top = keras.Model(cut.output, network.output, name=f"{network.name}_top")
+        except Exception:  # ValueError: graph disconnected (a skip connection crosses the cut)
+            continue
+        names = [layer.name for layer in top.layers if not isinstance(layer, keras.layers.InputLayer)]
+        return cut.name, top, names
+    raise ConfigError(f"no single-tensor cut point found in {base.app.name} below its top {k} layers")

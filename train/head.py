@@ -1,0 +1,186 @@
+"""The classifier head, trained on cached features, and the optional fine-tuning of the base's top.
+
+Head candidates (each trained, the best validation accuracy wins):
+
+    linear   Normalization -> Dropout -> Dense(classes, softmax), L2
+    mlp      Normalization -> Dense(hidden, relu), L2 -> Dropout -> Dense(classes, softmax), L2
+
+The Normalization layer is adapted on the training features and saved with the
+model, so the joined `.keras` needs no outside statistics. Training stops
+early on validation accuracy and keeps the best epoch's weights.
+
+Fine-tuning trains the base's top layers (from a cut point, see
+`bases.split_top`) together with the head, on cached feature maps at the cut
+(the augmented views included), at a low learning rate; BatchNormalization
+layers stay frozen, i.e. in inference mode (Keras runs a non-trainable
+BatchNormalization with its moving statistics). The result is kept only when
+it beats the head alone on validation accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve._optional import require
+
+HEADS = ("linear", "mlp")
+
+
+@dataclass
+class HeadResult:
+    kind: str
+    model: object  # keras.Model: features -> probabilities
+    val_accuracy: float
+    epochs: int
+    best_epoch: int
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    options: dict = field(default_factory=dict)
+
+
+def _keras():
+    require("tensorflow", "training")
+    return require("keras", "training")
+
+
+def _progress_callback(keras, total: int, desc: str, enabled: bool):
+    """A Keras callback driving a tqdm bar: one step per epoch, validation accuracy in the postfix."""
+    from tqdm import tqdm
+
+    class TqdmEpochs(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.bar = tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, disable=not enabled, leave=False)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            self.bar.update(1)
+            if "val_accuracy" in logs:
+                self.bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", val_acc=f"{logs['val_accuracy']:.3f}")
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+    return TqdmEpochs()
+
+
+def build_head(kind: str, dim: int, classes: int, *, train_features: np.ndarray | None = None,
+               hidden: int = 256, dropout: float | None = None, l2: float = 1e-4, name: str = "head"):
+    """A head taking (N, dim) features; `train_features` adapt its Normalization layer."""
+    keras = _keras()
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    features = keras.Input(shape=(dim,), name="features")
+    if train_features is not None:  # standardise with the training features' statistics (saved with the model)
+        stats = np.asarray(train_features, np.float64)
+        mean, variance = stats.mean(axis=0), np.maximum(stats.var(axis=0), 1e-6)
+    else:
+        mean, variance = np.zeros(dim), np.ones(dim)
+    x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
+                                   name=f"{name}_normalize")(features)
+    if kind == "linear":
+        x = keras.layers.Dropout(0.2 if dropout is None else dropout, name=f"{name}_dropout")(x)
+    elif kind == "mlp":
+        x = keras.layers.Dense(hidden, activation="relu", kernel_regularizer=regularizer, name=f"{name}_hidden")(x)
+        x = keras.layers.Dropout(0.5 if dropout is None else dropout, name=f"{name}_dropout")(x)
+    else:
+        raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
+    out = keras.layers.Dense(classes, activation="softmax", kernel_regularizer=regularizer, name=f"{name}_logits")(x)
+    return keras.Model(features, out, name=name)
+
+
+def class_weights(labels: np.ndarray, classes: int) -> dict[int, float]:
+    """Balanced class weights: n / (classes * count), so each class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    return {i: float(len(labels) / (classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def _fit(keras, model, x, y, val, *, epochs, lr, batch_size, patience, weights, desc, progress, seed):
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=8)
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True,
+                                         mode="max")
+    history = model.fit(
+        x, y, validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+        class_weight=weights, callbacks=[stop, _progress_callback(keras, epochs, desc, progress)],
+    )
+    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    val_acc = hist.get("val_accuracy", [0.0])
+    best = int(np.argmax(val_acc))
+    return hist, float(val_acc[best]), best
+
+
+def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, epochs: int = 40,
+                batch_size: int = 256, lr: float = 2e-3, seed: int = 0, balance: bool = False,
+                progress: bool = True, patience: int = 6) -> list[HeadResult]:
+    """Train every head kind on the features; results sorted best validation accuracy first."""
+    keras = _keras()
+    x_train = np.asarray(x_train, np.float32)
+    x_val = np.asarray(x_val, np.float32)
+    weights = class_weights(y_train, classes) if balance else None
+    results = []
+    for kind in kinds:
+        started = time.perf_counter()
+        keras.utils.set_random_seed(seed)
+        model = build_head(kind, x_train.shape[1], classes, train_features=x_train)
+        hist, val_acc, best = _fit(keras, model, x_train, y_train, (x_val, y_val), epochs=epochs, lr=lr,
+                                   batch_size=batch_size, patience=patience, weights=weights,
+                                   desc=f"training {kind} head", progress=progress, seed=seed)
+        results.append(HeadResult(kind=kind, model=model, val_accuracy=val_acc, epochs=len(hist["loss"]),
+                                  best_epoch=best + 1, history=hist, seconds=time.perf_counter() - started,
+                                  options={"lr": lr, "batch_size": batch_size, "balanced_class_weights": balance}))
+    # ties go to the simpler head (listed first)
+    return sorted(results, key=lambda r: -r.val_accuracy)
+
+
+@dataclass
+class FineTuneResult:
+    val_accuracy: float
+    kept: bool
+    layers: list[str]
+    trainable_weights: int
+    epochs: int
+    best_epoch: int
+    history: dict
+    seconds: float
+
+
+def fine_tune(top, head, x_train, y_train, x_val, y_val, *, baseline: float, epochs: int = 6, lr: float = 1e-4,
+              batch_size: int = 32, seed: int = 0, balance: bool = False, progress: bool = True,
+              patience: int = 3) -> FineTuneResult:
+    """Train `top` (cut feature map -> base output) and `head` together; revert unless validation improves."""
+    keras = _keras()
+    classes = int(head.outputs[0].shape[-1])
+    batchnorm = keras.layers.BatchNormalization
+    for layer in top.layers:
+        layer.trainable = not isinstance(layer, batchnorm)  # BatchNorm frozen: inference mode
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=tuple(x_train.shape[1:]), name="cut_features")
+    x = keras.layers.GlobalAveragePooling2D(name="features")(top(inputs))
+    model = keras.Model(inputs, head(x), name="fine_tune")
+    before_top = [w.numpy() for w in top.weights]
+    before_head = [w.numpy() for w in head.weights]
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    names = [layer.name for layer in top.layers if layer.trainable and layer.weights]
+    started = time.perf_counter()
+    weights = class_weights(y_train, classes) if balance else None
+    hist, val_acc, best = _fit(keras, model, x_train, y_train, (x_val, y_val), epochs=epochs, lr=lr,
+                               batch_size=batch_size, patience=patience, weights=weights,
+                               desc="fine-tuning top layers", progress=progress, seed=seed)
+    kept = val_acc > baseline
+    if not kept:
+        for w, value in zip(top.weights, before_top):
+            w.assign(value)
+        for w, value in zip(head.weights, before_head):
+            w.assign(value)
+    for layer in top.layers:
+        layer.trainable = False
+    return FineTuneResult(val_accuracy=val_acc, kept=kept, layers=names, trainable_weights=trainable,
+                          epochs=len(hist["loss"]), best_epoch=best + 1, history=hist,
+                          seconds=time.perf_counter() - started)
+
+
+def predict(model, x, batch_size: int = 256) -> np.ndarray:
+    return np.asarray(model.predict(np.asarray(x), batch_size=batch_size, verbose=0))
