@@ -30,6 +30,7 @@ def test_tiny_model_calibrated_on_real_flowers_and_photos(tiny_repo, flowers_dir
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # export + 300-image Percentile calibration + Keras reference: minutes on 2 cores
 def test_mobilenet_v2_int8_against_keras(tmp_path, keras_home, flowers_dir, photos_dir):
     from export.pipeline import export_model
 
