@@ -32,6 +32,8 @@ def test_options_reject_bad_values():
         quant.QuantizeOptions(target="gpu")
     with pytest.raises(ConfigError, match="max_images"):
         quant.QuantizeOptions(min_images=10, max_images=5)
+    with pytest.raises(ConfigError, match="'sensitive' needs 'first_conv'"):
+        quant.QuantizeOptions(keep_float=("sensitive",))
 
 
 def test_split_is_stratified_deterministic_and_disjoint(tmp_path):
