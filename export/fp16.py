@@ -9,6 +9,12 @@ The conversion is onnxruntime's copy of onnxconverter-common's float16 pass
 (`onnxruntime.transformers.float16`, shipped inside the onnxruntime wheel),
 so no extra dependency is needed.
 
+Measured on mobilenet_v2 (../shared weights; 263 held-out flowers + photos):
+97 % top-1 agreement with FP32, rel. L2 0.06, and FP16-rounded *weights alone*
+(FP32 compute) give exactly the same: these weights are hypersensitive (1e-4
+random weight noise flips 2.3 % of top-1), so the default 99 % threshold fails
+for this model; see export/QUANTIZATION.md.
+
 It is meant for GPU runtimes (CUDA / TensorRT execution providers, where FP16
 runs on tensor cores). On a CPU, onnxruntime runs most FP16 ops by casting back
 to FP32, so it is *slower* there: on this machine it is only checked to load

@@ -49,7 +49,8 @@ onnxruntime FP32 on 2 shared cores:
 The default keeps the best accuracy that stays at ~0.5x FP32 latency; it does
 not reach 95 % top-1 agreement on the flowers (out-of-distribution for ImageNet:
 flat softmax, 22 % of images have a top-1/top-2 margin < 0.02). The photos
-agree 13/13.
+agree 13/13. For scale: random relative weight noise of 1e-4 alone (FP32 compute)
+flips 2.3 % of these top-1 classes, FP16-rounded weights 3 %.
 """
 
 from __future__ import annotations
