@@ -12,7 +12,9 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = ["tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "onnxconverter_common", "tf_keras"]
 PACKAGES = ["serve", "export", "train", "benchmarks"]

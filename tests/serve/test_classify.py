@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import LABELS, PHOTOS, png_bytes
+from serve_helpers import LABELS, PHOTOS, png_bytes
 from serve import images
 from serve.backends.fake import fake_probabilities
 from serve.ensemble import rank, top_k
@@ -201,7 +201,7 @@ def test_client_cli_prints_each_models_top3_and_the_ensemble(address, tmp_path, 
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from serve_helpers import ROOT
 
     good = tmp_path / "picture.png"
     good.write_bytes(png_bytes(PICTURE))

@@ -13,7 +13,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import LABELS, png_bytes
+from serve_helpers import LABELS, png_bytes
 
 from serve import images
 from serve.backends.fake import fake_probabilities

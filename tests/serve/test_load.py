@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PHOTOS, ROOT, png_bytes, write_tiny_onnx
+from serve_helpers import PHOTOS, ROOT, png_bytes, write_tiny_onnx
 
 SECONDS = float(os.environ.get("KESTREL_LOAD_SECONDS", "20"))
 CLIENTS = int(os.environ.get("KESTREL_LOAD_CLIENTS", "16"))

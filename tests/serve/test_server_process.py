@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import ROOT, png_bytes
+from serve_helpers import ROOT, png_bytes
 from serve.backends.fake import write_fake_model
 
 PICTURE = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)

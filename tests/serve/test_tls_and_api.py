@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, png_bytes
+from serve_helpers import ROOT, png_bytes
 
 EXPECTED_ALL = [
     "BatchResult", "ConfigError", "DeadlineExceededError", "DynamicBatcher", "EngineMismatchError", "Ensemble",

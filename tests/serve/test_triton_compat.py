@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_onnx_expected, write_tiny_onnx
+from serve_helpers import ROOT, tiny_onnx_expected, write_tiny_onnx
 
 # find_spec, not importorskip: importing tritonclient here would clash with serve._proto
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
