@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = ModelRepository(args.repository)
     results = []
-    monitor = _method.LoadMonitor()
+    monitor = _method.LoadMonitor(pids=[os.getpid()])
     monitor.start()
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -87,6 +87,14 @@ def convert(model, path: str | Path, *, opset: int | None = None, optimize: bool
         return {OUTPUT_NAME: tf.cast(outputs, tf.float32)}
 
     function = tf.function(forward, input_signature=[image_spec, *weight_specs], autograph=False)
+    # Tensors the graph captures from Python (e.g. Normalization's mean/variance constants) also become
+    # placeholders of the traced function; tf2onnx makes them graph inputs, turned into initializers below.
+    concrete = function.get_concrete_function(image_spec, *weight_specs)
+    captured = {}
+    if concrete.captured_inputs:
+        for placeholder, value in zip(concrete.inputs[-len(concrete.captured_inputs):], concrete.captured_inputs):
+            if value.dtype != tf.resource:
+                captured[placeholder.name.split(":")[0]] = value
     try:
         model_proto, _ = tf2onnx.convert.from_function(
             function, input_signature=[image_spec, *weight_specs], opset=opset
@@ -103,8 +111,8 @@ def convert(model, path: str | Path, *, opset: int | None = None, optimize: bool
     total = 0
     for inp in list(graph.input):
         base = inp.name.split(":")[0]
-        if base in values:
-            array = np.asarray(values[base].numpy())
+        if base in values or base in captured:
+            array = np.asarray((values.get(base) if base in values else captured[base]).numpy())
             total += array.size
             tensor = numpy_helper.from_array(array, name=inp.name)
             graph.initializer.append(tensor)

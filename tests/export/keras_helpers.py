@@ -7,7 +7,8 @@ Untrained applications (weights=None) mostly output a uniform distribution:
 their activations shrink to ~1e-12 through dozens of layers, so a parity check
 on them would pass whatever the conversion did. `calibrated_application`
 fixes that the way data-dependent initialisation does: each BatchNormalization
-gets the statistics of its input on a few synthetic images, so the network
+gets the statistics of its input on the parity check's synthetic images, the
+classifier is scaled so its logits have a standard deviation of 2 there, so the network
 gives peaked, image-dependent probabilities and a wrong conversion shows.
 """
 
@@ -56,8 +57,11 @@ def calibrate(network, images: np.ndarray) -> None:
             array = np.asarray(x, dtype=np.float64)
             axes = tuple(range(array.ndim - 1))
             weights = op.get_weights()
-            op.set_weights(weights[:-2] + [array.mean(axis=axes).astype(np.float32),
-                                           (array.var(axis=axes) + 1e-6).astype(np.float32)])
+            var = array.var(axis=axes)
+            # A floor on the variance: a channel that is nearly constant on these few images must not be
+            # amplified by 1/sqrt(epsilon) (that would make the network ill-conditioned, unlike trained ones).
+            var = np.maximum(var, 1e-2 * var.mean() + 1e-6)
+            op.set_weights(weights[:-2] + [array.mean(axis=axes).astype(np.float32), var.astype(np.float32)])
             kwargs["training"] = False
             return op(x, *args, **kwargs)
 
@@ -68,13 +72,26 @@ def calibrate(network, images: np.ndarray) -> None:
 
 def calibrated_application(name: str):
     """An untrained application in Kestrel's contract whose outputs are image-dependent (see module doc)."""
+    import keras
+
     from export import applications, contract
-    from serve.images import synthetic_images
+    from export.parity import parity_images
 
     app = applications.get(name)
+    keras.utils.set_random_seed(0)
     network = app.build(weights=None, classifier_activation=None)
-    images = synthetic_images(4, app.input_size, seed=5).astype(np.float32)
-    calibrate(network, np.asarray(app.reference_preprocess()(images.copy())))
+    # Calibrated on the images the parity check uses by default, so its activations stay in range there.
+    images = parity_images(app.input_size)[0].astype(np.float32)
+    floats = np.asarray(app.reference_preprocess()(images.copy()))
+    calibrate(network, floats)
+    # Scale the classifier so the logits spread (std 2 on these images): peaked, image-dependent outputs
+    # even for networks without BatchNorm (VGG16).
+    head = network.layers[-1]
+    features = np.asarray(keras.Model(network.inputs, head.input)(floats))
+    kernel, bias = head.get_weights()
+    logits = features @ kernel + bias
+    factor = 2.0 / max(float((logits - logits.mean(axis=0)).std()), 1e-12)
+    head.set_weights([kernel * factor, bias * factor])
     return contract.wrap(network, input_size=app.input_size, mode=app.preprocessing, softmax=True, name=app.name)
 
 
@@ -107,3 +124,28 @@ def labels_file(tmp_path):
         return path
 
     return make
+
+
+def float64_probabilities(name: str, model, pixels: np.ndarray) -> np.ndarray:
+    """The exact answer of `model` (a calibrated_application) computed in float64, as a ground truth.
+
+    Random networks are far less well-conditioned than trained ones: their
+    float32 Keras outputs themselves drift ~1e-5..1e-4 from the float64 result,
+    so "ONNX vs Keras" is judged against this truth instead.
+    """
+    import keras
+
+    from export import applications
+
+    app = applications.get(name)
+    network = model.layers[-2]  # images -> preprocessing -> network -> softmax
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        twin = app.build(weights=None, classifier_activation=None)
+        twin.set_weights([w.astype(np.float64) for w in network.get_weights()])
+        logits = np.asarray(twin(np.asarray(app.reference_preprocess()(pixels.astype(np.float64)))), np.float64)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)

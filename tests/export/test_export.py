@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_helpers import calibrated_application, cli, labels_file, repository  # noqa: F401 (fixtures)
+from keras_helpers import calibrated_application, cli, float64_probabilities, labels_file, repository  # noqa: F401
 from keras_helpers import tiny_keras_classifier as tiny_classifier
 
 from export import pipeline
@@ -113,17 +113,33 @@ def test_configs_parse_with_tritonclient(cli_export):
 # ---- every application: parity on a network with image-dependent outputs --------------------------
 @pytest.mark.parametrize("name", _app_params())
 def test_application_exports_with_parity(name, repository):
-    """Untrained weights, BatchNorm statistics calibrated (conftest) so the outputs depend on the image."""
+    """Untrained weights, BatchNorm statistics calibrated (keras_helpers) so the outputs depend on the image.
+
+    These random networks are ill-conditioned (their own float32 Keras outputs
+    are 1e-5..1e-4 away from float64), so the ONNX model is held to the float64
+    truth: at least as close to it as Keras float32 is (twice the error at most).
+    """
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from export.parity import parity_images
+
     model = calibrated_application(name)
     labels = [f"c{i}" for i in range(1000)]
-    report = pipeline.export_model(model, name=name, repository=repository, labels=labels, progress=False)
+    report = pipeline.export_model(model, name=name, repository=repository, labels=labels, progress=False,
+                                   parity_threshold=1e-3)
     parity = report.parity
-    print(f"{name}: {parity.summary()}; {report.seconds}")
-    assert parity.passed and parity.relative_l2 <= 1e-4
-    assert parity.top1_agreement == 1.0
-    # The check is meaningful: outputs are far from uniform and differ between images.
-    assert max(e["top1_probability"] for e in parity.per_image) > 5 / 1000
-    assert len({e["top1_reference"] for e in parity.per_image}) > 1
+    pixels = parity_images(report.input_size)[0]
+    keras32 = np.asarray(model.predict(pixels, verbose=0), np.float64)
+    onnx32 = onnxruntime.InferenceSession(str(report.onnx_path)).run(None, {"images": pixels})[0].astype(np.float64)
+    truth = float64_probabilities(name, model, pixels)
+    keras_err = float(np.linalg.norm(keras32 - truth) / np.linalg.norm(truth))
+    onnx_err = float(np.linalg.norm(onnx32 - truth) / np.linalg.norm(truth))
+    print(f"{name}: {parity.summary()}; vs float64: keras {keras_err:.3g}, onnx {onnx_err:.3g}; {report.seconds}")
+    assert parity.passed and parity.top1_agreement == 1.0
+    assert onnx_err <= 2 * keras_err + 1e-6
+    assert (truth.argmax(axis=1) == onnx32.argmax(axis=1)).all()
+    # The check is meaningful: the outputs are far from uniform and differ between images.
+    assert truth.max(axis=1).mean() > 10 / 1000
+    assert np.abs(truth - truth.mean(axis=0)).max() > 1e-2
     assert (repository / name / "1" / "model.onnx").is_file()
 
 
@@ -269,3 +285,36 @@ def test_successful_reexport_replaces_model(exported_tiny):
     assert after["tiny/labels.txt"] == b"x\ny\nz\n"
     assert after["tiny/1/model.onnx"] != before["tiny/1/model.onnx"]
     assert sorted(p.name for p in repository.iterdir()) == ["tiny", "tiny_keras"]
+
+
+def test_model_with_augmentation_and_dropout_layers(repository):
+    """Training-only layers (RandomFlip, Dropout: they carry seed-generator state) export as identities."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.RandomFlip("horizontal")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.5)(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    report = pipeline.export_model(keras.Model(inputs, outputs), name="augmented", repository=repository,
+                                   labels=["a", "b", "c"], progress=False)
+    assert report.parity.passed and report.parity.relative_l2 <= 1e-5
+
+
+def test_one_channel_model_gets_luma_conversion(repository):
+    """A grayscale model (…, 1) is served RGB uint8 images: a frozen luma layer is prepended."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = tiny_classifier(channels=1, seed=2)
+    report = pipeline.export_model(model, name="gray", repository=repository, labels=["a", "b", "c"],
+                                   progress=False)
+    assert report.parity.passed
+    entry = ModelRepository(repository).entry("gray")
+    assert entry.input_spec.shape == (32, 32, 3)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    gray = (pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    expected = np.asarray(model(gray))
+    ours = onnxruntime.InferenceSession(str(entry.artifact())).run(None, {"images": pixels})[0]
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
