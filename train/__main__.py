@@ -7,6 +7,7 @@ status 130 with the previous outputs untouched.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices from predict()
     try:
         from .pipeline import TrainOptions, train
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +103,10 @@ def build_base(name: str, *, weights: str | None = "imagenet", input_size: tuple
     file_weights = weights if weights not in (None, "imagenet") else None
     keras.utils.set_random_seed(int(seed))
     try:
-        network = constructor(include_top=False, weights=None if file_weights else weights,
-                              input_shape=shape, pooling=None, **kwargs)
+        with warnings.catch_warnings():  # "weights for input shape (224, 224) will be loaded": intended
+            warnings.filterwarnings("ignore", message=".*input_shape.*", category=UserWarning)
+            network = constructor(include_top=False, weights=None if file_weights else weights,
+                                  input_shape=shape, pooling=None, **kwargs)
         if file_weights:
             network.load_weights(file_weights)
     except KestrelError:
@@ -134,7 +137,7 @@ def feature_extractor(base: Base, cut: str | None = None):
     keras = _keras()
     network = base.network
     if cut is None:
-        inner = keras.Model(network.inputs, keras.layers.GlobalAveragePooling2D(name="features")(network.output),
+        inner = keras.Model(network.input, keras.layers.GlobalAveragePooling2D(name="features")(network.output),
                             name=f"{network.name}_pooled")
     else:
         inner = bottom_model(base, cut)
@@ -147,7 +150,7 @@ def classifier(base: Base, head):
     keras = _keras()
     network = base.network
     x = keras.layers.GlobalAveragePooling2D(name="features")(network.output)
-    inner = keras.Model(network.inputs, head(x), name=f"{base.app.name}_classifier")
+    inner = keras.Model(network.input, head(x), name=f"{base.app.name}_classifier")
     return contract.wrap(inner, input_size=base.input_size, mode=base.preprocessing, softmax=False,
                          name=f"{base.app.name}_transfer")
 
@@ -155,7 +158,7 @@ def classifier(base: Base, head):
 def bottom_model(base: Base, cut: str):
     keras = _keras()
     network = base.network
-    return keras.Model(network.inputs, network.get_layer(cut).output, name=f"{network.name}_to_{cut}")
+    return keras.Model(network.input, network.get_layer(cut).output, name=f"{network.name}_to_{cut}")
 
 
 def split_top(base: Base, k: int):
@@ -170,12 +173,32 @@ def split_top(base: Base, k: int):
     layers = [layer for layer in network.layers if not isinstance(layer, keras.layers.InputLayer)]
     if k < 1 or k >= len(layers):
         raise ConfigError(f"--fine-tune-layers {k}: expected 1..{len(layers) - 1} for {base.app.name}")
+    valid = []
     for index in range(len(layers) - 1 - k, 0, -1):
         cut = layers[index]
         try:
             top = keras.Model(cut.output, network.output, name=f"{network.name}_top")
         except Exception:  # ValueError: graph disconnected (a skip connection crosses the cut)
             continue
-        names = [layer.name for layer in top.layers if not isinstance(layer, keras.layers.InputLayer)]
-        return cut.name, top, names
-    raise ConfigError(f"no single-tensor cut point found in {base.app.name} below its top {k} layers")
+        valid.append((index, cut, top))
+        if len(valid) == 1:
+            first = index
+        if index <= first - NARROW_SEARCH:
+            break
+    if not valid:
+        raise ConfigError(f"no single-tensor cut point found in {base.app.name} below its top {k} layers")
+    # The cached feature maps are the cut's output: among the cut points within a few layers of the
+    # nearest one, take the narrowest (MobileNetV2: a 160-channel block output, not its 960-channel expansion).
+    index, cut, top = min(valid, key=lambda v: (_elements(v[1].output.shape), -v[0]))
+    names = [layer.name for layer in top.layers if not isinstance(layer, keras.layers.InputLayer)]
+    return cut.name, top, names
+
+
+NARROW_SEARCH = 3  # layers below the nearest cut point searched for a narrower one
+
+
+def _elements(shape) -> int:
+    count = 1
+    for dim in tuple(shape)[1:]:
+        count *= int(dim) if dim is not None else 1
+    return count

@@ -183,4 +183,13 @@ def fine_tune(top, head, x_train, y_train, x_val, y_val, *, baseline: float, epo
 
 
 def predict(model, x, batch_size: int = 256) -> np.ndarray:
-    return np.asarray(model.predict(np.asarray(x), batch_size=batch_size, verbose=0))
+    """The model's outputs for `x`, in batches, called directly (inference mode).
+
+    Not `model.predict`: a model compiled with steps_per_execution (the heads)
+    and then reused inside another model mis-traces its predict function on
+    small inputs, and direct calls avoid one trace per input shape.
+    """
+    x = np.asarray(x)
+    outs = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0,) + tuple(model.outputs[0].shape[1:]), np.float32)

@@ -262,8 +262,9 @@ def train(options: TrainOptions) -> TrainResult:
     sample_paths = [dataset.paths[i] for i in test_files[:PARITY_IMAGES]]
     save_started = time.perf_counter()
     with phases.run("save"):
+        # plain.values are the cut's feature maps whenever fine-tuning was asked for: through the top
         report["joined_model_check"] = _check_joined(model, base, sample_paths, plain, test_files[:PARITY_IMAGES],
-                                                     best.model, top if (fine and fine.kept) else None)
+                                                     best.model, top)
         result = _write_outputs(options, model, dataset.classes, report, evaluation, curves, phases,
                                 save_started)
 

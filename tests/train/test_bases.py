@@ -1,0 +1,74 @@
+"""Headless bases, the fine-tuning cut, heads on separable features, fine-tuning on a tiny dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from serve.errors import ConfigError  # noqa: E402
+from train import bases, head as head_lib  # noqa: E402
+from train.pipeline import TrainOptions, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_base():
+    return bases.build_base("mobilenet_v2", weights=None, input_size=(96, 96), alpha=0.35, seed=0)
+
+
+def test_seeded_base_has_reproducible_weights(small_base):
+    again = bases.build_base("mobilenet_v2", weights=None, input_size=(96, 96), alpha=0.35, seed=0)
+    other = bases.build_base("mobilenet_v2", weights=None, input_size=(96, 96), alpha=0.35, seed=1)
+    assert again.weights_sha256 == small_base.weights_sha256 != other.weights_sha256
+    assert small_base.key()["input_size"] == [96, 96] and small_base.preprocessing == "tf"
+
+
+def test_alpha_only_for_mobilenets():
+    with pytest.raises(ConfigError, match="alpha"):
+        bases.build_base("resnet50", weights=None, input_size=(64, 64), alpha=0.5)
+
+
+def test_cut_prefers_the_narrow_block_output(small_base):
+    import keras
+
+    cut, top, layers = bases.split_top(small_base, 10)
+    assert cut == "block_15_add"  # not block_16_expand's 6x wider output
+    assert layers[0] == "block_16_expand" and layers[-1] == "out_relu"
+    bottom = bases.bottom_model(small_base, cut)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
+    direct = np.asarray(small_base.network(x, training=False))
+    through = np.asarray(top(bottom(x, training=False), training=False))
+    np.testing.assert_allclose(through, direct, rtol=1e-5, atol=1e-6)
+    assert isinstance(top, keras.Model)
+    with pytest.raises(ConfigError, match="fine-tune-layers"):
+        bases.split_top(small_base, 10_000)
+
+
+def test_heads_learn_separable_features():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 1, (4, 32)) * 3
+    y = rng.integers(0, 4, 400)
+    x = centers[y] + rng.normal(0, 1, (400, 32))
+    results = head_lib.train_heads(x[:300], y[:300], x[300:], y[300:], classes=4, epochs=30, batch_size=32,
+                                   progress=False)
+    assert {r.kind for r in results} == {"linear", "mlp"}
+    assert results[0].val_accuracy >= results[1].val_accuracy
+    assert results[0].val_accuracy >= 0.95
+    probs = head_lib.predict(results[0].model, x[300:])
+    assert probs.shape == (100, 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_fine_tuning_reports_and_reverts_when_not_better(tiny_dataset, tmp_path):
+    result = train(TrainOptions(data_dir=tiny_dataset, output=tmp_path / "ft", cache_dir=tmp_path / "cache",
+                                base="mobilenet_v2", alpha=0.35, image_size=96, weights="none", epochs=2,
+                                heads=("linear",), fine_tune_layers=10, fine_tune_epochs=1, progress=False))
+    report = result.report
+    fine = report["fine_tune"]
+    assert fine["cut"] == "block_15_add" and report["base"]["fine_tune_cut"] == "block_15_add"
+    assert fine["layers"] == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
+    assert fine["batchnorm"] == "frozen (inference mode)" and fine["trainable_parameters"] > 0
+    assert report["features"]["feature_shape"][-1] == 56  # block_15_add of alpha 0.35: 3x3x56 at 96x96
+    assert fine["kept"] == (fine["val_accuracy"] > report["heads"][0]["val_accuracy"])
+    check = report["joined_model_check"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
