@@ -56,7 +56,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 demo: install keras-home
-	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) --port $(PORT) --photos $(SHARED)/photos
+	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) --port $(PORT) --photos $(SHARED)/photos $(DEMO_ARGS)
 
 # The server benchmark (locust): the Keras path vs onnxruntime FP32 vs INT8 (+ TensorRT on a GPU)
 # and a Flask + model.predict app; exports what is missing. Report in benchmarks/results/<timestamp>/.

@@ -12,6 +12,7 @@ KERAS_HOME) is reported and left out; the demo goes on with the others.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -40,12 +41,19 @@ def export_models(models: list[str], repository: Path, weights: str) -> list[str
             continue
         _say(f"{name}: exporting (weights={weights})")
         cmd = [sys.executable, "-m", "export", name, "--weights", weights, "--repository", str(repository)]
-        result = subprocess.run(cmd, cwd=ROOT)
+        result = subprocess.run(cmd, cwd=ROOT, env=_quiet_env())
         if result.returncode == 0:
             ready.append(name)
         else:
             _say(f"{name}: export failed (see the message above); continuing without it")
     return ready
+
+
+def _quiet_env() -> dict:
+    """TensorFlow's C++ start-up chatter (oneDNN, 'no CUDA driver') hides the demo's own lines."""
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
 
 
 def _free_port() -> int:
@@ -84,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a folder of photos to classify")
     parser.add_argument("--limit", type=int, default=6, help="how many photos to send")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--http-port", type=int, default=8000, help="web page / REST port (0: any free port)")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="leave the server running after the photos (Ctrl-C stops it)")
     args = parser.parse_args(argv)
 
     repository = Path(args.repository)
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     address = f"127.0.0.1:{port}"
     serve_cmd = [sys.executable, "-m", "serve", "--repository", str(repository), "--models", ",".join(ready),
                  "--ensemble", f"imagenet={','.join(ready)}", "--host", "127.0.0.1", "--port", str(port),
-                 "--metrics-port", "0"]
+                 "--metrics-port", "0", "--http-port", str(args.http_port)]
     _say(f"starting the server: {' '.join(serve_cmd[1:])}")
     server = subprocess.Popen(serve_cmd, cwd=ROOT)
     try:
@@ -114,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         client_cmd = [sys.executable, "-m", "serve.client", *map(str, photos), "--models", ",".join(ready),
                       "--ensemble", "imagenet", "--address", address, "--top-k", "3"]
         result = subprocess.run(client_cmd, cwd=ROOT)
+        if args.keep_serving and result.returncode == 0:
+            _say(f"still serving: gRPC {address}; web page and REST on the HTTP port logged above. Ctrl-C stops.")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
         return result.returncode
     finally:
         server.send_signal(signal.SIGTERM)
