@@ -2,8 +2,12 @@
 
 Head candidates (each trained, the best validation accuracy wins):
 
-    linear   Normalization -> Dropout -> Dense(classes, softmax), L2
-    mlp      Normalization -> Dense(hidden, relu), L2 -> Dropout -> Dense(classes, softmax), L2
+    linear   Normalization -> Dropout(0.5) -> Dense(classes, softmax), L2 1e-3
+    mlp      Normalization -> Dense(256, relu), L2 -> Dropout(0.6) -> Dense(classes, softmax), L2 1e-3
+
+(defaults from a sweep on the flowers features: dropout 0.2-0.6, L2 1e-4..1e-2,
+learning rate 5e-4..2e-3, hidden 256/1024, label smoothing; all within
+0.70-0.73 validation accuracy, these the steadiest.)
 
 The Normalization layer is adapted on the training features and saved with the
 model, so the joined `.keras` needs no outside statistics. Training stops
@@ -68,7 +72,7 @@ def _progress_callback(keras, total: int, desc: str, enabled: bool):
 
 
 def build_head(kind: str, dim: int, classes: int, *, train_features: np.ndarray | None = None,
-               hidden: int = 256, dropout: float | None = None, l2: float = 1e-4, name: str = "head"):
+               hidden: int = 256, dropout: float | None = None, l2: float = 1e-3, name: str = "head"):
     """A head taking (N, dim) features; `train_features` adapt its Normalization layer."""
     keras = _keras()
     regularizer = keras.regularizers.L2(l2) if l2 else None
@@ -81,10 +85,10 @@ def build_head(kind: str, dim: int, classes: int, *, train_features: np.ndarray 
     x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
                                    name=f"{name}_normalize")(features)
     if kind == "linear":
-        x = keras.layers.Dropout(0.2 if dropout is None else dropout, name=f"{name}_dropout")(x)
+        x = keras.layers.Dropout(0.5 if dropout is None else dropout, name=f"{name}_dropout")(x)
     elif kind == "mlp":
         x = keras.layers.Dense(hidden, activation="relu", kernel_regularizer=regularizer, name=f"{name}_hidden")(x)
-        x = keras.layers.Dropout(0.5 if dropout is None else dropout, name=f"{name}_dropout")(x)
+        x = keras.layers.Dropout(0.6 if dropout is None else dropout, name=f"{name}_dropout")(x)
     else:
         raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
     out = keras.layers.Dense(classes, activation="softmax", kernel_regularizer=regularizer, name=f"{name}_logits")(x)
