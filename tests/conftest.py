@@ -89,7 +89,15 @@ def keras_home(shared_dir, tmp_path_factory) -> Path:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     previous = os.environ.get("KERAS_HOME")
     os.environ["KERAS_HOME"] = str(target)
+    # Keras reads KERAS_HOME once, when it is first imported; an earlier test in
+    # this process may have imported it already (a user's process sets it first).
+    config = sys.modules.get("keras.src.backend.config")
+    previous_dir = getattr(config, "_KERAS_DIR", None)
+    if config is not None:
+        config._KERAS_DIR = str(target)
     yield target
+    if config is not None:
+        config._KERAS_DIR = previous_dir
     if previous is None:
         os.environ.pop("KERAS_HOME", None)
     else:
