@@ -24,7 +24,7 @@ from .backends.base import Runner
 from .batching import BatchResult, DynamicBatcher
 from .ensemble import Ensemble, check_fusion, rank, top_k
 from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError
-from .metrics import Metrics, ModelStats
+from .metrics import Metrics, ModelStats, RequestRecord
 from .repository import ModelEntry, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,12 @@ class ModelHub:
         return specs.pop()
 
     # ---- inference -------------------------------------------------------------------------
+    def record_request(self, api: str, names: Sequence[str]) -> RequestRecord:
+        """Start one request's metrics. Only names this server serves get metrics
+        (arbitrary names from clients must not create series)."""
+        stats = [self.metrics.model(n) for n in dict.fromkeys(names) if n in self.models or n in self.ensembles]
+        return RequestRecord(stats, api)
+
     def infer(self, name: str, version: str, batch: np.ndarray, deadline: float | None = None,
               fusion: str | None = None, submitted: list | None = None) -> InferResult:
         """Run a uint8 batch on a model (through its batcher) or an ensemble (members concurrently, fused).

@@ -155,3 +155,22 @@ class ModelStats:
     def mean_batch_size(self) -> float:
         with self._lock:
             return self.inference_count / self.execution_count if self.execution_count else 0.0
+
+
+class RequestRecord:
+    """One request's metrics for each model it names: received now, finished with a status code later.
+
+    The gRPC servicers and the HTTP front end both record through this, each
+    with its own api label and status codes.
+    """
+
+    def __init__(self, stats: list[ModelStats], api: str):
+        self.stats, self.api = stats, api
+        self.t0 = time.perf_counter()
+        for model in stats:
+            model.received(api)
+
+    def finish(self, code: str | None = None) -> None:
+        seconds = time.perf_counter() - self.t0
+        for model in self.stats:
+            model.finished(self.api, seconds, code)

@@ -90,27 +90,20 @@ class _Handler:
     """Times one request, records it per model, and turns exceptions into gRPC statuses."""
 
     def __init__(self, hub: ModelHub, context, api: str, names=()):
-        self.hub, self.context, self.api = hub, context, api
-        # only names this server serves get metrics (arbitrary names must not create series)
-        self.stats = [hub.metrics.model(n) for n in dict.fromkeys(names) if n in hub.models or n in hub.ensembles]
+        self.hub, self.context, self.api, self.names = hub, context, api, names
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
-        for stats in self.stats:
-            stats.received(self.api)
+        self.record = self.hub.record_request(self.api, self.names)
         return self
 
     def __exit__(self, kind, exc, tb):
-        seconds = time.perf_counter() - self.t0
         if exc is None:
-            for stats in self.stats:
-                stats.finished(self.api, seconds)
+            self.record.finish()
             return False
         if not isinstance(exc, Exception):
             return False  # KeyboardInterrupt, SystemExit & co. go on up
         code = status_for(exc)
-        for stats in self.stats:
-            stats.finished(self.api, seconds, code.name)
+        self.record.finish(code.name)
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed unexpectedly", self.api, exc_info=(kind, exc, tb))
             message = f"internal error: {type(exc).__name__}: {exc}"

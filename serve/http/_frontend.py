@@ -401,19 +401,12 @@ class _Stats:
     """Per-model request metrics for one HTTP request (api label http_infer / http_classify, code = HTTP status)."""
 
     def __init__(self, hub: ModelHub, api: str, names):
-        self.api = api
-        # only names this server serves get metrics (arbitrary names must not create series)
-        self.stats = [hub.metrics.model(n) for n in dict.fromkeys(names) if n in hub.models or n in hub.ensembles]
+        self.hub, self.api, self.names = hub, api, names
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
-        for stats in self.stats:
-            stats.received(self.api)
+        self.record = self.hub.record_request(self.api, self.names)
         return self
 
     def __exit__(self, kind, exc, tb):
-        seconds = time.perf_counter() - self.t0
-        code = None if exc is None else str(int(status_for(exc)))
-        for stats in self.stats:
-            stats.finished(self.api, seconds, code)
+        self.record.finish(None if exc is None else str(int(status_for(exc))))
         return False
