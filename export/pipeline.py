@@ -16,7 +16,7 @@ writes
     models/<name>_keras/1/model.keras
 
 Everything is built in a temporary folder inside the repository
-(models/.tmp-<name>-XXXX), checked (parity), and only then renamed into place.
+(models/.tmp-<name>-<random>), checked (parity), and only then renamed into place.
 A failed or interrupted export (KeyboardInterrupt included) leaves the previous
 model untouched and no temporary folder behind.
 """
