@@ -46,7 +46,7 @@ import numpy as np
 
 from serve import images as simages
 from serve._optional import available
-from serve.errors import ConfigError, KestrelError, ModelNotFoundError
+from serve.errors import ConfigError, KestrelError
 from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, ModelEntry, ModelRepository,
                               make_config, write_config)
 
@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AccuracyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (KestrelError, ModelNotFoundError) as exc:
+    except KestrelError as exc:  # ModelNotFoundError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
