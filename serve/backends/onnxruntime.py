@@ -31,6 +31,27 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
     return chosen
 
 
+THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_threads", "inter_op_thread_count": "inter_op_threads"}
+
+
+def config_thread_options(entry: ModelEntry) -> dict[str, int]:
+    """Thread counts set in the model's config.pbtxt `parameters`; 0 means onnxruntime's default."""
+    options = {}
+    for key, option in THREAD_PARAMETERS.items():
+        value = entry.parameters.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise ModelLoadError(f"model '{entry.name}': parameter {key} is {value!r} in config.pbtxt; "
+                                 "expected a whole number >= 0 (0 = onnxruntime's default)")
+        options[option] = count
+    return options
+
+
 class OnnxRuntimeRunner(Runner):
     """Runs model.onnx with an InferenceSession (thread-safe: sessions allow concurrent run())."""
 
@@ -54,6 +75,9 @@ class OnnxRuntimeRunner(Runner):
 
     @classmethod
     def from_entry(cls, entry: ModelEntry, version: int | None = None, **options) -> "OnnxRuntimeRunner":
+        """Server-wide `options`, overridden by the model's own config.pbtxt parameters
+        (Triton's onnxruntime backend names: intra_op_thread_count, inter_op_thread_count)."""
+        options.update(config_thread_options(entry))
         return cls(entry.name, entry.artifact(version), entry.input_spec, entry.output_spec,
                    labels=entry.labels(), max_batch_size=entry.max_batch_size, **options)
 

@@ -88,3 +88,36 @@ def test_corrupt_model_file_is_a_load_error(entry):
     entry.artifact().write_bytes(b"not an onnx model")
     with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
         create_runner(entry).load()
+
+
+def _with_parameters(entry, parameters: dict[str, str]):
+    config = repo.make_config(
+        "tiny", repo.PLATFORM_ONNX, repo.TensorSpec("images", np.uint8, (8, 8, 3)),
+        repo.TensorSpec("probabilities", np.float32, (4,)), max_batch_size=4, parameters=parameters,
+    )
+    repo.write_config(config, entry.path)
+    return repo.ModelRepository(entry.path.parent).entry("tiny")
+
+
+def test_config_thread_counts_override_the_server_option(entry):
+    entry = _with_parameters(entry[0], {"intra_op_thread_count": "1", "inter_op_thread_count": "1"})
+    runner = create_runner(entry, intra_op_threads=2)  # the server-wide --ort-threads
+    assert (runner.intra_op_threads, runner.inter_op_threads) == (1, 1)
+    runner.load()
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    runner.close()
+
+
+def test_server_option_applies_when_the_config_is_silent(entry):
+    runner = create_runner(entry[0], intra_op_threads=2)
+    runner.load()
+    assert runner.session.get_session_options().intra_op_num_threads == 2
+    runner.close()
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "1.5"])
+def test_bad_thread_count_names_the_parameter(entry, value):
+    entry = _with_parameters(entry[0], {"intra_op_thread_count": value})
+    with pytest.raises(ModelLoadError, match=rf"parameter intra_op_thread_count is '{value}' in config.pbtxt; "
+                                             r"expected a whole number >= 0"):
+        create_runner(entry)
