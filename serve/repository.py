@@ -14,6 +14,7 @@ probabilities; `ModelEntry.input_spec` / `output_spec` describe them.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,18 @@ def make_config(
 
 
 def write_config(config, folder: Path) -> Path:
-    """Write config.pbtxt into `folder`; returns its path."""
+    """Write config.pbtxt into `folder` atomically (a new file renamed over the old one); returns its path.
+
+    A reader never sees a half-written config, and a file that shares its storage
+    with another (a copied model folder) is replaced, never rewritten in place.
+    """
     path = Path(folder) / CONFIG_FILE
-    path.write_text(text_format.MessageToString(config))
+    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text_format.MessageToString(config))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

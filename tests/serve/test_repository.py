@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,14 @@ def test_missing_label_file_is_reported(tmp_path):
     (folder / "labels.txt").unlink()
     with pytest.raises(ConfigError, match="labels.txt"):
         repo.ModelRepository(tmp_path).entry("m1").labels()
+
+
+def test_write_config_replaces_the_file_instead_of_rewriting_it(tmp_path):
+    folder = _write_model(tmp_path, "m1")
+    shared = tmp_path / "copy_of_config.pbtxt"
+    os.link(folder / repo.CONFIG_FILE, shared)  # another name for the same storage, as a copied folder can be
+    before = shared.read_text()
+    repo.write_config(repo.make_config("m1", "onnxruntime_onnx", IMAGES, PROBS, max_batch_size=4), folder)
+    assert shared.read_text() == before  # the other name still holds the old config
+    assert repo.ModelRepository(tmp_path).entry("m1").max_batch_size == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["1", repo.CONFIG_FILE, repo.LABELS_FILE]  # no temp left
