@@ -41,12 +41,12 @@ onnxruntime FP32 on 2 shared cores:
     plain QDQ (everything quantized), MinMax          58 % top-1 agreement, 0.48x
     + preprocessing / stem / classifier float         77 %                  0.50x
     + Percentile 99.999                               82 %                  0.52x
-    + first depthwise conv float (DEFAULT)            87-90 %, rel. L2 0.16, 0.50x
+    + first depthwise conv float (DEFAULT)            87-90 %, rel. L2 0.16, 0.48-0.62x
     float_prefix 5..14 (more layers float)            91-95 %, rel. L2 0.10-0.14, 0.51-0.73x
     Entropy == MinMax here; all-depthwise-float and Conv-only: broken by onnxruntime's
     optimizer (21-24 %); empirical bias correction: no gain.
 
-The default keeps the best accuracy that stays at ~0.5x FP32 latency; it does
+The default keeps the best accuracy that stays near 0.5x FP32 latency; it does
 not reach 95 % top-1 agreement on the flowers (out-of-distribution for ImageNet:
 flat softmax, 22 % of images have a top-1/top-2 margin < 0.02). The photos
 agree 13/13. For scale: random relative weight noise of 1e-4 alone (FP32 compute)
