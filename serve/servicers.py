@@ -71,12 +71,38 @@ def _version() -> str:
         return "0.0.0"
 
 
+class _CancelOnTermination(list):
+    """The request's queued work (batching.Pending); when the RPC ends (done, cancelled by the
+    client, or its deadline passed) anything still queued is dropped instead of run.
+
+    Work queued *after* the RPC ended (the client cancelled while the server was still decoding)
+    is cancelled as it is added, and so is everything when the RPC had ended before the callback
+    could be registered."""
+
+    def __init__(self, context):
+        super().__init__()
+        self.ended = False
+        if not context.add_callback(self._end):
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        for pending in list(self):
+            if not pending.done():
+                pending.cancel()
+
+    def append(self, pending) -> None:
+        super().append(pending)
+        if self.ended:
+            pending.cancel()
+
+    def extend(self, items) -> None:
+        for pending in items:
+            self.append(pending)
+
+
 def _cancel_on_termination(context) -> list:
-    """A list for the request's queued work; when the RPC ends (done, cancelled by the client,
-    or its deadline passed) anything still queued is dropped instead of run."""
-    submitted: list = []
-    context.add_callback(lambda: [pending.cancel() for pending in submitted if not pending.done()])
-    return submitted
+    return _CancelOnTermination(context)
 
 
 def _deadline(context) -> float | None:

@@ -284,3 +284,52 @@ def test_a_cancelled_request_is_not_run(tmp_path):
             assert runner.batch_sizes == [1, 1]
     finally:
         server.stop(1)
+
+
+class _Context:
+    """A stand-in for grpc.ServicerContext's add_callback."""
+
+    def __init__(self, ended: bool = False):
+        self.ended, self.callbacks = ended, []
+
+    def add_callback(self, callback) -> bool:
+        if self.ended:
+            return False  # grpc: the RPC has already terminated, the callback will never run
+        self.callbacks.append(callback)
+        return True
+
+    def end(self):
+        self.ended = True
+        for callback in self.callbacks:
+            callback()
+
+
+def _pending():
+    import numpy as np
+
+    from serve.batching import Pending
+
+    return Pending(np.zeros((1, 2, 2, 3), np.uint8), None)
+
+
+def test_work_queued_after_the_client_went_away_is_cancelled_too():
+    from serve.servicers import _cancel_on_termination
+
+    context = _Context()
+    submitted = _cancel_on_termination(context)
+    before = _pending()
+    submitted.append(before)
+    context.end()  # the client cancels while the server is still decoding
+    late = [_pending(), _pending()]
+    submitted.extend(late)
+    assert before.cancelled and all(p.cancelled for p in late)
+
+    gone = _cancel_on_termination(_Context(ended=True))  # ended before the callback was registered
+    first = _pending()
+    gone.append(first)
+    assert first.cancelled
+
+    fresh = _cancel_on_termination(_Context())
+    kept = _pending()
+    fresh.append(kept)
+    assert not kept.cancelled  # nothing ended: the request runs
