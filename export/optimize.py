@@ -418,6 +418,11 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
                                         input_name=base.input_spec.name)
                 extra["calibration"] = result.summary()
                 log(f"{variant}: quantized with {result.images_used} calibration images")
+                if result.float_between_qdq:
+                    log(f"warning: {variant} keeps {len(result.float_between_qdq)} float layer(s) between quantized "
+                        f"ones (e.g. {result.float_between_qdq[0]}): Kestrel runs them as written, but onnxruntime's "
+                        "default WeightBiasQuantization transformer (Triton, plain onnxruntime) re-quantizes them "
+                        "per tensor; pass disabled_optimizers=['WeightBiasQuantization'] there")
             else:
                 from . import fp16
                 fp16.convert(base.artifact(), model_path)

@@ -25,13 +25,15 @@ not a node name, so it applies to every exported model):
   below) found that the first depthwise conv of the network carries most of the
   error: it sees the widest-range activations at full resolution. The rule
   keeps the *first depthwise Conv* (group > 1) and its ReLU6 in float.
-- not offered: keeping *every* depthwise conv in float. A float region that
-  starts right after a quantized Conv whose ReLU6 was folded into its output
-  quantization is mis-optimized by onnxruntime 1.32's graph transformers
-  (measured: top-1 agreement 22 %, while the same model with graph
-  optimizations disabled agrees 94 %). Float regions therefore start at the
-  input (`first_conv`, `sensitive` right after it, `float_prefix`) or are the
-  classifier at the end.
+- not offered: keeping *every* depthwise conv in float. A float Conv between a
+  DequantizeLinear and a QuantizeLinear is re-quantized per tensor by
+  onnxruntime's WeightBiasQuantization transformer under default session
+  settings (measured: top-1 agreement 21 %, 90 % with that transformer off).
+  Kestrel's backend turns it off, but Triton and plain onnxruntime do not, so
+  the rules keep float regions at the input (`first_conv`, `sensitive` right
+  after it, `float_prefix`) or at the end (the classifier); `quantize()`
+  reports any other float layer (`float_layers_between_qdq`). It did not pay
+  anyway: all depthwise convs in float agreed 86-90 %.
 
 Measurements (export/QUANTIZATION.md has the full table): mobilenet_v2 with the
 ../shared weights, calibrated on flowers, evaluated against the FP32/Keras model on
@@ -44,7 +46,8 @@ onnxruntime FP32 on 2 shared cores:
     + first depthwise conv float (DEFAULT)            87-90 %, rel. L2 0.16, 0.48-0.62x
     float_prefix 5..14 (more layers float)            91-95 %, rel. L2 0.10-0.14, 0.51-0.73x
     Entropy == MinMax here; all-depthwise-float and Conv-only: broken by onnxruntime's
-    optimizer (21-24 %); empirical bias correction: no gain.
+    WeightBiasQuantization transformer (21-24 %; 86-90 % without it); empirical bias
+    correction, residual-stream equalization, loss-aware range tuning: no gain.
 
 The default keeps the best accuracy that stays near 0.5x FP32 latency; it does
 not reach 95 % top-1 agreement on the flowers (out-of-distribution for ImageNet:
@@ -110,7 +113,9 @@ class QuantizeOptions:
             raise ConfigError(f"unknown keep-float rule(s) {unknown}; expected some of {', '.join(KEEP_FLOAT_RULES)}")
         if "sensitive" in self.keep_float and "first_conv" not in self.keep_float and self.float_prefix < 1:
             raise ConfigError("keep-float rule 'sensitive' needs 'first_conv' too: a float depthwise conv right after "
-                              "a quantized one is mis-optimized by onnxruntime (measured: 0.4 % top-1 agreement)")
+                              "a quantized one is re-quantized per tensor by onnxruntime's WeightBiasQuantization "
+                              "transformer wherever the model runs with default settings (Triton, plain onnxruntime; "
+                              "measured: 0.4 % top-1 agreement)")
         if not isinstance(self.float_prefix, int) or self.float_prefix < 0:
             raise ConfigError(f"float_prefix must be an integer >= 0, got {self.float_prefix!r}")
         if not isinstance(self.min_images, int) or self.min_images < 1:
@@ -327,6 +332,7 @@ class QuantizeResult:
     kept_float: dict[str, str]
     quantized_nodes: int
     options: dict
+    float_between_qdq: list[str] = field(default_factory=list)  # see float_layers_between_qdq()
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -348,6 +354,34 @@ def preprocess(model_path: str | Path, out_path: str | Path) -> Path:
     shape_inference = require("onnxruntime.quantization.shape_inference", "INT8 quantization")
     shape_inference.quant_pre_process(str(model_path), str(out_path), skip_symbolic_shape=True)
     return Path(out_path)
+
+
+def float_layers_between_qdq(model) -> list[str]:
+    """Float Conv/Gemm/MatMul nodes whose input comes from a DequantizeLinear and whose
+    output (through at most one Clip/Relu) goes to a QuantizeLinear.
+
+    onnxruntime's level-1 WeightBiasQuantization transformer re-quantizes such a
+    layer's float weights per tensor, so with default session settings it no longer
+    computes what the model says. Kestrel's onnxruntime backend disables that
+    transformer; Triton and plain onnxruntime do not.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type not in _COMPUTE_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        source = producer.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type in ACTIVATION_OPS:
+            users = consumers.get(users[0].output[0], [])
+        if users and all(u.op_type == "QuantizeLinear" for u in users):
+            found.append(node.name)
+    return found
 
 
 def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet | np.ndarray,
@@ -405,4 +439,5 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         path=out_path, images_used=int(len(images)), images_skipped=skipped, method=options.method,
         target=options.target, kept_float=kept, quantized_nodes=n_q,
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+        float_between_qdq=float_layers_between_qdq(quantized),
     )

@@ -15,6 +15,15 @@ from .base import Runner
 # Preferred order; only those the installed onnxruntime offers are used.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
+# onnxruntime graph transformers that change a model's numbers. WeightBiasQuantization
+# (a level-1 transformer) takes a float Conv/Gemm that sits between a DequantizeLinear
+# and a QuantizeLinear -- a layer deliberately kept in float inside an INT8 model -- and
+# quantizes its weights itself (per tensor), so the layer no longer computes what the
+# model says: an INT8 mobilenet_v2 with its depthwise convs kept float agreed with the
+# FP32 model on 21 % of images with it, 90 % without (export/QUANTIZATION.md;
+# onnxruntime issues #24711 and #25259). Names a given onnxruntime does not know are ignored.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
 
 def available_providers() -> list[str]:
     ort = require("onnxruntime", "the onnxruntime backend")
@@ -97,7 +106,8 @@ class OnnxRuntimeRunner(Runner):
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers = choose_providers(self.requested_providers)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers,
+                                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
             raise ModelLoadError(f"model '{self.name}': onnxruntime cannot load {self.path}: {exc}") from None
         self.providers = self.session.get_providers()

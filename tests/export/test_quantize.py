@@ -130,6 +130,23 @@ def test_quantize_writes_qdq_model_that_agrees(tiny_onnx, tmp_path):
     assert np.max(np.abs(got - ref)) < 0.05
 
 
+def test_float_layers_between_quantized_ones_are_reported(tiny_onnx, tmp_path):
+    """Such layers are re-quantized by onnxruntime's default WeightBiasQuantization (Kestrel turns it off)."""
+    from serve.images import synthetic_images
+
+    images = synthetic_images(32, SIZE, seed=3)
+    edges = quant.QuantizeOptions(min_images=16, keep_float=("preprocessing", "first_conv", "classifier"))
+    assert quant.quantize(tiny_onnx, tmp_path / "a.onnx", images, edges).float_between_qdq == []  # input / end only
+    # here the stem's output also feeds the (quantized) residual Add, so it is quantized and the float
+    # depthwise conv after it reads a DequantizeLinear: the default "sensitive" rule makes such a layer
+    default = quant.quantize(tiny_onnx, tmp_path / "d.onnx", images, quant.QuantizeOptions(min_images=16))
+    assert default.float_between_qdq == ["dw_conv"]
+    middle = quant.quantize(tiny_onnx, tmp_path / "b.onnx", images, quant.QuantizeOptions(
+        min_images=16, keep_float=("preprocessing",), exclude_nodes=("project_conv",)))
+    assert middle.float_between_qdq == ["project_conv"]
+    assert middle.summary()["float_between_qdq"] == ["project_conv"]
+
+
 def test_tensorrt_target_is_symmetric_int8(tiny_onnx, tmp_path):
     from serve.images import synthetic_images
 

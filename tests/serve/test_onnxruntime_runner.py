@@ -121,3 +121,64 @@ def test_bad_thread_count_names_the_parameter(entry, value):
     with pytest.raises(ModelLoadError, match=rf"parameter intra_op_thread_count is '{value}' in config.pbtxt; "
                                              r"expected a whole number >= 0"):
         create_runner(entry)
+
+
+def _float_conv_between_qdq(path, size=6):
+    """uint8 NHWC -> Q/DQ -> a float depthwise Conv (channels 1000x apart in scale) -> Q/DQ -> flat output.
+
+    onnxruntime's WeightBiasQuantization transformer quantizes such a float Conv's
+    weights per tensor, wiping out the small channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = (rng.normal(0, 1, (3, 1, 3, 3)) * np.array([1e-3, 3e-2, 1.0])[:, None, None, None]).astype(np.float32)
+    init = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+            numpy_helper.from_array(np.array(1 / 255, np.float32), "in_scale"),
+            numpy_helper.from_array(np.array(2.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z"),
+            numpy_helper.from_array(np.array(1e-3, np.float32), "s2"), numpy_helper.from_array(np.array(128, np.uint8), "z2"),
+            numpy_helper.from_array(np.array([0, -1], np.int64), "flat")]
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("QuantizeLinear", ["nchw", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("Conv", ["xd", "w", "b"], ["y"], group=3, pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["y", "s2", "z2"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s2", "z2"], ["yd"]),
+        helper.make_node("Reshape", ["yd", "flat"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "float_conv_in_qdq",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3 * size * size])],
+        initializer=init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def test_float_layers_inside_an_int8_model_keep_their_float_weights(tmp_path):
+    import onnxruntime as ort
+
+    folder = tmp_path / "mixed"
+    (folder / "1").mkdir(parents=True)
+    _float_conv_between_qdq(folder / "1" / "model.onnx")
+    repo.write_config(repo.make_config("mixed", repo.PLATFORM_ONNX, repo.TensorSpec("images", np.uint8, (6, 6, 3)),
+                                       repo.TensorSpec("probabilities", np.float32, (108,)), max_batch_size=4), folder)
+    (folder / "labels.txt").write_text("".join(f"out_{i}\n" for i in range(108)))
+    batch = np.random.default_rng(1).integers(0, 256, (2, 6, 6, 3), dtype=np.uint8)
+
+    def reference(level, disabled=()):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(folder / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
+        return session.run(None, {"images": batch})[0]
+
+    exact = reference(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)  # the model's own Q/DQ arithmetic
+    rewritten = reference(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)  # onnxruntime's defaults
+    assert np.abs(rewritten - exact).max() > 5e-3  # the transformer does change this model (the hazard is real)
+    runner = create_runner(repo.ModelRepository(tmp_path).entry("mixed"))
+    np.testing.assert_allclose(runner.infer(batch), exact, atol=1e-6)
+    runner.close()
