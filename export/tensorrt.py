@@ -40,10 +40,10 @@ import hashlib
 import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve._files import write_bytes_atomic
 from serve._optional import available, require
 from serve.backends.tensorrt import DeviceInfo, EngineMetadata, current_device, write_metadata
 from serve.errors import ConfigError, KestrelError, MissingDependencyError
@@ -159,20 +159,6 @@ def read_timing_cache(path: Path) -> bytes:
         return b""
     except OSError as exc:
         raise ConfigError(f"cannot read the TensorRT timing cache {path}: {exc.strerror}") from None
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename (no half-written caches)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- environment ----------------------------------------------------------------------------

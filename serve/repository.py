@@ -14,7 +14,6 @@ probabilities; `ModelEntry.input_spec` / `output_spec` describe them.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from . import datatypes
+from ._files import write_text_atomic
 from .errors import ConfigError, ModelNotFoundError
 
 # platform / backend name -> artifact file name
@@ -126,19 +126,8 @@ def make_config(
 
 
 def write_config(config, folder: Path) -> Path:
-    """Write config.pbtxt into `folder` atomically (a new file renamed over the old one); returns its path.
-
-    A reader never sees a half-written config, and a file that shares its storage
-    with another (a copied model folder) is replaced, never rewritten in place.
-    """
-    path = Path(folder) / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text_format.MessageToString(config))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write config.pbtxt into `folder` atomically (serve._files); returns its path."""
+    return write_text_atomic(Path(folder) / CONFIG_FILE, text_format.MessageToString(config))
 
 
 def read_config(path: Path):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import write_text_atomic
 from .._optional import require
 from ..errors import EngineMismatchError, MissingDependencyError, ModelLoadError
 from ..repository import ModelEntry, TensorSpec
@@ -109,9 +110,7 @@ def sidecar_path(plan: str | Path) -> Path:
 
 
 def write_metadata(plan: str | Path, metadata: EngineMetadata) -> Path:
-    path = sidecar_path(plan)
-    path.write_text(metadata.to_json())
-    return path
+    return write_text_atomic(sidecar_path(plan), metadata.to_json())
 
 
 def read_metadata(plan: str | Path) -> EngineMetadata:
