@@ -132,6 +132,7 @@ class ModelHub:
             if ens.name in self.ensembles:
                 raise ConfigError(f"ensemble '{ens.name}' is defined twice")
             self.ensembles[ens.name] = ServedEnsemble(ens, stats=self.metrics.model(ens.name))
+            self.ensembles[ens.name].stats.version = "1"  # ensembles have one version
 
     # ---- loading ---------------------------------------------------------------------------
     def _names_to_load(self) -> list[str]:
@@ -203,6 +204,7 @@ class ModelHub:
             if not versions:
                 entry.artifact()  # raises with the reason
             served.version = versions[-1]
+            served.stats.version = str(served.version)
             options = dict(self.runner_options.get(entry.platform, {}))
             runner = create_runner(entry, served.version, **options)
             runner.load()

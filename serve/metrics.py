@@ -12,6 +12,21 @@ Prometheus names (label `model`; request metrics also `api`: "infer" or "classif
     kestrel_model_ready                      1 when the model is loaded and serving
     kestrel_queue_depth                      requests waiting for a batch now
 
+Triton-compatible names, beside Kestrel's own, so Triton's Grafana dashboards and HPA rules work
+unchanged (labels `model` and `version`; the same counters as the V2 ModelStatistics message; durations
+are cumulative microseconds). The sample names are Triton's exactly, without the `_total` suffix
+prometheus_client gives its counters, so they are exposed as untyped (`unknown` in OpenMetrics):
+PromQL's rate() and increase() treat them as the counters they are.
+
+    nv_inference_request_success             successful requests (a batch counts as 1)
+    nv_inference_request_failure             failed requests (label `reason`: REJECTED, CANCELED, BACKEND, OTHER)
+    nv_inference_count                       inferences (a batch of n counts n)
+    nv_inference_exec_count                  executed batches
+    nv_inference_request_duration_us         arrival -> response of successful requests
+    nv_inference_queue_duration_us           time requests waited for their batch
+    nv_inference_compute_infer_duration_us   inference time, per request (each request counts its batch's time)
+    nv_inference_pending_request_count       requests queued for a batch now (gauge)
+
 Each server owns its own registry (several servers in one test process do not mix).
 """
 
@@ -21,9 +36,26 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Triton's failure reasons; a status code (gRPC name, or HTTP status) maps to one of them.
+_TRITON_REASONS = {
+    "RESOURCE_EXHAUSTED": "REJECTED", "429": "REJECTED",
+    "CANCELLED": "CANCELED", "DEADLINE_EXCEEDED": "CANCELED", "499": "CANCELED", "504": "CANCELED",
+    "INTERNAL": "BACKEND", "UNKNOWN": "BACKEND", "500": "BACKEND",
+}
+
+
+# prometheus_client renames a counter's samples to <name>_total; Triton's names have no suffix.
+_COUNTER = "unknown"
+
+
+def triton_reason(code: str) -> str:
+    """Triton's `reason` label for a failed request's status code."""
+    return _TRITON_REASONS.get(code, "OTHER")
 
 
 class Metrics:
@@ -51,6 +83,7 @@ class Metrics:
         self._models: dict[str, ModelStats] = {}
         self._lock = threading.Lock()
         self._http = None
+        r.register(_TritonCollector(self))
 
     def model(self, name: str) -> "ModelStats":
         with self._lock:
@@ -69,6 +102,57 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _TritonCollector:
+    """Triton's metric names, read from each model's ModelStats at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def describe(self):
+        return []  # no fixed series: registering must not call collect()
+
+    def collect(self):
+        with self._metrics._lock:
+            models = list(self._metrics._models.values())
+        families = {
+            "success": Metric("nv_inference_request_success", "Number of successful inference requests, "
+                              "all batch sizes", _COUNTER),
+            "failure": Metric("nv_inference_request_failure", "Number of failed inference requests, "
+                              "all batch sizes", _COUNTER),
+            "count": Metric("nv_inference_count", "Number of inferences performed (does not include cached "
+                            "requests)", _COUNTER),
+            "exec": Metric("nv_inference_exec_count", "Number of model executions performed (does not include "
+                           "cached requests)", _COUNTER),
+            "request_us": Metric("nv_inference_request_duration_us", "Cumulative inference request duration "
+                                 "in microseconds (includes cached requests)", _COUNTER),
+            "queue_us": Metric("nv_inference_queue_duration_us", "Cumulative inference queuing duration in "
+                               "microseconds (includes cached requests)", _COUNTER),
+            "infer_us": Metric("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration "
+                               "in microseconds (does not include cached requests)", _COUNTER),
+            "pending": Metric("nv_inference_pending_request_count", "Instantaneous number of pending requests "
+                              "awaiting execution per-model.", "gauge"),
+        }
+        for stats in models:
+            if not stats.version:  # never loaded: Triton shows no series for it either
+                continue
+            snap = stats.snapshot()
+            labels = {"model": stats.name, "version": stats.version}
+            for key, name, value in (
+                ("success", "nv_inference_request_success", snap["success"][0]),
+                ("count", "nv_inference_count", snap["inference_count"]),
+                ("exec", "nv_inference_exec_count", snap["execution_count"]),
+                ("request_us", "nv_inference_request_duration_us", snap["success"][1] // 1000),
+                ("queue_us", "nv_inference_queue_duration_us", snap["queue"][1] // 1000),
+                ("infer_us", "nv_inference_compute_infer_duration_us", snap["compute_infer"][1] // 1000),
+                ("pending", "nv_inference_pending_request_count", stats.pending()),
+            ):
+                families[key].add_sample(name, labels, float(value))
+            for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+                families["failure"].add_sample("nv_inference_request_failure", dict(labels, reason=reason),
+                                               float(snap["fail_reasons"].get(reason, 0)))
+        return list(families.values())
 
 
 class _Duration:
@@ -98,13 +182,21 @@ class ModelStats:
         self.execution_count = 0  # batches
         self.batches: dict[int, _Duration] = {}
         self.last_inference_ms = 0
+        self.fail_reasons: dict[str, int] = {}  # Triton's failure reasons -> requests
+        self.version = ""  # the served version (the hub sets it on load); Triton's `version` label
+        self._depth = None
 
     def set_ready(self, ready: bool) -> None:
         self._m.model_ready.labels(self.name).set(1 if ready else 0)
 
     def watch_queue(self, depth) -> None:
-        """Report `depth()` (requests waiting) as kestrel_queue_depth at each scrape."""
+        """Report `depth()` (requests waiting) as kestrel_queue_depth (and Triton's pending count) at each scrape."""
+        self._depth = depth
         self._m.queue_depth.labels(self.name).set_function(depth)
+
+    def pending(self) -> int:
+        """Requests queued for a batch now (0 for an ensemble: its members queue)."""
+        return int(self._depth()) if self._depth is not None else 0
 
     def received(self, api: str) -> None:
         self._m.requests.labels(self.name, api).inc()
@@ -114,6 +206,9 @@ class ModelStats:
         self._m.request_latency.labels(self.name, api).observe(seconds)
         with self._lock:
             (self.success if code is None else self.fail).add(seconds)
+            if code is not None:
+                reason = triton_reason(code)
+                self.fail_reasons[reason] = self.fail_reasons.get(reason, 0) + 1
         if code is not None:
             self._m.failures.labels(self.name, api, code).inc()
 
@@ -149,6 +244,7 @@ class ModelStats:
                 "execution_count": self.execution_count,
                 "batches": {size: (d.count, d.ns) for size, d in sorted(self.batches.items())},
                 "last_inference": self.last_inference_ms,
+                "fail_reasons": dict(self.fail_reasons),
             }
 
     @property
