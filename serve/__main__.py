@@ -4,7 +4,9 @@ and over HTTP (KServe V2 REST, /v1/classify, a web page at /).
     python -m serve --repository models --models mobilenet_v2,resnet50 \\
         --ensemble imagenet=mobilenet_v2,resnet50:mean --port 8001 --metrics-port 8002 --http-port 8000
 
-SIGTERM / SIGINT: stop accepting, finish in-flight requests within --grace seconds, exit 0.
+SIGTERM / SIGINT: readiness turns false at once; after --drain-delay seconds (still serving, so that
+load balancers and Kubernetes endpoints drop the server first) stop accepting, finish in-flight
+requests within --grace seconds, exit 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .errors import KestrelError
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=64, help="gRPC worker threads (default 64)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
+    parser.add_argument("--drain-delay", type=float, default=0.0,
+                        help="on SIGTERM, seconds to keep serving with readiness false before closing the ports "
+                             "(default 0; Kubernetes: a few seconds, within terminationGracePeriodSeconds)")
     parser.add_argument("--port-file", type=Path,
                         help="write {\"port\": ..., \"metrics_port\": ..., \"http_port\": ...} here once serving "
                              "(for --port 0)")
@@ -111,6 +117,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     while not stop.wait(0.5):
         pass
+    server.set_not_ready()
+    if args.drain_delay > 0:
+        log.info("readiness false; still serving for %.1f s (--drain-delay) before closing the ports",
+                 args.drain_delay)
+        time.sleep(args.drain_delay)
     server.stop(grace=args.grace)
     return 0
 

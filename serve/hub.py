@@ -208,6 +208,7 @@ class ModelHub:
             options = dict(self.runner_options.get(entry.platform, {}))
             runner = create_runner(entry, served.version, **options)
             runner.load()
+            self._warm_up(runner)
             batching = entry.config.dynamic_batching if entry.config.HasField("dynamic_batching") else None
             groups = [g.count for g in entry.config.instance_group if g.count > 0]
             served.batcher = DynamicBatcher(
@@ -230,6 +231,17 @@ class ModelHub:
             if self.strict:
                 raise ModelLoadError(f"model '{served.name}' failed to load (--strict): {reason}") from None
         served.stats.set_ready(served.ready)
+
+    @staticmethod
+    def _warm_up(runner: Runner) -> None:
+        """One zero image through the model before it is READY (lazy allocations, kernel selection,
+        tf.function tracing), so readiness probes pass only once the first request is fast. A failure
+        is logged, not fatal: the model's own requests report it."""
+        shape = tuple(d if d > 0 else 224 for d in runner.input_spec.shape)
+        try:
+            runner.infer(np.zeros((1, *shape), dtype=runner.input_spec.dtype))
+        except Exception as exc:
+            log.warning("model %s: warm-up inference failed: %s: %s", runner.name, type(exc).__name__, exc)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Drain and stop every batcher, release every runner."""

@@ -75,6 +75,12 @@ class Server:
     def http_port(self) -> int | None:
         return self.http.port if self.http is not None else None
 
+    def set_not_ready(self) -> None:
+        """Readiness false (HTTP /v2/health/ready, V2 ServerReady, gRPC health NOT_SERVING) while requests
+        are still served: load balancers take the server out before stop() closes the ports."""
+        self._serving = False
+        self.health.enter_graceful_shutdown()
+
     def stop(self, grace: float | None = 10.0) -> None:
         """Graceful shutdown: report NOT_SERVING, refuse new RPCs, let in-flight ones finish
         within `grace` seconds, then drain the batchers and release the models. Idempotent."""

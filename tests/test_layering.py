@@ -12,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package -> project packages it must never import
 FORBIDDEN = {
-    "serve": {"export", "train", "benchmarks"},
-    "export": {"train", "benchmarks"},
-    "train": {"benchmarks"},
+    "serve": {"export", "train", "benchmarks", "deploy"},
+    "export": {"train", "benchmarks", "deploy"},
+    "train": {"benchmarks", "deploy"},
+    "deploy": {"export", "train", "benchmarks"},  # deploy (Ray Serve, manifests) builds on serve only
 }
 
 
