@@ -8,11 +8,14 @@
     ├── InvalidInputError             a request's tensors do not match the model's contract
     │   └── ImageDecodeError          bytes that are not a decodable image (or too large)
     ├── ResourceExhaustedError        a queue is full or a message too large
+    │   └── RequestTooLargeError      a request body over its limit (HTTP 413)
     ├── DeadlineExceededError         the request's deadline passed before it ran
+    ├── ServerUnavailableError        the server is shutting down
     └── EngineMismatchError           a TensorRT engine built for another GPU / TensorRT version
 
-The gRPC servicers are the only place these are mapped to status codes.
-Messages say what was received and what was expected.
+STATUS (below) is the one table that maps them to a gRPC status code and an HTTP
+status; serve/servicers.py and serve/http read it (status_of). Messages say what was
+received and what was expected; `shown()` bounds what they echo of a request.
 """
 
 from __future__ import annotations
@@ -59,9 +62,57 @@ class ResourceExhaustedError(KestrelError):
     """A bounded queue is full or a message is over its size limit."""
 
 
+class RequestTooLargeError(ResourceExhaustedError):
+    """A request (body, JSON document, upload) is over its size limit."""
+
+
 class DeadlineExceededError(KestrelError):
     """The request's deadline expired before it could run."""
 
 
+class ServerUnavailableError(KestrelError):
+    """The server is shutting down (or not serving yet): retry elsewhere."""
+
+
 class EngineMismatchError(ModelLoadError):
     """A TensorRT engine was built for a different GPU or TensorRT version."""
+
+
+# Each domain error -> (gRPC status code name, HTTP status), most specific first. Anything
+# else is ("INTERNAL", 500) and is logged with its traceback.
+STATUS: list[tuple[type[BaseException], str, int]] = [
+    (ModelNotFoundError, "NOT_FOUND", 404),
+    (InvalidInputError, "INVALID_ARGUMENT", 400),  # ImageDecodeError too
+    (RequestTooLargeError, "RESOURCE_EXHAUSTED", 413),
+    (ResourceExhaustedError, "RESOURCE_EXHAUSTED", 503),  # queue full: HTTP adds Retry-After: 1
+    (DeadlineExceededError, "DEADLINE_EXCEEDED", 504),
+    (ServerUnavailableError, "UNAVAILABLE", 503),
+    (ModelLoadError, "UNAVAILABLE", 503),  # EngineMismatchError too: the model is not ready
+    (MissingDependencyError, "FAILED_PRECONDITION", 500),
+    (ConfigError, "FAILED_PRECONDITION", 500),
+]
+INTERNAL = ("INTERNAL", 500)
+
+
+def status_of(exc: BaseException) -> tuple[str, int]:
+    """(gRPC status code name, HTTP status) of an exception; ("INTERNAL", 500) when unexpected."""
+    for cls, code, http_status in STATUS:
+        if isinstance(exc, cls):
+            return code, http_status
+    return INTERNAL
+
+
+def expected(exc: BaseException) -> bool:
+    """True when the exception is in the table (a client's or a model's problem, not a bug)."""
+    return status_of(exc) is not INTERNAL
+
+
+SHOWN_CHARS = 120
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """repr(value), cut to about `limit` characters: messages echo requests without growing with them."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value))} characters)"

@@ -23,7 +23,7 @@ from .backends import create_runner
 from .backends.base import Runner
 from .batching import BatchResult, DynamicBatcher
 from .ensemble import Ensemble, check_fusion, rank, top_k
-from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError
+from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError, shown
 from .metrics import Metrics, ModelStats, RequestRecord
 from .repository import ModelEntry, ModelRepository
 
@@ -50,6 +50,47 @@ class ServedModel:
     def ready(self) -> bool:
         return self.state == READY
 
+    # ---- the interface a served model and a served ensemble share ----------------------------
+    @property
+    def platform(self) -> str:
+        return self._entry().platform
+
+    @property
+    def versions(self) -> list[str]:
+        """The loaded version, or (not loaded) the versions on disk."""
+        if self.version is not None:
+            return [str(self.version)]
+        return [str(v) for v in self.entry.versions] if self.entry is not None else []
+
+    @property
+    def version_label(self) -> str:
+        """The version requests are answered with ("" while none is loaded)."""
+        return "" if self.version is None else str(self.version)
+
+    @property
+    def input_spec(self):
+        return self._entry().input_spec
+
+    @property
+    def output_spec(self):
+        return self._entry().output_spec
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._entry().max_batch_size
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.runner.labels if self.runner is not None else None
+
+    def check_version(self, version: str | int | None) -> None:
+        _parse_version(self.name, version, self.version)
+
+    def _entry(self) -> ModelEntry:
+        if self.entry is None:
+            raise ModelLoadError(f"model '{self.name}' has no valid configuration: {self.reason}")
+        return self.entry
+
 
 @dataclass
 class ServedEnsemble:
@@ -57,6 +98,7 @@ class ServedEnsemble:
     state: str = UNAVAILABLE
     reason: str = "not loaded yet"
     stats: ModelStats | None = None
+    members: list[ServedModel] = field(default_factory=list)  # set by ModelHub.load
 
     @property
     def name(self) -> str:
@@ -65,6 +107,46 @@ class ServedEnsemble:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    # ---- the interface a served model and a served ensemble share ----------------------------
+    platform = ENSEMBLE_PLATFORM
+    version_label = "1"
+
+    @property
+    def versions(self) -> list[str]:
+        return ["1"]
+
+    @property
+    def input_spec(self):
+        """The members' input spec (InvalidInputError when they take different inputs)."""
+        specs = {m.entry.input_spec for m in self.members if m.entry is not None}
+        if len(specs) != 1:
+            raise InvalidInputError(
+                f"ensemble '{self.name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
+                "send images through Classify, or infer each member"
+            )
+        return next(iter(specs))
+
+    @property
+    def output_spec(self):
+        return self._first().output_spec
+
+    @property
+    def max_batch_size(self) -> int:
+        return min(m.max_batch_size for m in self.members if m.entry is not None)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self._first().labels
+
+    def check_version(self, version: str | int | None) -> None:
+        _parse_version(self.name, version, 1)
+
+    def _first(self) -> ServedModel:
+        configured = [m for m in self.members if m.entry is not None]
+        if not configured:
+            raise ModelLoadError(f"ensemble '{self.name}' has no member with a valid configuration: {self.reason}")
+        return configured[0]
 
 
 @dataclass
@@ -106,10 +188,11 @@ def _parse_version(name: str, version: str | int | None, loaded: int | None) -> 
         return
     text = str(version)
     if not text.isdigit():
-        raise ModelNotFoundError(f"model '{name}': received version {text!r}, expected a number (or empty)")
+        raise ModelNotFoundError(f"model '{name}': received version {shown(text)}, expected a number (or empty)")
     if loaded is None or int(text) != loaded:
         raise ModelNotFoundError(
-            f"model '{name}' has no version {text} loaded; loaded version: {loaded if loaded is not None else 'none'}"
+            f"model '{name}' has no version {shown(text)[1:-1]} loaded; loaded version: "
+            f"{loaded if loaded is not None else 'none'}"
         )
 
 
@@ -174,6 +257,7 @@ class ModelHub:
             if name in entries:
                 self._load_one(self.models[name])
         for served in self.ensembles.values():
+            served.members = [self.models[m] for m in served.ensemble.members]
             missing = [m for m in served.ensemble.members if not self.models[m].ready]
             if missing:
                 served.state = UNAVAILABLE
@@ -269,22 +353,19 @@ class ModelHub:
         if name in self.ensembles:
             return self.ensembles[name]
         raise ModelNotFoundError(
-            f"received model name {name!r}, which this server does not serve; "
+            f"received model name {shown(name)}, which this server does not serve; "
             f"expected one of: {', '.join(self.names()) or 'none'}"
         )
 
     def model_ready(self, name: str, version: str = "") -> bool:
         target = self.find(name)
-        if isinstance(target, ServedModel):
-            _parse_version(name, version, target.version)
-        elif version not in ("", None):
-            _parse_version(name, version, 1)
+        target.check_version(version)
         return target.ready
 
     def ready_model(self, name: str, version: str = "") -> ServedModel | ServedEnsemble:
         """The ready model or ensemble; ModelNotFoundError / ModelLoadError (unavailable) otherwise."""
         target = self.find(name)
-        _parse_version(name, version, target.version if isinstance(target, ServedModel) else 1)
+        target.check_version(version)
         if not target.ready:
             raise ModelLoadError(f"model '{name}' is not ready: {target.reason}")
         return target
@@ -297,14 +378,7 @@ class ModelHub:
 
     def input_spec(self, name: str):
         """The input spec of a model, or of an ensemble whose members all take the same input."""
-        members = self.members(name)
-        specs = {m.entry.input_spec for m in members if m.entry is not None}
-        if len(specs) != 1:
-            raise InvalidInputError(
-                f"ensemble '{name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
-                "send images through Classify, or infer each member"
-            )
-        return specs.pop()
+        return self.find(name).input_spec
 
     # ---- inference -------------------------------------------------------------------------
     def record_request(self, api: str, names: Sequence[str]) -> RequestRecord:

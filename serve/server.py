@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from . import images
 from ._proto import grpc_service_pb2, grpc_service_pb2_grpc, kestrel_pb2, kestrel_pb2_grpc
 from .ensemble import Ensemble
+from .dataplane import DataPlane
 from .errors import ConfigError
 from .http import HttpFrontend
 from .hub import ModelHub
@@ -54,9 +55,10 @@ class Server:
 
     def __init__(self, grpc_server: grpc.Server, hub: ModelHub, health_servicer: health.HealthServicer,
                  metrics: Metrics, address: str, port: int, metrics_port: int | None,
-                 http: HttpFrontend | None = None):
+                 http: HttpFrontend | None = None, plane: DataPlane | None = None):
         self.grpc_server = grpc_server
         self.hub = hub
+        self.plane = plane or DataPlane(hub, serving=lambda: self.serving)  # shared by gRPC and HTTP
         self.health = health_servicer
         self.metrics = metrics
         self.address = address
@@ -91,11 +93,19 @@ class Server:
             self.health.enter_graceful_shutdown()
             log.info("shutting down: finishing in-flight requests (grace %.1f s)", grace or 0)
             t0 = time.monotonic()
+
+            def left() -> float | None:
+                return None if grace is None else max(0.0, grace - (time.monotonic() - t0))
+
             if self.http is not None:  # both ports stop accepting, then both finish in-flight requests
                 self.http.stop_accepting()
-            self.grpc_server.stop(grace).wait()
+            # requests arriving now are answered UNAVAILABLE by the data plane (gRPC's own stop
+            # would CANCEL them); in-flight ones finish, then gRPC stops with what is left of grace
+            if not self.plane.wait_idle(left()):
+                log.warning("%d request(s) still running after the grace period", self.plane.inflight)
+            self.grpc_server.stop(left()).wait()
             if self.http is not None:
-                self.http.stop(None if grace is None else max(0.0, grace - (time.monotonic() - t0)))
+                self.http.stop(left())
             self.hub.close(timeout=grace)
             self.metrics.close()
             self._stopped.set()
@@ -152,9 +162,9 @@ def create_server(
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=message_options(max_message_mb) + [("grpc.so_reuseport", 0)])
         holder: dict[str, Server] = {}
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(hub, serving=lambda: holder["server"].serving), grpc_server)
-        kestrel_pb2_grpc.add_ClassifierServicer_to_server(ClassifyServicer(hub), grpc_server)
+        plane = DataPlane(hub, serving=lambda: holder["server"].serving if "server" in holder else True)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), grpc_server)
+        kestrel_pb2_grpc.add_ClassifierServicer_to_server(ClassifyServicer(plane), grpc_server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
@@ -172,7 +182,7 @@ def create_server(
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         if not bound:
             raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
-        server = Server(grpc_server, hub, health_servicer, metrics, host, bound, None)
+        server = Server(grpc_server, hub, health_servicer, metrics, host, bound, None, plane=plane)
         holder["server"] = server
         if metrics_port is not None:
             try:

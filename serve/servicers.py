@@ -1,14 +1,8 @@
 """The gRPC servicers: KServe V2 (`inference.GRPCInferenceService`) and Classify (`kestrel.v1.Classifier`).
 
-This is the only module that maps Kestrel's exceptions to gRPC status codes:
-
-    ModelNotFoundError                      NOT_FOUND
-    InvalidInputError, ImageDecodeError     INVALID_ARGUMENT
-    ResourceExhaustedError                  RESOURCE_EXHAUSTED
-    DeadlineExceededError                   DEADLINE_EXCEEDED
-    ModelLoadError, EngineMismatchError     UNAVAILABLE         (the model is not ready)
-    ConfigError, MissingDependencyError     FAILED_PRECONDITION
-    anything else                           INTERNAL            (logged with its traceback)
+A thin codec around serve.dataplane.DataPlane: protobuf in, plain values to the data plane,
+protobuf out. Exceptions become gRPC status codes through serve.errors.STATUS (the table
+the HTTP port reads too); anything not in it is INTERNAL and logged with its traceback.
 
 Every handler catches at one boundary (`_Handler`), so a bad request gets
 its status and message and the server keeps serving. (Messages larger than
@@ -17,36 +11,25 @@ the configured limit are refused by gRPC itself with RESOURCE_EXHAUSTED.)
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 
 import grpc
 import numpy as np
 
-from . import datatypes
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import kestrel_pb2 as kpb
 from ._proto import kestrel_pb2_grpc as kpb_grpc
-from .errors import (ConfigError, DeadlineExceededError, InvalidInputError, MissingDependencyError,
-                     ModelLoadError, ModelNotFoundError, ResourceExhaustedError)
-from .hub import ENSEMBLE_PLATFORM, READY, UNAVAILABLE, ModelHub, ServedModel
+from .dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor
+from .errors import InvalidInputError, shown, status_of
+from .hub import ModelHub
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "kestrel"
-EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "kestrel_classify"]
-
-_STATUS = [  # most specific first
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
-    (MissingDependencyError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-]
+# grpc-message travels in a header: a message echoing a huge request would be refused by the
+# client as RESOURCE_EXHAUSTED instead of carrying its own status
+MAX_DETAILS_CHARS = 2000
 
 # V2 datatype -> the InferTensorContents field that carries it
 _CONTENTS = {
@@ -57,18 +40,12 @@ _CONTENTS = {
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code for an exception (INTERNAL for anything unexpected)."""
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status code for an exception (serve.errors.STATUS; INTERNAL for anything unexpected)."""
+    return grpc.StatusCode[status_of(exc)[0]]
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("kestrel")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
+def _code_name(exc: BaseException) -> str:
+    return status_of(exc)[0]
 
 
 class _CancelOnTermination(list):
@@ -113,271 +90,165 @@ def _deadline(context) -> float | None:
 
 
 class _Handler:
-    """Times one request, records it per model, and turns exceptions into gRPC statuses."""
+    """One RPC's boundary: work-carrying RPCs (`api` given) are counted in flight and in the metrics;
+    every exception becomes its gRPC status and message."""
 
-    def __init__(self, hub: ModelHub, context, api: str, names=()):
-        self.hub, self.context, self.api, self.names = hub, context, api, names
+    def __init__(self, plane: DataPlane, context, api: str | None = None, names=()):
+        self.plane, self.context, self.api, self.names = plane, context, api, names
+        self.scope = None
 
     def __enter__(self):
-        self.record = self.hub.record_request(self.api, self.names)
+        if self.api is not None:
+            self.scope = self.plane.request(self.api, self.names, label=_code_name)
+            try:
+                self.scope.__enter__()
+            except Exception as exc:  # shutting down: UNAVAILABLE
+                self._abort(exc)
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is None:
-            self.record.finish()
-            return False
-        if not isinstance(exc, Exception):
-            return False  # KeyboardInterrupt, SystemExit & co. go on up
+        if self.scope is not None:
+            self.scope.__exit__(kind, exc, tb)
+        if exc is None or not isinstance(exc, Exception):
+            return False  # success; KeyboardInterrupt, SystemExit & co. go on up
+        self._abort(exc, (kind, exc, tb))
+
+    def _abort(self, exc: Exception, exc_info=None):
         code = status_for(exc)
-        self.record.finish(code.name)
         if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed unexpectedly", self.api, exc_info=(kind, exc, tb))
+            log.error("%s failed unexpectedly", self.api or "rpc", exc_info=exc_info or exc)
             message = f"internal error: {type(exc).__name__}: {exc}"
         else:
-            log.info("%s: %s: %s", self.api, code.name, exc)
+            log.info("%s: %s: %s", self.api or "rpc", code.name, exc)
             message = str(exc)
+        if len(message) > MAX_DETAILS_CHARS:
+            message = message[:MAX_DETAILS_CHARS] + f"... ({len(message)} characters)"
         self.context.abort(code, message)  # raises; the handler returns that status
 
 
-def _tensor_metadata(cls, spec):
-    return cls(name=spec.name, datatype=spec.datatype, shape=[-1, *spec.shape])
+def _tensor_metadata(meta: dict):
+    return pb.ModelMetadataResponse.TensorMetadata(name=meta["name"], datatype=meta["datatype"],
+                                                   shape=meta["shape"])
+
+
+def _parameter(parameter):
+    """An InferParameter's value (None when unset)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe V2 / open inference protocol, as Triton speaks it over gRPC."""
+    """KServe V2 / open inference protocol, as Triton speaks it over gRPC (a codec over DataPlane)."""
 
-    def __init__(self, hub: ModelHub, serving=lambda: True):
-        self.hub = hub
-        self.serving = serving  # False once shutdown began
+    def __init__(self, plane: DataPlane | ModelHub, serving=None):
+        if isinstance(plane, ModelHub):  # a hub alone: a data plane of its own
+            plane = DataPlane(plane, serving) if serving is not None else DataPlane(plane)
+        self.plane = plane
+        self.hub = plane.hub
 
     # ---- health and metadata ---------------------------------------------------------------
     def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.plane.live())
 
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=bool(self.serving() and self.hub.ready))
+        return pb.ServerReadyResponse(ready=bool(self.plane.ready()))
 
     def ModelReady(self, request, context):
-        with _Handler(self.hub, context, "ready"):
-            return pb.ModelReadyResponse(ready=bool(self.serving() and self.hub.model_ready(request.name,
-                                                                                            request.version)))
+        with _Handler(self.plane, context):
+            return pb.ModelReadyResponse(ready=bool(self.plane.model_ready(request.name, request.version)))
 
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
+        meta = self.plane.server_metadata()
+        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
     def ModelMetadata(self, request, context):
-        with _Handler(self.hub, context, "metadata"):
-            target = self.hub.find(request.name)
-            self.hub.model_ready(request.name, request.version)  # validates the version
-            response = pb.ModelMetadataResponse(name=request.name)
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            if isinstance(target, ServedModel):
-                if target.entry is None:
-                    raise ModelLoadError(f"model '{request.name}' has no valid configuration: {target.reason}")
-                response.platform = target.entry.platform
-                response.versions.extend([str(target.version)] if target.version is not None
-                                         else [str(v) for v in target.entry.versions])
-                response.inputs.append(_tensor_metadata(tensor, target.entry.input_spec))
-                response.outputs.append(_tensor_metadata(tensor, target.entry.output_spec))
-            else:
-                response.platform = ENSEMBLE_PLATFORM
-                response.versions.append("1")
-                first = self.hub.members(request.name)[0]
-                if first.entry is not None:
-                    response.inputs.append(_tensor_metadata(tensor, self.hub.input_spec(request.name)))
-                    response.outputs.append(_tensor_metadata(tensor, first.entry.output_spec))
-            return response
+        with _Handler(self.plane, context):
+            meta = self.plane.model_metadata(request.name, request.version)
+            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                            inputs=[_tensor_metadata(t) for t in meta["inputs"]],
+                                            outputs=[_tensor_metadata(t) for t in meta["outputs"]])
 
     def ModelConfig(self, request, context):
-        with _Handler(self.hub, context, "config"):
-            target = self.hub.find(request.name)
-            self.hub.model_ready(request.name, request.version)
+        with _Handler(self.plane, context):
             response = pb.ModelConfigResponse()
-            if isinstance(target, ServedModel):
-                if target.entry is None:
-                    raise ModelLoadError(f"model '{request.name}' has no valid configuration: {target.reason}")
-                response.config.CopyFrom(target.entry.config)
-                return response
-            members = self.hub.members(request.name)
-            config = response.config
-            config.name, config.platform = request.name, ENSEMBLE_PLATFORM
-            entries = [m.entry for m in members if m.entry is not None]
-            if entries:
-                config.max_batch_size = min(e.max_batch_size for e in entries)
-                config.input.extend([entries[0].config.input[0]])
-                config.output.extend([entries[0].config.output[0]])
-            config.parameters["members"].string_value = ",".join(target.ensemble.members)
-            config.parameters["fusion"].string_value = target.ensemble.fusion
+            response.config.CopyFrom(self.plane.model_config(request.name, request.version))
             return response
 
     def RepositoryIndex(self, request, context):
-        with _Handler(self.hub, context, "index"):
-            if request.repository_name not in ("", "models", self.hub.repository.root.name):
-                raise ModelNotFoundError(
-                    f"received repository name {request.repository_name!r}; this server has one repository, "
-                    f"{self.hub.repository.root.name!r} (or send an empty name)"
-                )
-            response = pb.RepositoryIndexResponse()
+        with _Handler(self.plane, context):
             index = pb.RepositoryIndexResponse.ModelIndex
-            for name in self.hub.repository.names():
-                served = self.hub.models.get(name)
-                if served is None:
-                    item = index(name=name, state=UNAVAILABLE, reason="not loaded (not named in --models)")
-                else:
-                    item = index(name=name, version="" if served.version is None else str(served.version),
-                                 state=served.state, reason=served.reason)
-                if not request.ready or item.state == READY:
-                    response.models.append(item)
-            for served in self.hub.ensembles.values():
-                if not request.ready or served.ready:
-                    response.models.append(index(name=served.name, version="1", state=served.state,
-                                                 reason=served.reason))
-            return response
+            items = self.plane.repository_index(request.repository_name, bool(request.ready))
+            return pb.RepositoryIndexResponse(models=[index(**item) for item in items])
 
     def ModelStatistics(self, request, context):
-        with _Handler(self.hub, context, "statistics"):
-            if request.name:
-                self.hub.model_ready(request.name, request.version)
-                names = [request.name]
-            else:
-                names = self.hub.names()
+        with _Handler(self.plane, context):
             response = pb.ModelStatisticsResponse()
-            for name in names:
-                target = self.hub.find(name)
-                snap = self.hub.metrics.model(name).snapshot()
-                version = str(target.version) if isinstance(target, ServedModel) and target.version else "1"
-                stats = response.model_stats.add(name=name, version=version,
-                                                 last_inference=snap["last_inference"],
-                                                 inference_count=snap["inference_count"],
-                                                 execution_count=snap["execution_count"])
-                for key in ("success", "fail", "queue", "compute_infer"):
-                    count, ns = snap[key]
-                    getattr(stats.inference_stats, key).count = count
-                    getattr(stats.inference_stats, key).ns = ns
-                for size, (count, ns) in snap["batches"].items():
-                    batch = stats.batch_stats.add(batch_size=size)
-                    batch.compute_infer.count, batch.compute_infer.ns = count, ns
+            for item in self.plane.model_statistics(request.name, request.version):
+                stats = response.model_stats.add(name=item["name"], version=item["version"],
+                                                 last_inference=item["last_inference"],
+                                                 inference_count=item["inference_count"],
+                                                 execution_count=item["execution_count"])
+                for key, value in item["inference_stats"].items():
+                    getattr(stats.inference_stats, key).count = value["count"]
+                    getattr(stats.inference_stats, key).ns = value["ns"]
+                for batch in item["batch_stats"]:
+                    entry = stats.batch_stats.add(batch_size=batch["batch_size"])
+                    entry.compute_infer.count = batch["compute_infer"]["count"]
+                    entry.compute_infer.ns = batch["compute_infer"]["ns"]
             return response
 
     # ---- inference -------------------------------------------------------------------------
     def ModelInfer(self, request, context):
-        with _Handler(self.hub, context, "infer", [request.model_name]):
-            name = request.model_name
-            self.hub.ready_model(name, request.model_version)
-            spec = self.hub.input_spec(name)
-            output_name = self.hub.members(name)[0].entry.output_spec.name
-            batch = _input_array(request, spec, name)
-            class_count = 0
-            for wanted in request.outputs:
-                if wanted.name != output_name:
-                    raise InvalidInputError(
-                        f"model '{name}': received requested output {wanted.name!r}, expected {output_name!r}"
-                    )
-                if "classification" in wanted.parameters:
-                    class_count = _class_count(wanted.parameters["classification"], name)
+        with _Handler(self.plane, context, "infer", [request.model_name]):
             fusion = None
             if "fusion" in request.parameters:
                 fusion = request.parameters["fusion"].string_param
-            result = self.hub.infer(name, request.model_version, batch, _deadline(context), fusion=fusion,
-                                    submitted=_cancel_on_termination(context))
-            probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
-            response = pb.ModelInferResponse(model_name=name, model_version=result.version, id=request.id)
-            if class_count:
-                labels = self.hub.members(name)[0].runner.labels
-                top = _classification(probs, class_count, labels)
-                response.outputs.add(name=output_name, datatype="BYTES", shape=[probs.shape[0], top.shape[1]])
-                response.raw_output_contents.append(_bytes_tensor(top))
-            else:
-                response.outputs.add(name=output_name, datatype="FP32", shape=list(probs.shape))
-                response.raw_output_contents.append(probs.tobytes())
+            answer = self.plane.infer(
+                InferRequest(request.model_name, request.model_version, _inputs(request),
+                             [_requested(o, request.model_name) for o in request.outputs], request.id, fusion,
+                             _deadline(context)),
+                submitted=_cancel_on_termination(context))
+            response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
+                                             id=answer.id)
+            for out in answer.outputs:
+                response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+                response.raw_output_contents.append(bytes_tensor(out.data) if out.datatype == "BYTES"
+                                                    else out.data.tobytes())
             return response
 
 
-def _class_count(parameter, name: str) -> int:
-    kind = parameter.WhichOneof("parameter_choice")
-    value = getattr(parameter, kind) if kind else None
-    if kind not in ("int64_param", "uint64_param") or value < 1:
+def _inputs(request) -> list[InferInput]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
-            f"model '{name}': received classification parameter {value!r} ({kind}); expected a positive integer"
+            f"model '{request.model_name}': received {len(raw)} raw_input_contents for {len(request.inputs)} input(s)"
         )
-    return int(value)
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        field = _CONTENTS.get(tensor.datatype)
+        item = InferInput(tensor.name, tensor.datatype, list(tensor.shape), source="raw_input_contents",
+                          hint=f"raw_input_contents or contents.{field or 'uint_contents'}")
+        if raw:
+            item.raw = raw[i]
+        elif tensor.HasField("contents") and field is not None:
+            item.values, item.source = getattr(tensor.contents, field), f"contents.{field}"
+        inputs.append(item)
+    return inputs
 
 
-def _classification(probs: np.ndarray, count: int, labels) -> np.ndarray:
-    """Triton's classification extension: per image the top `count` classes as b"probability:index[:label]"."""
-    count = min(count, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :count]
-    rows = []
-    for row, indices in enumerate(order):
-        items = []
-        for i in indices:
-            label = labels[i] if labels and i < len(labels) else ""
-            items.append(f"{probs[row, i]:f}:{int(i)}" + (f":{label}" if label else ""))
-        rows.append([item.encode() for item in items])
-    return np.array(rows, dtype=object)
-
-
-def _bytes_tensor(values: np.ndarray) -> bytes:
-    """A BYTES tensor's raw contents: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(len(v).to_bytes(4, "little") + v for v in values.ravel())
-
-
-def _input_array(request, spec, name: str) -> np.ndarray:
-    """The request's one input tensor as a numpy array, checked against the model's input."""
-    if len(request.inputs) != 1:
-        raise InvalidInputError(
-            f"model '{name}': received {len(request.inputs)} input tensors, expected exactly 1 ('{spec.name}')"
-        )
-    tensor = request.inputs[0]
-    if tensor.name != spec.name:
-        raise InvalidInputError(f"model '{name}': received input {tensor.name!r}, expected {spec.name!r}")
-    dtype = datatypes.from_v2(tensor.datatype)
-    if dtype != spec.dtype:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received datatype {tensor.datatype}, expected {spec.datatype}"
-        )
-    shape = tuple(int(d) for d in tensor.shape)
-    expected = ("N", *spec.shape)
-    if len(shape) != len(expected) or any(d < 0 for d in shape) or any(
-            want != -1 and got != want for got, want in zip(shape[1:], spec.shape)):
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received shape {list(shape)}, expected {list(expected)} (-1 = any)"
-        )
-    count = int(np.prod(shape))
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
+def _requested(wanted, model: str) -> RequestedOutput:
+    count = 0
+    if "classification" in wanted.parameters:
+        parameter = wanted.parameters["classification"]
+        kind = parameter.WhichOneof("parameter_choice")
+        value = _parameter(parameter)
+        if kind not in ("int64_param", "uint64_param") or value < 1:
             raise InvalidInputError(
-                f"model '{name}': received {len(request.raw_input_contents)} raw_input_contents for 1 input"
+                f"model '{model}': received classification parameter {shown(value)} ({kind}); "
+                "expected a positive integer"
             )
-        data = request.raw_input_contents[0]
-        want = count * dtype.itemsize
-        if len(data) != want:
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received {len(data)} bytes of raw_input_contents, "
-                f"expected {want} bytes for shape {list(shape)} {tensor.datatype}"
-            )
-        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-    field = _CONTENTS.get(tensor.datatype)
-    if not tensor.HasField("contents") or field is None:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received no data; expected raw_input_contents or "
-            f"contents.{field or 'uint_contents'}"
-        )
-    values = getattr(tensor.contents, field)
-    if len(values) != count:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received {len(values)} values in contents.{field}, "
-            f"expected {count} for shape {list(shape)}"
-        )
-    wide = np.asarray(values)
-    if dtype.kind in "iu" and wide.size:
-        info = np.iinfo(dtype)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received values in [{wide.min()}, {wide.max()}], "
-                f"expected {tensor.datatype} values in [{info.min}, {info.max}]"
-            )
-    return wide.astype(dtype).reshape(shape)
+        count = int(value)
+    return RequestedOutput(wanted.name, count)
 
 
 def _predictions(items) -> list:
@@ -387,14 +258,15 @@ def _predictions(items) -> list:
 class ClassifyServicer(kpb_grpc.ClassifierServicer):
     """Image bytes in, labels out (see proto/kestrel.proto)."""
 
-    def __init__(self, hub: ModelHub):
-        self.hub = hub
+    def __init__(self, plane: DataPlane | ModelHub):
+        self.plane = plane if isinstance(plane, DataPlane) else DataPlane(plane)
+        self.hub = self.plane.hub
 
     def Classify(self, request, context):
         names = list(request.models)
-        with _Handler(self.hub, context, "classify", names):
-            result = self.hub.classify(request.image, names, request.top_k, request.fusion, _deadline(context),
-                                       submitted=_cancel_on_termination(context))
+        with _Handler(self.plane, context, "classify", names):
+            result = self.plane.classify(request.image, names, request.top_k, request.fusion, _deadline(context),
+                                         submitted=_cancel_on_termination(context))
             response = kpb.ClassifyResponse(image_height=result.image_size[0], image_width=result.image_size[1],
                                             decode_ms=result.decode_s * 1e3, total_ms=result.total_s * 1e3)
             for answer in result.models:
@@ -409,16 +281,16 @@ class ClassifyServicer(kpb_grpc.ClassifierServicer):
             return response
 
     def ListModels(self, request, context):
+        listing = self.plane.list_models()
         response = kpb.ListModelsResponse()
-        for served in self.hub.models.values():
-            info = response.models.add(name=served.name, state=served.state, reason=served.reason)
-            if served.entry is not None:
-                info.platform = served.entry.platform
-                info.num_classes = served.entry.output_spec.shape[0]
-                info.input_height, info.input_width = served.entry.input_spec.shape[:2]
-        for served in self.hub.ensembles.values():
-            response.ensembles.add(name=served.name, state=served.state, reason=served.reason,
-                                   members=served.ensemble.members, fusion=served.ensemble.fusion)
+        for item in listing["models"]:
+            info = response.models.add(name=item["name"], state=item["state"], reason=item["reason"])
+            if "platform" in item:
+                info.platform, info.num_classes = item["platform"], item["num_classes"]
+                info.input_height, info.input_width = item["input_size"]
+        for item in listing["ensembles"]:
+            response.ensembles.add(name=item["name"], state=item["state"], reason=item["reason"],
+                                   members=item["members"], fusion=item["fusion"])
         return response
 
 

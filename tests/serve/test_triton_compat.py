@@ -200,7 +200,7 @@ def test_tritonclient_against_the_server(onnx_server, tmp_path):
         np.testing.assert_allclose([float(item.split(":")[0]) for item in items], row[order], atol=1e-6)
     errors = report["errors"]
     assert errors["unknown_model"][0] == "StatusCode.NOT_FOUND"
-    assert errors["wrong_datatype"][0] == "StatusCode.INVALID_ARGUMENT" and "received datatype FP32" in errors["wrong_datatype"][1]
+    assert errors["wrong_datatype"][0] == "StatusCode.INVALID_ARGUMENT" and "received datatype 'FP32'" in errors["wrong_datatype"][1]
     assert errors["wrong_shape"][0] == "StatusCode.INVALID_ARGUMENT" and "received shape [2, 15, 16, 3]" in errors["wrong_shape"][1]
     assert errors["empty_batch"][0] == "StatusCode.INVALID_ARGUMENT" and "empty batch" in errors["empty_batch"][1]
     assert errors["unknown_output"][0] == "StatusCode.INVALID_ARGUMENT" and "'logits'" in errors["unknown_output"][1]

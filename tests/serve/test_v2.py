@@ -113,7 +113,7 @@ def test_model_infer_ensemble_fuses_members(v2):
     (dict(version="3"), grpc.StatusCode.NOT_FOUND, ["no version 3"]),
     (dict(version="x"), grpc.StatusCode.NOT_FOUND, ["received version 'x'"]),
     (dict(model="broken"), grpc.StatusCode.UNAVAILABLE, ["not ready", "simulated load failure"]),
-    (dict(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, ["received datatype FP32", "expected UINT8"]),
+    (dict(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, ["received datatype 'FP32'", "expected 'UINT8'"]),
     (dict(datatype="FOO"), grpc.StatusCode.INVALID_ARGUMENT, ["unsupported datatype 'FOO'"]),
     (dict(shape=[3, 32, 32]), grpc.StatusCode.INVALID_ARGUMENT, ["received shape [3, 32, 32]", "expected ['N', 32, 32, 3]"]),
     (dict(shape=[3, 31, 32, 3]), grpc.StatusCode.INVALID_ARGUMENT, ["received shape [3, 31, 32, 3]"]),
@@ -220,7 +220,7 @@ def test_default_limit_carries_32_float32_images(fake_repo):
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             floats = np.zeros((32, 224, 224, 3), np.float32)
             code, details = _status(stub.ModelInfer, _request("a", batch=floats, datatype="FP32"))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and "received datatype FP32" in details
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "received datatype 'FP32'" in details
     finally:
         server.stop(1)
 
