@@ -255,6 +255,7 @@ class DataPlane:
         self._serving = serving
         self._inflight = 0
         self._idle = threading.Condition()
+        self.draining = False  # readiness false while work is still served (SIGTERM with --drain-delay)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
@@ -297,13 +298,13 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.serving and self.hub.ready
+        return self.serving and not self.draining and self.hub.ready
 
     def server_metadata(self) -> dict:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        return self.serving and self.hub.model_ready(name, version or "")
+        return self.serving and not self.draining and self.hub.model_ready(name, version or "")
 
     def target(self, name: str, version: str = "") -> ServedModel | ServedEnsemble:
         """The model or ensemble `name` (any state), its version checked."""

@@ -80,7 +80,7 @@ class Server:
     def set_not_ready(self) -> None:
         """Readiness false (HTTP /v2/health/ready, V2 ServerReady, gRPC health NOT_SERVING) while requests
         are still served: load balancers take the server out before stop() closes the ports."""
-        self._serving = False
+        self.plane.draining = True
         self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None = 10.0) -> None:
@@ -191,7 +191,8 @@ def create_server(
                 raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror}") from None
         if http_port is not None:
             try:
-                frontend = HttpFrontend(hub, host=host, port=http_port, serving=lambda: server.serving,
+                frontend = HttpFrontend(hub, host=host, port=http_port,
+                                        serving=lambda: server.serving and not server.plane.draining,
                                         max_body_mb=max_message_mb).start()
             except OSError as exc:
                 raise ConfigError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror}") from None
