@@ -23,6 +23,7 @@ _EXTRAS = {
     "locust": ("locust", "bench"),
     "matplotlib": ("matplotlib", "bench"),
     "flask": ("flask", "bench"),
+    "ray": ("ray[serve]", "scale"),
 }
 
 
