@@ -21,7 +21,7 @@ KERAS_HOME_COPY := 1
 endif
 endif
 
-.PHONY: install proto test test-all demo bench bench-smoke clean keras-home
+.PHONY: install proto test test-all demo bench bench-smoke clean keras-home scale-test
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -67,5 +67,17 @@ bench: install keras-home
 bench-smoke: install
 	$(PY) -m benchmarks --smoke $(BENCH_ARGS)
 
+# Kestrel on a real local two-node Ray cluster (tests/deploy/test_ray_cluster.py): exports mobilenet_v2
+# (real weights) into $(SCALE_REPO) with .venv, then runs the test from its own .venv-scale
+# (kestrel[cpu,dev,scale]: Ray never shares a venv with the other pins). Results: .cache/scale-test-results.json
+SCALE_VENV ?= .venv-scale
+SCALE_REPO ?= .cache/scale-repo
+scale-test: install keras-home
+	test -f $(SCALE_REPO)/mobilenet_v2/config.pbtxt || nice -n 10 $(PY) -m export mobilenet_v2 --repository $(SCALE_REPO) --quiet
+	test -x $(SCALE_VENV)/bin/python || $(PYTHON) -m venv $(SCALE_VENV)
+	$(SCALE_VENV)/bin/python -m pip install -q -e ".[cpu,dev,scale]"
+	KESTREL_SCALE_REPOSITORY=$(abspath $(SCALE_REPO)) nice -n 10 $(SCALE_VENV)/bin/python -m pytest \
+		tests/deploy -m slow -v -s -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) $(PROTO_OUT)/*_pb2*.py .cache
+	rm -rf $(VENV) $(SCALE_VENV) $(PROTO_OUT)/*_pb2*.py .cache

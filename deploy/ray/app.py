@@ -171,7 +171,10 @@ class ModelReplica:
         self.served = self.hub.models[name]
         # result() blocks: waiting requests park here, already queued in the batcher (so they batch)
         self._waiters = ThreadPoolExecutor(max_workers=waiters, thread_name_prefix=f"wait-{name}")
-        log.info("replica of %s ready (pid %d)", name, os.getpid())
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+        log.info("replica of %s ready (pid %d, node %s)", name, os.getpid(), self.node)
 
     async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> dict:
         """Probabilities of a uint8 batch and how it ran (queue and compute time, executed batch size)."""
@@ -183,11 +186,11 @@ class ModelReplica:
             pending.cancel()
             raise
         return {"probabilities": run.probabilities, "queue_s": run.queue_s, "compute_s": run.compute_s,
-                "batch_size": run.batch_size, "pid": os.getpid()}
+                "batch_size": run.batch_size, "pid": os.getpid(), "node": self.node}
 
     def statistics(self) -> dict:
         """This replica's counters (the V2 ModelStatistics values) and where it runs."""
-        return {"pid": os.getpid(), "node": os.uname().nodename, **self.hub.metrics.model(self.name).snapshot()}
+        return {"pid": os.getpid(), "node": self.node, **self.hub.metrics.model(self.name).snapshot()}
 
     def check_health(self) -> None:
         if not self.served.ready:
