@@ -110,10 +110,10 @@ class _Protocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: str, message: str) -> None:
         log.debug("http %s: %d %s", self.client, status, message)
         self._disarm()
-        if self.cycle is None or self.cycle.response_complete:
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
             self.transport.write(_error_bytes(status, reason, message))
-        elif self.cycle is not None:
-            self.cycle.disconnected = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # the app's receive() answers http.disconnect; its send() is dropped
             self.cycle.message_event.set()
         self.transport.close()
 
