@@ -94,8 +94,8 @@ def error_response(exc: BaseException, request: Request | None = None) -> Respon
     if status >= 500 and not isinstance(exc, (KestrelError, HttpError, HTTPException)):
         log.error("http %s failed unexpectedly", where, exc_info=exc)
         message = f"internal error: {type(exc).__name__}: {exc}"
-    else:
-        log.info("http %s: %d: %s", where, status, exc)
+    else:  # a client's mistake is not the operator's news (and must not flood the log): debug
+        log.log(logging.DEBUG if status < 500 else logging.INFO, "http %s: %d: %s", where, status, exc)
         message = exc.detail if isinstance(exc, HTTPException) else str(exc)
     if isinstance(exc, ResourceExhaustedError) and status == 503:
         headers["Retry-After"] = "1"

@@ -419,6 +419,32 @@ def test_page_and_static_files_are_served_locally(web):
     assert web.request("GET", "/static/.hidden")[0] == 404
 
 
+def test_security_headers_on_the_page_the_api_and_errors(web):
+    for method, path in [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/v2/models/a"), ("GET", "/nothing"),
+                         ("POST", "/v2/models/a/infer")]:
+        status, headers, _ = web.request(method, path, b"{}" if method == "POST" else None)
+        assert headers["X-Content-Type-Options"] == "nosniff", (path, status)
+        assert headers["X-Frame-Options"] == "DENY"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
+
+
+def test_allowed_hosts_refuse_other_host_headers(hub):
+    from serve.http import HttpFrontend, HttpOptions
+
+    fe = HttpFrontend(hub, port=0, options=HttpOptions(allowed_hosts=["localhost", "*.kestrel.test"])).start()
+    try:
+        with _Conn(fe.port) as conn:
+            assert conn.request("GET", "/v2/health/live", headers={"Host": f"localhost:{fe.port}"})[0] == 200
+            assert conn.request("GET", "/v2/health/live", headers={"Host": "api.kestrel.test"})[0] == 200
+        for host in ("evil.example", f"127.0.0.1:{fe.port}"):  # a rebinding name, or one not listed
+            with _Conn(fe.port) as conn:
+                status, _, data = conn.request("GET", "/", headers={"Host": host})
+                assert status == 400 and b"host" in data.lower()
+    finally:
+        fe.stop(grace=1)
+
+
 def test_unknown_path_and_wrong_method(web):
     status, body = web.json("GET", "/v3/nothing")
     assert status == 404 and "/v3/nothing" in body["error"]
@@ -544,7 +570,8 @@ def test_http_port_in_use_is_a_clear_error(fake_repo, frontend):
 
 def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
     proc = serve_process("--repository", str(fake_repo), "--models", "a,b", "--ensemble", "ab=a,b",
-                         "--metrics-port", "-1")  # --port 0: the HTTP port defaults to a free one too
+                         "--metrics-port", "-1", "--allowed-hosts", "127.0.0.1,localhost")
+    # --port 0: the HTTP port defaults to a free one too
     http_port = __import__("json").loads(proc.port_file.read_text())["http_port"]
     assert http_port and f"HTTP on http://127.0.0.1:{http_port}/" in proc.output()
     with _Conn(http_port) as web:
@@ -552,6 +579,7 @@ def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
         assert classify(web, b"not an image", models="ab")[0] == 400
         status, body = classify(web, png_bytes(PICTURE), ensemble="ab")
         assert status == 200 and body["ensembles"][0]["name"] == "ab"
+        assert web.request("GET", "/v2/health/ready", headers={"Host": "rebound.example"})[0] == 400
     assert proc.stop() == 0
     assert "server stopped" in proc.output()
 
