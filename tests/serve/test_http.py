@@ -330,6 +330,8 @@ def test_classify_raw_image_body_with_query_parameters(web):
     (png_bytes(PICTURE), {"models": "a", "top_k": "three"}, 400, "received top_k='three'"),
     (png_bytes(PICTURE), {"models": "a", "fusion": "median"}, 400, "unknown fusion 'median'"),
     (png_bytes(PICTURE), {"models": "broken"}, 503, "simulated load failure"),
+    (png_bytes(PICTURE), {"models": "a", "fusion": "mean"}, 400, "single model 'a'"),
+    (png_bytes(PICTURE), {"models": "a", **{f"extra{i}": "x" for i in range(20)}}, 400, "Too many fields"),
 ])
 def test_bad_upload_is_a_4xx_json_error_then_a_good_one_works(web, image, fields, status, fragment):
     got, body = classify(web, image, filename="notes.txt", kind="text/plain", **fields)

@@ -527,3 +527,16 @@ def test_a_busy_port_is_a_clear_error(fake_repo, server):
 
     with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         create_server(fake_repo, models=["a"], port=server.port)
+
+
+def test_grpc_classify_with_a_fusion_for_a_single_model_is_refused(v2_server):
+    from serve import KestrelClient
+    from serve.errors import KestrelError
+    from serve_helpers import png_bytes
+
+    picture = png_bytes(BATCH[0])
+    with KestrelClient(f"127.0.0.1:{v2_server.port}", timeout=10) as client:
+        with pytest.raises(KestrelError) as info:
+            client.classify(picture, ["a"], fusion="majority")
+        assert info.value.code.name == "INVALID_ARGUMENT" and "single model 'a'" in str(info.value)
+        assert client.classify(picture, ["a", "c"], fusion="majority").ensembles[0].fusion == "majority"
