@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=_names,
                    help="variants to compare (default MODEL_keras,MODEL,MODEL_int8 [+ MODEL_trt_fp16 on a GPU])")
     p.add_argument("--baseline", help="variant the ratios are against (default the first variant)")
-    p.add_argument("--apis", type=_names, default=["classify", "infer"],
-                   help="classify (image files in) and/or infer (V2 uint8 batch); default both")
+    p.add_argument("--apis", type=_names, default=["classify", "infer", "http_classify"],
+                   help="classify (gRPC, image files in), infer (gRPC V2, uint8 batch), http_classify "
+                        "(POST /v1/classify on the HTTP port); default all three")
+    p.add_argument("--http-body", choices=("multipart", "raw"), default="multipart",
+                   help="http_classify uploads: multipart form (default) or the image as the raw body")
     p.add_argument("--levels", type=_ints, default=[1, 8, 32], help="concurrent clients (default 1,8,32)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per level (default 3)")
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per run (default 15)")
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         flask_args = ["--application", args.flask_application, "--weights", args.weights] if args.flask_application else None
         settings = server_bench.Settings(
             model=args.model, repository=args.repository, variants=args.variants, baseline=args.baseline,
-            apis=args.apis, levels=args.levels, repeats=args.repeats, duration_s=args.duration,
+            apis=args.apis, http_body=args.http_body,
+            levels=args.levels, repeats=args.repeats, duration_s=args.duration,
             warmup_s=args.warmup, batch=args.batch, export=not args.no_export, weights=args.weights,
             calibration=args.calibration, calibration_images=args.calibration_images, budget_s=args.budget * 60.0, flask_args=flask_args, **common)
     try:

@@ -115,6 +115,7 @@ class KestrelServer:
         self.process = Process("the Kestrel server", command, log_path, env=env)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -128,7 +129,7 @@ class KestrelServer:
                 return None
 
         info = wait_for(port, timeout=timeout, process=self.process, what="the server to listen")
-        self.port, self.metrics_port = int(info["port"]), info.get("metrics_port")
+        self.port, self.metrics_port, self.http_port = int(info["port"]), info.get("metrics_port"), info.get("http_port")
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

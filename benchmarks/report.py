@@ -109,6 +109,13 @@ def checks(meta: dict, rows: list[dict], agg: dict) -> list[dict]:
             out.append(dict(api=api, level=level,
                             criterion=f"{target} throughput >= {need:g}x {baseline}",
                             measured=f"{value:.2f}x", passed=bool(value >= need)))
+    for target in meta["variants"]:  # the HTTP port must not cost throughput against gRPC
+        g, h = agg.get(("classify", target, level)), agg.get(("http_classify", target, level))
+        if g and h:
+            value = _method.ratio(h["items_per_s"].median, g["items_per_s"].median)
+            out.append(dict(api="http_classify", level=level,
+                            criterion=f"{target}: HTTP Classify throughput >= 0.9x gRPC Classify",
+                            measured=f"{value:.2f}x", passed=bool(value >= 0.9)))
     a, f = agg.get(("classify", fp32, level)), agg.get(("classify", FLASK, level))
     if a and f:
         value = _method.ratio(a["items_per_s"].median, f["items_per_s"].median)
@@ -161,8 +168,11 @@ def tables(meta: dict, rows: list[dict], agg: dict) -> list[str]:
     lines = []
     for api in s["apis"]:
         targets = [t for t in meta["variants"]] + ([FLASK] if api == "classify" and meta.get("flask") else [])
-        what = ("Classify: the image file's bytes in, top-k out (decode + resize in the server)" if api == "classify"
-                else f"V2 ModelInfer: a uint8 batch of {s['batch']} in raw_input_contents, probabilities out")
+        what = {"classify": "Classify (gRPC): the image file's bytes in, top-k out (decode + resize in the server)",
+                "http_classify": "Classify over HTTP: POST /v1/classify with the image file ("
+                                 + ("the raw body" if s.get("http_body") == "raw" else "a multipart form upload")
+                                 + "), top-k JSON out"}.get(
+            api, f"V2 ModelInfer: a uint8 batch of {s['batch']} in raw_input_contents, probabilities out")
         lines += [f"### API: {api}", "", what, ""]
         header = ("| concurrency | target | images/s | p50 ms | p95 ms | p99 ms | batch | failed | x " + baseline
                   + (" | x Flask" if api == "classify" and meta.get("flask") else "") + " |")

@@ -44,8 +44,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared"
 LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 LOCUST_FLASK = ROOT / "benchmarks" / "locust_flask.py"
+LOCUST_HTTP = ROOT / "benchmarks" / "locust_http.py"
 FLASK = "flask"  # the reference target's name
-APIS = ("classify", "infer")
+APIS = ("classify", "infer", "http_classify")  # http_classify: POST /v1/classify on the HTTP port
 RUN_OVERHEAD_S = 5.0  # locust start-up and shut-down per run, for the time estimate
 
 
@@ -65,6 +66,7 @@ class Settings:
     batch: int = 1
     top_k: int = 5
     images: Path | None = None  # default ../shared/photos when present, else synthetic JPEGs
+    http_body: str = "multipart"  # http_classify uploads: multipart form (default) or raw (image as the body)
     encode: str = "jpeg"  # jpeg: every upload is JPEG bytes (other formats re-encoded once); asis: the files
     flask: bool = True
     flask_args: list[str] | None = None  # default: --model <repository>/<baseline>/1/model.keras
@@ -102,6 +104,8 @@ class Settings:
             raise KestrelError(f"unknown API(s) {unknown or s.apis}; expected some of {', '.join(APIS)}")
         if not s.levels or any(int(level) < 1 for level in s.levels):
             raise KestrelError(f"concurrency levels must be >= 1, received {s.levels}")
+        if s.http_body not in ("multipart", "raw"):
+            raise KestrelError(f"unknown HTTP body {s.http_body!r}; expected multipart or raw")
         if s.encode not in ("jpeg", "asis"):
             raise KestrelError(f"unknown encoding {s.encode!r}; expected jpeg or asis")
         if s.repeats < 1 or s.duration_s <= 0 or s.warmup_s < 0 or s.batch < 1:
@@ -238,7 +242,7 @@ def prepare_smoke(s: Settings, notes: list[str]) -> Settings:
 
 def smoke_settings(**overrides) -> Settings:
     """The `make bench-smoke` defaults: one level, one repeat, seconds per run."""
-    base = dict(model="smoke", apis=["classify", "infer"], levels=[2], repeats=1, duration_s=2.0, warmup_s=1.0,
+    base = dict(model="smoke", apis=["classify", "infer", "http_classify"], levels=[2], repeats=1, duration_s=2.0, warmup_s=1.0,
                 budget_s=120.0, start_timeout_s=120.0, smoke=True)
     base.update(overrides)
     return Settings(**base)
@@ -332,6 +336,9 @@ def run(settings: Settings) -> Path:
                 options["kestrel-images"] = s.images
             if target == FLASK:
                 locustfile, host = LOCUST_FLASK, flask.url
+            elif api == "http_classify":
+                locustfile, host = LOCUST_HTTP, f"http://127.0.0.1:{server.http_port}"
+                options.update({"kestrel-model": target, "kestrel-http-body": s.http_body})
             else:
                 locustfile, host = LOCUSTFILE, server.address
                 options.update({"kestrel-api": api, "kestrel-model": target, "kestrel-batch": s.batch})

@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=float, default=64.0,
                         help="largest gRPC message (and HTTP request body) in MiB (default 64: 32 float32 "
                              "224x224x3 images fit)")
+    http = parser.add_argument_group("HTTP port hardening (also the metrics port's connection limits)")
+    http.add_argument("--allowed-hosts", metavar="HOST[,HOST...]",
+                      help="Host headers the HTTP port accepts, e.g. localhost,127.0.0.1,*.example.com "
+                           "(default: any; set it against DNS rebinding when the page is reachable from a browser)")
+    http.add_argument("--http-header-timeout", type=float, default=10.0, metavar="S",
+                      help="seconds a request's line and headers may take in total (default 10)")
+    http.add_argument("--http-body-timeout", type=float, default=60.0, metavar="S",
+                      help="seconds a request's body may take in total (default 60)")
+    http.add_argument("--http-idle-timeout", type=float, default=30.0, metavar="S",
+                      help="seconds an idle keep-alive connection stays open (default 30)")
+    http.add_argument("--http-max-inflight", type=int, default=256, metavar="N",
+                      help="POST requests handled at once; more are answered 503 with Retry-After (default 256)")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -72,12 +84,24 @@ def main(argv=None) -> int:
 
     http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
     runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
+    for flag in ("http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_inflight"):
+        if getattr(args, flag) <= 0:
+            print(f"error: received --{flag.replace('_', '-')} {getattr(args, flag)}; expected a positive number",
+                  file=sys.stderr)
+            return 1
+    from .http import HttpLimits, HttpOptions
+
+    http_options = HttpOptions(max_body_mb=args.max_message_mb, threads=args.threads,
+                               max_inflight=args.http_max_inflight, allowed_hosts=_names(args.allowed_hosts))
+    http_limits = HttpLimits(header_timeout_s=args.http_header_timeout, body_timeout_s=args.http_body_timeout,
+                             idle_timeout_s=args.http_idle_timeout)
     try:
         server, port = create_server(
             args.repository, models=_names(args.models), ensembles=args.ensemble, host=args.host, port=args.port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_mb=args.max_message_mb,
             strict=args.strict, tls_cert=args.tls_cert, tls_key=args.tls_key, threads=args.threads,
-            runner_options=runner_options, http_port=None if http_port < 0 else http_port)
+            runner_options=runner_options, http_port=None if http_port < 0 else http_port,
+            http_options=http_options, http_limits=http_limits)
     except KestrelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

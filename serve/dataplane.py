@@ -27,7 +27,7 @@ import numpy as np
 
 from . import datatypes
 from ._proto import model_config_pb2
-from .ensemble import FUSIONS, check_fusion
+from .ensemble import FUSIONS
 from .errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, shown, status_of
 from .hub import READY, UNAVAILABLE, ClassifyResult, ModelHub, ServedEnsemble, ServedModel
 
@@ -94,6 +94,13 @@ class InferResponse:
     model_version: str
     id: str
     outputs: list[OutputTensor]
+
+
+def check_fusion(fusion: str) -> str:
+    """A fusion name from a request, its echo bounded."""
+    if fusion not in FUSIONS:
+        raise InvalidInputError(f"unknown fusion {shown(fusion)}; expected one of {', '.join(FUSIONS)}")
+    return fusion
 
 
 # ---- tensors --------------------------------------------------------------------------------

@@ -68,8 +68,9 @@ def decode(
         return to_rgb(image)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image {what} refused as a decompression bomb: {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own guard fired first: quote Kestrel's limit
+        raise ImageDecodeError(f"image {what} refused as a decompression bomb: it has more pixels than "
+                               f"Pillow opens; the limit is {max_pixels} pixels") from None
     except FileNotFoundError:
         raise ImageDecodeError(f"image file {what} does not exist") from None
     except Image.UnidentifiedImageError:

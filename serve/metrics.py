@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -91,16 +91,21 @@ class Metrics:
                 self._models[name] = ModelStats(name, self)
             return self._models[name]
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose /metrics on host:port (0 = any free port); returns the bound port."""
-        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = httpd
-        return int(httpd.server_address[1])
+    def serve_http(self, port: int, host: str = "127.0.0.1", limits=None) -> int:
+        """Expose /metrics on host:port (0 = any free port); returns the bound port. Served like the
+        HTTP port (uvicorn, one event loop, its connection limits: serve/http/_server.py), not a
+        thread per connection."""
+        from prometheus_client import make_asgi_app
+
+        from .http._server import HttpServer
+
+        self._http = HttpServer(make_asgi_app(self.registry), host=host, port=port, limits=limits,
+                                name="metrics").start()
+        return int(self._http.port)
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop(grace=1.0)
             self._http = None
 
 

@@ -7,8 +7,8 @@
 Services: inference.GRPCInferenceService (KServe V2), kestrel.v1.Classifier,
 grpc.health.v1.Health ("" and each service: SERVING once models are loaded and
 at least one is ready) and server reflection. With `http_port`, the same models
-and batchers also answer over HTTP (serve/http.py: KServe V2 REST, /v1/classify,
-the web page).
+and batchers also answer over HTTP (serve/http: KServe V2 REST, /v1/classify,
+the web page, /metrics).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ._proto import grpc_service_pb2, grpc_service_pb2_grpc, kestrel_pb2, kestre
 from .ensemble import Ensemble
 from .dataplane import DataPlane
 from .errors import ConfigError
-from .http import HttpFrontend
+from .http import HttpFrontend, HttpLimits, HttpOptions
 from .hub import ModelHub
 from .metrics import Metrics
 from .repository import ModelRepository
@@ -64,7 +64,7 @@ class Server:
         self.address = address
         self.port = port
         self.metrics_port = metrics_port
-        self.http = http  # the HTTP port (serve/http.py), or None
+        self.http = http  # the HTTP port (serve/http), or None
         self._serving = True
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -138,12 +138,15 @@ def create_server(
     runner_options: dict[str, dict] | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     http_port: int | None = None,
+    http_options: HttpOptions | None = None,
+    http_limits: HttpLimits | None = None,
 ) -> tuple[Server, int]:
     """Load the models, start serving on host:port (0 = a free port); returns (server, bound port).
 
     `metrics_port`: None = no Prometheus endpoint, 0 = a free port (server.metrics_port).
     `http_port`: None = no HTTP port, 0 = a free port (server.http_port); HTTP bodies are
-    capped at `max_message_mb` like gRPC messages.
+    capped at `max_message_mb` like gRPC messages. `http_options` (what the HTTP app accepts)
+    and `http_limits` (connection deadlines and sizes, also for the metrics port): serve/http.
     A model that fails to load is UNAVAILABLE with its reason; with `strict` it raises instead.
     """
     if (tls_cert is None) != (tls_key is None):
@@ -186,14 +189,14 @@ def create_server(
         holder["server"] = server
         if metrics_port is not None:
             try:
-                server.metrics_port = metrics.serve_http(metrics_port, host)
+                server.metrics_port = metrics.serve_http(metrics_port, host, limits=http_limits)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror}") from None
         if http_port is not None:
             try:
-                frontend = HttpFrontend(hub, host=host, port=http_port,
-                                        serving=lambda: server.serving and not server.plane.draining,
-                                        max_body_mb=max_message_mb).start()
+                options = http_options or HttpOptions(max_body_mb=max_message_mb, threads=threads)
+                frontend = HttpFrontend(plane, host=host, port=http_port, options=options, limits=http_limits,
+                                        metrics_registry=metrics.registry).start()
             except OSError as exc:
                 raise ConfigError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror}") from None
             server.http = frontend

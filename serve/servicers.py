@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # grpc-message travels in a header: a message echoing a huge request would be refused by the
 # client as RESOURCE_EXHAUSTED instead of carrying its own status
 MAX_DETAILS_CHARS = 2000
+_CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 # V2 datatype -> the InferTensorContents field that carries it
 _CONTENTS = {
@@ -118,8 +119,9 @@ class _Handler:
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed unexpectedly", self.api or "rpc", exc_info=exc_info or exc)
             message = f"internal error: {type(exc).__name__}: {exc}"
-        else:
-            log.info("%s: %s: %s", self.api or "rpc", code.name, exc)
+        else:  # a client's mistake is not the operator's news (and must not flood the log): debug
+            level = logging.DEBUG if code in _CLIENT_ERRORS else logging.INFO
+            log.log(level, "%s: %s: %s", self.api or "rpc", code.name, exc)
             message = str(exc)
         if len(message) > MAX_DETAILS_CHARS:
             message = message[:MAX_DETAILS_CHARS] + f"... ({len(message)} characters)"

@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = ["tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "onnxconverter_common", "tf_keras"]
-PACKAGES = ["serve", "export", "train", "benchmarks"]
+PACKAGES = ["serve", "export", "train", "benchmarks", "deploy"]
 # Modules that patch the process on import (gevent) are checked by their own tests.
-SKIP = {"benchmarks.locustfile", "benchmarks.locust_flask", "benchmarks._loadgen"}  # covered by make bench-smoke
+SKIP = {"benchmarks.locustfile", "benchmarks.locust_flask", "benchmarks.locust_http", "benchmarks._loadgen"}  # covered by make bench-smoke
 
 BLOCKER = textwrap.dedent(
     f"""

@@ -1,8 +1,10 @@
-"""The HTTP port: KServe V2 REST, Kestrel's classify endpoint and the web page, over the server's ModelHub.
+"""The HTTP port: KServe V2 REST, Kestrel's classify endpoint, the web page and /metrics, as a
+Starlette (ASGI) app over the server's DataPlane, served by uvicorn.
 
-    frontend = HttpFrontend(hub, host="127.0.0.1", port=0).start()   # same models and batchers as gRPC
-    print(frontend.port)
-    frontend.stop(grace=10)     # refuse new requests, finish in-flight ones
+    app = create_app(DataPlane(hub), HttpOptions())          # an ASGI app: mount it in any ASGI server
+    frontend = HttpFrontend(plane, host="127.0.0.1", port=0).start()   # or run it here, in a thread
+    frontend.port
+    frontend.stop(grace=10)     # close the listener, finish in-flight requests
 
 Endpoints (JSON unless said otherwise):
 
@@ -22,31 +24,71 @@ Endpoints (JSON unless said otherwise):
     POST /v1/classify                             multipart/form-data: image (file), models (a,b or
                                                   repeated), ensemble, top_k, fusion; or the image as the
                                                   raw body (Content-Type image/*) with those as ?query
+    GET  /metrics                                 Prometheus text format (also on --metrics-port)
 
-Prometheus metrics stay on the metrics port (--metrics-port), as in Triton.
-
-serve/http/_responses.py is the only place that maps Kestrel's exceptions to HTTP status codes:
-
-    ModelNotFoundError                      404
-    InvalidInputError, ImageDecodeError     400
-    ModelLoadError (model not ready)        503
-    ResourceExhaustedError (queue full)     503 with Retry-After: 1
-    DeadlineExceededError                   504
-    a body over the size limit              413
-    anything else                           500  (logged with its traceback)
-
-Error bodies are {"error": "<what was received, what was expected>"}, the
-shape tritonclient reads. Requests run on a thread per connection (HTTP/1.1
-keep-alive); a bad request gets its status and the server keeps serving.
-
-Modules: _frontend (HttpFrontend: endpoints, start/stop) · _handler (routes, bodies,
-keep-alive, sending) · _responses (errors -> statuses) · _v2 (tensors) · _multipart.
+Errors are {"error": "<what was received, what was expected>"} (the shape tritonclient reads),
+with the HTTP status of serve.errors.STATUS; 413 for a body over its limit, 415 for a media
+type, 404/405 for routes. Modules: _app (the Starlette app, endpoints) · _v2 (V2 JSON codec) ·
+_server (uvicorn in a thread, with the connection limits of HttpLimits).
 """
 
-from ._frontend import DEFAULT_MAX_BODY_MB, EXTENSIONS, WEB_ROOT, HttpFrontend
-from ._handler import ROUTES
-from ._multipart import parse_multipart
-from ._responses import HttpError, status_for
+from __future__ import annotations
 
-__all__ = ["DEFAULT_MAX_BODY_MB", "EXTENSIONS", "HttpError", "HttpFrontend", "ROUTES", "WEB_ROOT", "parse_multipart",
-           "status_for"]
+from typing import Callable
+
+from ..dataplane import EXTENSIONS as _V2_EXTENSIONS
+from ..dataplane import DataPlane
+from ..hub import ModelHub
+from ._app import DEFAULT_MAX_BODY_MB, HTTP_EXTENSIONS, WEB_ROOT, HttpError, HttpOptions, create_app, metrics_route
+from ._server import HttpLimits, HttpServer
+
+EXTENSIONS = HTTP_EXTENSIONS + _V2_EXTENSIONS
+
+
+class HttpFrontend:
+    """The HTTP port of a Kestrel server: create_app(plane) on an HttpServer."""
+
+    def __init__(self, plane: DataPlane | ModelHub, *, host: str = "127.0.0.1", port: int = 8000,
+                 serving: Callable[[], bool] | None = None, options: HttpOptions | None = None,
+                 limits: HttpLimits | None = None, metrics_registry=None):
+        if isinstance(plane, ModelHub):
+            plane = DataPlane(plane, serving) if serving is not None else DataPlane(plane)
+        self.plane = plane
+        self.options = options or HttpOptions()
+        if metrics_registry is not None:
+            self.options.extra_routes = [*self.options.extra_routes, metrics_route(metrics_registry)]
+        self.app = create_app(plane, self.options)
+        self.server = HttpServer(self.app, host=host, port=port, limits=limits, name="http")
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port
+
+    @property
+    def accepting(self) -> bool:
+        return self.server.accepting
+
+    def start(self) -> "HttpFrontend":
+        """Bind and serve in a background thread; OSError if the address cannot be bound."""
+        try:
+            self.server.start()
+        except BaseException:
+            self.app.state.kestrel.close()
+            raise
+        return self
+
+    def stop_accepting(self) -> None:
+        self.server.stop_accepting()
+
+    def wait(self, grace: float | None = 10.0) -> bool:
+        done = self.server.wait(grace)
+        self.app.state.kestrel.close()
+        return done
+
+    def stop(self, grace: float | None = 10.0) -> bool:
+        self.stop_accepting()
+        return self.wait(grace)
+
+
+__all__ = ["DEFAULT_MAX_BODY_MB", "EXTENSIONS", "HttpError", "HttpFrontend", "HttpLimits", "HttpOptions", "HttpServer",
+           "WEB_ROOT", "create_app", "metrics_route"]

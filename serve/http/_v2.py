@@ -1,125 +1,172 @@
-"""KServe V2 over HTTP/JSON: tensors from a request (JSON "data" or the binary tensor data extension)
-and BYTES serialization for the classification extension."""
+"""KServe V2 over HTTP/JSON, the codec: a request body (JSON "data", or the binary tensor data
+extension) -> serve.dataplane.InferRequest, and its InferResponse -> JSON (+ binary outputs).
+Also the JSON shape of a Classify answer. Runs in a worker thread: parsing is CPU work."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+from starlette.responses import Response
 
-from .. import datatypes
-from ..errors import InvalidInputError
+from ..dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor
+from ..ensemble import FUSIONS
+from ..errors import InvalidInputError, shown
+from ..hub import ClassifyResult
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def tensor_metadata(spec) -> dict:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.shape]}
 
 
 def flag(value, what: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise InvalidInputError(f"received {what}={value!r}; expected true or false")
+    raise InvalidInputError(f"received {what}={shown(value)}; expected true or false")
 
 
-def input_array(request: dict, binary: memoryview, spec, name: str) -> np.ndarray:
-    """The request's one input tensor as a numpy array, checked against the model's input."""
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        count = len(inputs) if isinstance(inputs, list) else "no"
-        raise InvalidInputError(
-            f"model '{name}': received {count} input tensors, expected exactly 1 ('{spec.name}') in \"inputs\""
-        )
-    tensor = inputs[0]
-    if tensor.get("name") != spec.name:
-        raise InvalidInputError(f"model '{name}': received input {tensor.get('name')!r}, expected {spec.name!r}")
-    datatype = tensor.get("datatype")
-    dtype = datatypes.from_v2(datatype) if isinstance(datatype, str) else None
-    if dtype != spec.dtype:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received datatype {datatype!r}, expected {spec.datatype!r}"
-        )
-    raw_shape = tensor.get("shape")
-    expected = ["N", *spec.shape]
-    if not isinstance(raw_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw_shape):
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received shape {raw_shape!r}, expected a list of integers "
-            f"{expected} (-1 = any)"
-        )
-    shape = tuple(raw_shape)
-    if len(shape) != len(expected) or any(d < 0 for d in shape) or any(
-            want != -1 and got != want for got, want in zip(shape[1:], spec.shape)):
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received shape {list(shape)}, expected {expected} (-1 = any)"
-        )
-    count = int(np.prod(shape))
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInputError(f"model '{name}' input '{spec.name}': \"parameters\" must be an object")
-    if "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
-        want = count * dtype.itemsize
-        if not isinstance(size, int) or size != want:
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received binary_data_size {size!r}, "
-                f"expected {want} bytes for shape {list(shape)} {datatype}"
-            )
-        if len(binary) != size:
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received {len(binary)} bytes of binary data after the "
-                f"JSON header, expected binary_data_size={size}"
-            )
-        return np.frombuffer(binary, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-    if len(binary):
-        raise InvalidInputError(
-            f"model '{name}': received {len(binary)} bytes of binary data but no input declares binary_data_size"
-        )
-    if "data" not in tensor:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received no data; expected \"data\" (a list of numbers) or "
-            "parameters.binary_data_size with the binary tensor data extension"
-        )
-    try:
-        values = np.asarray(tensor["data"])
-    except ValueError:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received ragged nested \"data\"; expected a flat or "
-            f"row-major nested list of {count} numbers"
-        ) from None
-    if values.size != count:
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received {values.size} values in \"data\", "
-            f"expected {count} for shape {list(shape)}"
-        )
-    if dtype.kind in "iu":
-        if values.size and values.dtype.kind not in "iu":
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received {values.dtype.name} values in \"data\", "
-                f"expected integers for {datatype}"
-            )
-        info = np.iinfo(dtype)
-        if values.size and (values.min() < info.min or values.max() > info.max):
-            raise InvalidInputError(
-                f"model '{name}' input '{spec.name}': received values in [{values.min()}, {values.max()}], "
-                f"expected {datatype} values in [{info.min}, {info.max}]"
-            )
-    elif values.size and values.dtype.kind not in "iufb":
-        raise InvalidInputError(
-            f"model '{name}' input '{spec.name}': received {values.dtype.name} values, expected numbers"
-        )
-    return values.astype(dtype).reshape(shape)
-
-
-def serialize_bytes(items: list[bytes]) -> bytes:
-    """V2 BYTES tensor: each element as a 4-byte little-endian length and its bytes."""
-    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
-
-
-def loads(data: bytes, what: str):
-    if not data.strip():
+def loads(data: bytes | memoryview, what: str, optional: bool = False):
+    """JSON -> Python; a body that is not JSON, or nested too deeply to parse, is InvalidInputError."""
+    text = bytes(data)
+    if not text or text.isspace():
+        if optional:
+            return None
         raise InvalidInputError(f"received an empty body; expected {what} as JSON")
     try:
-        return json.loads(data)
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidInputError(f"received JSON nested too deeply to parse; expected {what}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"received a body that is not valid JSON ({exc}); expected {what}") from None
+        raise InvalidInputError(f"received a body that is not valid JSON ({shown(str(exc))[1:-1]}); "
+                                f"expected {what}") from None
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"received {what} that is not a JSON object")
+    return value
+
+
+def request_from_json(model: str, version: str, body: bytes, header_length: str | None,
+                      started: float) -> tuple[InferRequest, dict, bool]:
+    """(the InferRequest, the JSON request, the binary_data_output default) of a V2 HTTP infer body."""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise InvalidInputError(
+                f"received {HEADER_LENGTH}: {shown(header_length)} with a body of {len(body)} bytes; expected the "
+                "length of the JSON header, at most the body's length"
+            )
+        split = int(header_length)
+    else:
+        split = len(body)
+    view = memoryview(body)
+    request = loads(view[:split], "a V2 inference request")
+    if not isinstance(request, dict):
+        raise InvalidInputError(f"received a JSON {type(request).__name__}; expected a V2 inference request "
+                                "object with \"inputs\"")
+    parameters = _object(request.get("parameters"), "request \"parameters\"")
+    binary = view[split:]
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not all(isinstance(t, dict) for t in raw_inputs):
+        raise InvalidInputError(f"model '{model}': received \"inputs\" {shown(raw_inputs)}; expected a list of "
+                                "tensor objects")
+    inputs, offset = [], 0
+    for tensor in raw_inputs:
+        params = _object(tensor.get("parameters"), f"input {shown(tensor.get('name'))} \"parameters\"")
+        item = InferInput(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), source="\"data\"",
+                          hint="\"data\" (a list of numbers) or parameters.binary_data_size with the binary "
+                               "tensor data extension")
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInputError(
+                    f"model '{model}' input {shown(tensor.get('name'))}: received binary_data_size {shown(size)}; "
+                    "expected a number of bytes"
+                )
+            # short data: the tensor check reports received vs expected bytes
+            item.raw, item.source = binary[offset:offset + size], "binary data after the JSON header"
+            offset += size
+        elif "data" in tensor:
+            item.values = tensor["data"]
+        inputs.append(item)
+    if offset < len(binary):
+        raise InvalidInputError(
+            f"model '{model}': received {len(binary)} bytes of binary data after the JSON header; the inputs' "
+            f"binary_data_size add up to {offset}"
+        )
+    binary_default = flag(parameters.get("binary_data_output", False), "binary_data_output")
+    wanted = request.get("outputs")
+    if wanted is None:
+        wanted = []
+    if not isinstance(wanted, list) or not all(isinstance(w, dict) for w in wanted):
+        raise InvalidInputError("received \"outputs\" that is not a list of objects; expected [{\"name\": ...}]")
+    outputs = []
+    for out in wanted:
+        params = _object(out.get("parameters"), f"output {shown(out.get('name'))} \"parameters\"")
+        classes = params.get("classification", 0)
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+            raise InvalidInputError(f"received classification={shown(classes)}; expected a number of classes >= 0")
+        outputs.append(RequestedOutput(out.get("name"), classes,
+                                       {"binary_data": flag(params.get("binary_data", binary_default),
+                                                            "binary_data")}))
+    fusion = parameters.get("fusion")
+    if fusion is not None and not isinstance(fusion, str):
+        raise InvalidInputError(f"received fusion={shown(fusion)}; expected one of {', '.join(FUSIONS)}")
+    deadline = None
+    if "timeout" in parameters:  # tritonclient's server-side timeout, in microseconds
+        timeout = parameters["timeout"]
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidInputError(f"received timeout={shown(timeout)}; expected a positive number of microseconds")
+        deadline = started + timeout / 1e6
+    request_id = request.get("id", "")
+    return (InferRequest(model, version, inputs, outputs, request_id if isinstance(request_id, str) else "",
+                         fusion, deadline), request, binary_default)
+
+
+def infer(plane: DataPlane, model: str, version: str, body: bytes, header_length: str | None,
+          started: float) -> Response:
+    """One V2 HTTP infer: decode, run through the data plane, encode (JSON, or JSON + binary outputs)."""
+    request, raw, binary_default = request_from_json(model, version, body, header_length, started)
+    answer = plane.infer(request)
+    outputs, chunks = [], []
+    for out in answer.outputs:
+        item = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        binary = out.parameters.get("binary_data", binary_default)
+        if binary:
+            data = bytes_tensor(out.data) if out.datatype == "BYTES" else out.data.tobytes()
+            item["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif out.datatype == "BYTES":
+            item["data"] = [v.decode() for v in out.data.ravel()]
+        else:
+            item["data"] = out.data.ravel().tolist()
+        outputs.append(item)
+    body_out = {"model_name": answer.model_name, "model_version": answer.model_version, "outputs": outputs}
+    if "id" in raw:
+        body_out["id"] = raw["id"]
+    header = json.dumps(body_out, separators=(",", ":")).encode()
+    if not chunks:
+        return Response(header, 200, None, "application/json")
+    return Response(header + b"".join(chunks), 200, {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
+
+
+def _predictions(items) -> list[dict]:
+    return [{"label": label, "index": int(index), "probability": float(p)} for label, index, p in items]
+
+
+def classify_json(result: ClassifyResult, filename: str | None, size: int) -> dict:
+    return {
+        "image": {"filename": filename, "bytes": size, "height": result.image_size[0],
+                  "width": result.image_size[1]},
+        "decode_ms": result.decode_s * 1e3,
+        "total_ms": result.total_s * 1e3,
+        "models": [{"model": a.model, "version": a.version, "predictions": _predictions(a.predictions),
+                    "queue_ms": a.run.queue_s * 1e3, "compute_ms": a.run.compute_s * 1e3,
+                    "latency_ms": (a.run.queue_s + a.run.compute_s) * 1e3, "batch_size": a.run.batch_size,
+                    "input_size": list(a.input_size)} for a in result.models],
+        "ensembles": [{"name": e.name, "fusion": e.fusion, "members": e.members,
+                       "predictions": _predictions(e.predictions)} for e in result.ensembles],
+    }
+
+
+__all__ = ["HEADER_LENGTH", "classify_json", "flag", "infer", "loads", "request_from_json"]

@@ -46,7 +46,7 @@ def test_make_bench_smoke_writes_a_report(tmp_path, python_env):
     meta = json.loads((out / "results.json").read_text())["meta"]
     targets = {(r["api"], r["target"]) for r in runs}
     assert {("classify", "smoke_reference"), ("classify", "smoke_fast"), ("infer", "smoke_reference"),
-            ("infer", "smoke_fast")} <= targets
+            ("infer", "smoke_fast"), ("http_classify", "smoke_reference"), ("http_classify", "smoke_fast")} <= targets
     if meta["flask"]:
         assert ("classify", "flask") in targets
     for run in runs:
@@ -60,9 +60,10 @@ def test_make_bench_smoke_writes_a_report(tmp_path, python_env):
     assert infer["smoke_fast"] > infer["smoke_reference"]
 
     report = (out / "report.md").read_text()
-    assert "### API: classify" in report and "### API: infer" in report
+    assert "### API: classify" in report and "### API: infer" in report and "### API: http_classify" in report
+    assert "HTTP Classify throughput >= 0.9x gRPC Classify" in report  # the HTTP vs gRPC check
     assert meta["machine"]["cores"] >= 1 and "locust" in meta["versions"]
-    for name in ("throughput.png", "latency_classify.png", "latency_infer.png"):
+    for name in ("throughput.png", "latency_classify.png", "latency_infer.png", "latency_http_classify.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # raw locust CSVs kept, warm-up excluded from them too
     stats = list(out.glob("raw/*_stats.csv"))

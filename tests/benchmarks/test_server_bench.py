@@ -18,7 +18,7 @@ def test_default_variants_compare_keras_fp32_int8_with_keras_as_baseline(tmp_pat
     s = server_bench.Settings(repository=tmp_path, output=tmp_path / "out").resolved()
     assert s.variants[:3] == ["mobilenet_v2_keras", "mobilenet_v2", "mobilenet_v2_int8"]
     assert s.baseline == "mobilenet_v2_keras"
-    assert s.levels == [1, 8, 32] and s.apis == ["classify", "infer"]
+    assert s.levels == [1, 8, 32] and s.apis == ["classify", "infer", "http_classify"]
     assert s.flask_args == ["--model", str(tmp_path / "mobilenet_v2_keras" / "1" / "model.keras")]
 
 

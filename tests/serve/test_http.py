@@ -35,9 +35,9 @@ def hub(fake_repo):
 
 @pytest.fixture(scope="module")
 def frontend(hub):
-    from serve.http import HttpFrontend
+    from serve.http import HttpFrontend, HttpOptions
 
-    fe = HttpFrontend(hub, port=0, max_body_mb=2).start()
+    fe = HttpFrontend(hub, port=0, options=HttpOptions(max_body_mb=2)).start()
     yield fe
     fe.stop(grace=2)
 
@@ -51,7 +51,7 @@ class Http:
     def request(self, method, path, body=None, headers=None):
         self.conn.request(method, path, body=body, headers=headers or {})
         response = self.conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()  # headers: case-insensitive
 
     def json(self, method, path, body=None, headers=None):
         status, headers, data = self.request(method, path, body, headers)
@@ -330,6 +330,8 @@ def test_classify_raw_image_body_with_query_parameters(web):
     (png_bytes(PICTURE), {"models": "a", "top_k": "three"}, 400, "received top_k='three'"),
     (png_bytes(PICTURE), {"models": "a", "fusion": "median"}, 400, "unknown fusion 'median'"),
     (png_bytes(PICTURE), {"models": "broken"}, 503, "simulated load failure"),
+    (png_bytes(PICTURE), {"models": "a", "fusion": "mean"}, 400, "single model 'a'"),
+    (png_bytes(PICTURE), {"models": "a", **{f"extra{i}": "x" for i in range(20)}}, 400, "Too many fields"),
 ])
 def test_bad_upload_is_a_4xx_json_error_then_a_good_one_works(web, image, fields, status, fragment):
     got, body = classify(web, image, filename="notes.txt", kind="text/plain", **fields)
@@ -345,29 +347,53 @@ def test_classify_needs_an_image_field_and_a_form(web):
     assert status == 415 and "multipart/form-data" in answer["error"]
 
 
-def test_body_over_the_limit_is_413_and_the_server_keeps_serving(frontend, web):
+def test_body_over_the_limit_is_413_and_the_connection_keeps_serving(frontend, web):
     big = bytes(3 * 1024 * 1024)  # the fixture's limit is 2 MiB
     with _Conn(frontend.port) as conn:
         status, headers, data = conn.request("POST", "/v1/classify", big, {"Content-Type": "image/png"})
-        assert status == 413 and headers.get("Connection") == "close"
-        assert "received a body of 3145728 bytes; the limit is 2097152 bytes" in json.loads(data)["error"]
+        assert status == 413
+        assert "received an image body of 3145728 bytes; the limit is 2097152 bytes" in json.loads(data)["error"]
+        # refused from its Content-Length, unread: the rest is skipped and the connection goes on
+        assert classify(conn, png_bytes(PICTURE), models="a")[0] == 200
+        status, _, data = conn.request("POST", "/v2/models/a/infer", gzip.compress(bytes(40 * 1024 * 1024)),
+                                       {"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        assert status == 413 and "inflates past the limit" in json.loads(data)["error"]
     assert classify(web, png_bytes(PICTURE), models="a")[0] == 200
 
 
-def test_multipart_parser_keeps_binary_data_and_utf8_filenames():
-    from serve.errors import InvalidInputError
-    from serve.http import parse_multipart
-
-    data = b"\x89PNG\r\n\r\n--not-the-boundary\r\n\x00\xff"
-    body = ('--XyZ\r\nContent-Disposition: form-data; name="image"; filename="ch\u00e2t \u732b.png"\r\n'
+def test_multipart_upload_keeps_binary_data_and_utf8_filenames(web):
+    data = png_bytes(PICTURE)
+    boundary = "XyZ"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="ch\u00e2t \u732b.png"\r\n'
             "Content-Type: image/png\r\n\r\n").encode() + data + (
-        b'\r\n--XyZ\r\nContent-Disposition: form-data; name="models"\r\n\r\na,b\r\n--XyZ--\r\n')
-    fields = parse_multipart(body, "multipart/form-data; boundary=XyZ")
-    assert fields == {"image": [("ch\u00e2t \u732b.png", data)], "models": [(None, b"a,b")]}
-    with pytest.raises(InvalidInputError, match="without its closing boundary"):
-        parse_multipart(body[:-9], "multipart/form-data; boundary=XyZ")
-    with pytest.raises(InvalidInputError, match="without a boundary"):
-        parse_multipart(body, "multipart/form-data")
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="models"\r\n\r\na\r\n--{boundary}--\r\n'
+    ).encode()
+    assert b"\r\n" in data  # PNG's signature carries CR LF: the parser must not split on it
+    status, answer = web.json("POST", "/v1/classify", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, answer
+    assert answer["image"] == {"filename": "ch\u00e2t \u732b.png", "bytes": len(data), "height": 90, "width": 120}
+    assert [m["model"] for m in answer["models"]] == ["a"]
+    status, answer = web.json("POST", "/v1/classify", body, {"Content-Type": "multipart/form-data"})
+    assert status == 400 and "boundary" in answer["error"].lower()
+
+
+def test_chunked_upload_classifies(frontend):
+    data = png_bytes(PICTURE)
+
+    def chunks():
+        for i in range(0, len(data), 1000):
+            yield data[i:i + 1000]
+
+    conn = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/classify?models=a&top_k=2", body=chunks(), headers={"Content-Type": "image/png"},
+                     encode_chunked=True)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 200, answer
+        assert answer["image"]["bytes"] == len(data) and len(answer["models"][0]["predictions"]) == 2
+    finally:
+        conn.close()
 
 
 def test_models_listing_for_the_page(web):
@@ -395,6 +421,32 @@ def test_page_and_static_files_are_served_locally(web):
     assert web.request("GET", "/static/.hidden")[0] == 404
 
 
+def test_security_headers_on_the_page_the_api_and_errors(web):
+    for method, path in [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/v2/models/a"), ("GET", "/nothing"),
+                         ("POST", "/v2/models/a/infer")]:
+        status, headers, _ = web.request(method, path, b"{}" if method == "POST" else None)
+        assert headers["X-Content-Type-Options"] == "nosniff", (path, status)
+        assert headers["X-Frame-Options"] == "DENY"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
+
+
+def test_allowed_hosts_refuse_other_host_headers(hub):
+    from serve.http import HttpFrontend, HttpOptions
+
+    fe = HttpFrontend(hub, port=0, options=HttpOptions(allowed_hosts=["localhost", "*.kestrel.test"])).start()
+    try:
+        with _Conn(fe.port) as conn:
+            assert conn.request("GET", "/v2/health/live", headers={"Host": f"localhost:{fe.port}"})[0] == 200
+            assert conn.request("GET", "/v2/health/live", headers={"Host": "api.kestrel.test"})[0] == 200
+        for host in ("evil.example", f"127.0.0.1:{fe.port}"):  # a rebinding name, or one not listed
+            with _Conn(fe.port) as conn:
+                status, _, data = conn.request("GET", "/", headers={"Host": host})
+                assert status == 400 and b"host" in data.lower()
+    finally:
+        fe.stop(grace=1)
+
+
 def test_unknown_path_and_wrong_method(web):
     status, body = web.json("GET", "/v3/nothing")
     assert status == 404 and "/v3/nothing" in body["error"]
@@ -407,35 +459,46 @@ def test_head_and_malformed_requests_get_answers_too(frontend, web):
     assert status == 200 and data == b"" and int(headers["Content-Length"]) > 50
     import socket
 
-    with socket.create_connection(("127.0.0.1", frontend.port), timeout=5) as sock:
-        sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(4096):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431") and b"application/json" in head
-    assert "Line too long" in json.loads(body)["error"]
+    for request, code, fragment in [
+        (b"GET /v2 HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431", "over 65536 bytes"),
+        (b"GET /v2 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b"400", "malformed HTTP request"),
+    ]:
+        with socket.create_connection(("127.0.0.1", frontend.port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + code) and b"application/json" in head, reply[:200]
+        assert fragment in json.loads(body)["error"]
     good_infer(web)
 
 
-def test_connections_over_the_limit_get_503_and_idle_ones_time_out(hub):
-    from serve.http import HttpFrontend
+def test_posts_over_the_in_flight_limit_get_503_and_idle_connections_time_out(hub):
+    from serve.http import HttpFrontend, HttpLimits, HttpOptions
 
-    fe = HttpFrontend(hub, port=0, max_connections=2, idle_timeout=0.5).start()
+    fe = HttpFrontend(hub, port=0, options=HttpOptions(max_inflight=1), limits=HttpLimits(idle_timeout_s=1)).start()
     try:
-        first, second = _Conn(fe.port), _Conn(fe.port)
-        assert first.request("GET", "/v2/health/live")[0] == 200
-        assert second.request("GET", "/v2/health/live")[0] == 200
-        with _Conn(fe.port) as third:
-            status, headers, data = third.request("GET", "/v2/health/live")
+        one = np.zeros((1, 32, 32, 3), np.uint8)
+        results = []
+
+        def slow_call():
+            with _Conn(fe.port) as conn:
+                results.append(conn.json("POST", "/v2/models/slow/infer", *v2_request(one))[0])
+
+        thread = threading.Thread(target=slow_call)
+        thread.start()
+        time.sleep(0.03)  # the slow model takes 80 ms
+        with _Conn(fe.port) as second:
+            status, headers, data = second.request("POST", "/v2/models/a/infer", *v2_request(BATCH))
             assert status == 503 and headers["Retry-After"] == "1"
-            assert "too many connections" in json.loads(data)["error"]
-        first.close()
-        second.close()
-        time.sleep(0.2)
-        with _Conn(fe.port) as again:  # closed connections free their places
-            assert again.request("GET", "/v2/health/live")[0] == 200
-            time.sleep(1.0)  # idle past idle_timeout: the server closed it
+            assert "too many requests in progress" in json.loads(data)["error"]
+            assert second.request("GET", "/v2/health/live")[0] == 200  # GETs are not limited
+        thread.join(10)
+        assert results == [200]
+        with _Conn(fe.port) as again:
+            good_infer(again)
+            time.sleep(1.6)  # idle past idle_timeout_s: the server closed it
             with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
                 again.request("GET", "/v2/health/live")
     finally:
@@ -454,7 +517,7 @@ def test_requests_are_counted_in_the_servers_metrics(hub, web):
 
 
 def test_stop_finishes_in_flight_requests_then_refuses_connections(hub):
-    from serve.http import HttpFrontend
+    from serve.http import HttpFrontend, HttpOptions
 
     fe = HttpFrontend(hub, port=0).start()
     idle = _Conn(fe.port)  # a keep-alive connection that stays idle must not hold up stop()
@@ -509,7 +572,8 @@ def test_http_port_in_use_is_a_clear_error(fake_repo, frontend):
 
 def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
     proc = serve_process("--repository", str(fake_repo), "--models", "a,b", "--ensemble", "ab=a,b",
-                         "--metrics-port", "-1")  # --port 0: the HTTP port defaults to a free one too
+                         "--metrics-port", "-1", "--allowed-hosts", "127.0.0.1,localhost")
+    # --port 0: the HTTP port defaults to a free one too
     http_port = __import__("json").loads(proc.port_file.read_text())["http_port"]
     assert http_port and f"HTTP on http://127.0.0.1:{http_port}/" in proc.output()
     with _Conn(http_port) as web:
@@ -517,6 +581,7 @@ def test_python_m_serve_http_port_and_sigterm(fake_repo, serve_process):
         assert classify(web, b"not an image", models="ab")[0] == 400
         status, body = classify(web, png_bytes(PICTURE), ensemble="ab")
         assert status == 200 and body["ensembles"][0]["name"] == "ab"
+        assert web.request("GET", "/v2/health/ready", headers={"Host": "rebound.example"})[0] == 400
     assert proc.stop() == 0
     assert "server stopped" in proc.output()
 
