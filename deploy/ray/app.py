@@ -162,6 +162,18 @@ def model_deployment_options(repository: ModelRepository, name: str, options: Ap
 
 
 # ---- the model deployment -----------------------------------------------------------------------
+def _node_id() -> str:
+    """The Ray node this process runs on (the host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return os.uname().nodename
+
+
 class ModelReplica:
     """One model in one Ray Serve replica: Kestrel's backend behind its dynamic batcher."""
 
@@ -171,9 +183,7 @@ class ModelReplica:
         self.served = self.hub.models[name]
         # result() blocks: waiting requests park here, already queued in the batcher (so they batch)
         self._waiters = ThreadPoolExecutor(max_workers=waiters, thread_name_prefix=f"wait-{name}")
-        import ray
-
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = _node_id()
         log.info("replica of %s ready (pid %d, node %s)", name, os.getpid(), self.node)
 
     async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> dict:
@@ -223,8 +233,11 @@ class _RemoteRunner(Runner):
 
 def _unwrap(exc: BaseException) -> BaseException:
     """A model deployment's exception as Kestrel's error (status table), or as it is."""
-    from ray import exceptions as rx
-    from ray.serve import exceptions as sx
+    try:
+        from ray import exceptions as rx
+        from ray.serve import exceptions as sx
+    except ImportError:  # handles that are not Ray's (tests)
+        return exc
 
     if isinstance(exc, sx.BackPressureError):
         return ResourceExhaustedError(f"model deployment is at max_queued_requests: {exc}")
@@ -240,7 +253,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _replica_died(exc: BaseException) -> bool:
-    from ray import exceptions as rx
+    try:
+        from ray import exceptions as rx
+    except ImportError:
+        return False
 
     return isinstance(exc, (rx.RayActorError, rx.ActorUnavailableError)) and not isinstance(exc, rx.RayTaskError)
 
