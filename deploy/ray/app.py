@@ -464,12 +464,10 @@ class KestrelIngress:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    def replicas(self) -> dict:
-        """Per model: its deployment's replicas' statistics (pid, node, V2 counters), one call each."""
-        out = {}
-        for name, handle in self.hub.handles.items():
-            out[name] = handle.statistics.remote().result(timeout_s=10)
-        return out
+    def resent(self) -> dict[str, int]:
+        """Per model: requests this ingress sent again because the replica they were routed to died."""
+        return {name: served.batcher.resent for name, served in self.hub.models.items()
+                if isinstance(served.batcher, _RemoteBatcher)}
 
 
 def _rpc(name: str):

@@ -42,7 +42,7 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-PHOTOS = (ROOT.parent / "shared" / "photos").resolve()
+PHOTOS = Path(os.environ.get("KESTREL_PHOTOS", ROOT.parent / "shared" / "photos")).resolve()
 MODEL, COPY, ENSEMBLE = "mobilenet_v2", "mobilenet_v2_b", "imagenet"
 LOAD_SECONDS, LOAD_THREADS, LOAD_MAX_REQUESTS = 60.0, 3, 2000
 RECOVERY_LIMIT_S = 240.0
@@ -282,6 +282,8 @@ def test_http_v2_and_classify_answers_are_the_single_process_servers(app, refere
                 answers.append(json.loads(response.read()))
         ray_ens, single_ens = answers[0]["ensembles"][0], answers[1]["ensembles"][0]
         assert [p["label"] for p in ray_ens["predictions"]] == [p["label"] for p in single_ens["predictions"]]
+    _record("http", {"photos": len(photos), "tritonclient_http_max_abs_diff": float(np.abs(ours - single).max()),
+                     "classify_ensemble_labels_identical_photos": min(4, len(photos))})
 
 
 def _classify_answers(address: str, photos: list[Path]) -> list:
@@ -321,11 +323,19 @@ def test_the_model_deployment_answers_from_both_nodes(app, repository):
     assert len(nodes) == 2, f"both replicas of {MODEL} answered from one node: {nodes}"
 
 
-def _replicas(state: str = "ALIVE") -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", state)], limit=1000)
-            if a.class_name == f"ServeReplica:kestrel:{MODEL}"]
+def _replica_pids(handle, timeout: float = 60.0) -> dict:
+    """{pid: node} of the model deployment's replicas that answer probes now (8 concurrent probes a round)."""
+    batch = np.zeros((1, 224, 224, 3), np.uint8)
+    seen: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for response in [handle.infer.remote(batch) for _ in range(8)]:
+            try:
+                out = response.result(timeout_s=30)
+                seen[out["pid"]] = out["node"]
+            except Exception:  # a probe routed to the dead replica: not what is measured
+                pass
+    return seen
 
 
 def _running_replicas() -> int:
@@ -372,20 +382,23 @@ def test_a_killed_replica_under_load_loses_no_request_and_comes_back(app, tmp_pa
     for thread in threads:
         thread.start()
     time.sleep(8)  # load running on both replicas
-    victim = _replicas()[0]
-    os.kill(victim.pid, signal.SIGKILL)  # a crash, not a graceful stop
+    from ray import serve
+
+    handle = serve.get_deployment_handle(MODEL, app_name="kestrel")
+    before = _replica_pids(handle)
+    assert len(before) == 2, f"expected 2 replicas of {MODEL} to answer, saw {before}"
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)  # a crash, not a graceful stop
     killed_at.append(time.monotonic())
-    # Ray notices, starts a new replica; timed until the deployment has 2 RUNNING replicas again
-    # with a replica other than the victim
+    # Ray notices, starts a new replica: timed until 2 replicas are RUNNING again and two
+    # replicas other than the victim answer
     recovered_s = None
-    saw_down = False
     while time.monotonic() - killed_at[0] < RECOVERY_LIMIT_S:
-        running = _running_replicas()
-        alive = {a.actor_id for a in _replicas()}
-        saw_down = saw_down or running < 2 or victim.actor_id not in alive
-        if saw_down and running == 2 and victim.actor_id not in alive:
-            recovered_s = time.monotonic() - killed_at[0]
-            break
+        if _running_replicas() == 2:
+            after = _replica_pids(handle, timeout=5)
+            if len(after) == 2 and victim not in after:
+                recovered_s = time.monotonic() - killed_at[0]
+                break
         time.sleep(0.5)
     # keep the load on a little past recovery, within the bound
     while time.monotonic() - t_start < LOAD_SECONDS and recovered_s is not None and \
@@ -396,7 +409,9 @@ def test_a_killed_replica_under_load_loses_no_request_and_comes_back(app, tmp_pa
         thread.join(120)
     result = {"requests": counts["ok"] + counts["failed"], "succeeded": counts["ok"], "failed": counts["failed"],
               "succeeded_after_kill": counts["after_kill_ok"], "replica_restored_s": recovered_s,
-              "load_threads": LOAD_THREADS, "errors": errors[:5]}
+              "load_threads": LOAD_THREADS, "killed_pid": victim, "replicas_before": before,
+              "resent_after_replica_death": serve.get_deployment_handle("KestrelIngress", app_name="kestrel")
+              .resent.remote().result(timeout_s=30)[MODEL], "errors": errors[:5]}
     _record("replica_kill", result)
     assert recovered_s is not None, f"Ray did not bring the replica back within {RECOVERY_LIMIT_S} s"
     assert counts["after_kill_ok"] > 0, "no request succeeded after the kill"
