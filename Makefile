@@ -76,7 +76,7 @@ scale-test: install keras-home
 	test -f $(SCALE_REPO)/mobilenet_v2/config.pbtxt || nice -n 10 $(PY) -m export mobilenet_v2 --repository $(SCALE_REPO) --quiet
 	test -x $(SCALE_VENV)/bin/python || $(PYTHON) -m venv $(SCALE_VENV)
 	$(SCALE_VENV)/bin/python -m pip install -q -e ".[cpu,dev,scale]"
-	KESTREL_SCALE_REPOSITORY=$(abspath $(SCALE_REPO)) nice -n 10 $(SCALE_VENV)/bin/python -m pytest \
+	KESTREL_SCALE_REPOSITORY=$(abspath $(SCALE_REPO)) KESTREL_PHOTOS=$(abspath $(SHARED)/photos) nice -n 10 $(SCALE_VENV)/bin/python -m pytest \
 		tests/deploy -m slow -v -s -p no:cacheprovider
 
 clean:

@@ -303,3 +303,18 @@ def test_models_are_warmed_up_before_the_server_answers(tmp_path):
         assert server.hub.models["warm"].stats.snapshot()["execution_count"] == 0  # and is not counted
     finally:
         server.stop(grace=1.0)
+
+
+def test_ray_image_copies_what_exists_and_matches_the_ray_pin():
+    dockerfile = DEPLOY / "docker" / "Dockerfile.ray"
+    text = dockerfile.read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            source = [w for w in line.split()[1:-1] if not w.startswith("--")]
+            for item in source:
+                assert (ROOT / item).exists(), f"{dockerfile} copies {item}, which is not in the checkout"
+    pin = re.search(r'"ray\[serve\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    base = re.search(r"ARG BASE=rayproject/ray:([0-9.]+)-", text).group(1)
+    assert base == pin, f"Dockerfile.ray's Ray {base} differs from the scale extra's ray[serve]=={pin}"
+    rayservice = _docs(K8S / "kuberay" / "rayservice.yaml")[0]
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == pin
