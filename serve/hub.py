@@ -321,9 +321,8 @@ class ModelHub:
         """One zero image through the model before it is READY (lazy allocations, kernel selection,
         tf.function tracing), so readiness probes pass only once the first request is fast. A failure
         is logged, not fatal: the model's own requests report it."""
-        shape = tuple(d if d > 0 else 224 for d in runner.input_spec.shape)
         try:
-            runner.infer(np.zeros((1, *shape), dtype=runner.input_spec.dtype))
+            runner.warm_up()
         except Exception as exc:
             log.warning("model %s: warm-up inference failed: %s: %s", runner.name, type(exc).__name__, exc)
 

@@ -86,6 +86,12 @@ class Runner(abc.ABC):
             )
         return np.ascontiguousarray(batch)
 
+    def warm_up(self) -> None:
+        """One batch of a zero image through the model (lazy allocations, kernel choice, tracing), before
+        the server reports it ready. Dynamic dimensions are given 224."""
+        shape = tuple(d if d > 0 else 224 for d in self.input_spec.shape)
+        self.infer(np.zeros((1, *shape), dtype=self.input_spec.dtype))
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Check `batch`, run it, return FP32 (N, classes) probabilities."""
         batch = self.check(batch)

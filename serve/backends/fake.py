@@ -94,6 +94,13 @@ class FakeRunner(Runner):
         if self.fail_load:
             raise ModelLoadError(f"fake model '{self.name}': {self.fail_load}")
 
+    def warm_up(self) -> None:
+        """Costs what a batch of one costs; not counted in batch_sizes (the batches requests ran in)."""
+        try:
+            super().warm_up()
+        finally:
+            self.batch_sizes.clear()
+
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(int(batch.shape[0]))
         if self.fail_infer:
