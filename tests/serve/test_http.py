@@ -609,3 +609,36 @@ def test_sigterm_lets_an_in_flight_http_request_finish(tmp_path, serve_process):
                                fake_probabilities(BATCH[:1], 10, seed=0), rtol=1e-6)
     with pytest.raises(ConnectionRefusedError):
         _Conn(http_port).request("GET", "/v2/health/live")
+
+
+def test_serve_http_has_no_import_cycle_and_its_server_needs_no_hub():
+    """Modules in serve/http import each other one way; _server (also the metrics port's) imports nothing
+    of Kestrel, so serve.metrics can use it without a cycle through the hub."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve_helpers import ROOT
+
+    folder = ROOT / "serve" / "http"
+    graph = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from ._x import y / from . import _x
+                graph[path.stem] |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    assert "_v2" in graph["_app"] and "_app" in graph["_frontend"]
+    assert graph["_server"] == set()
+
+    def visit(name, seen):
+        assert name not in seen, f"import cycle in serve/http: {' -> '.join(seen + [name])}"
+        for dep in graph.get(name, ()):
+            visit(dep, seen + [name])
+
+    for name in graph:
+        visit(name, [])
+    code = "import sys, serve.http._server, serve.metrics; print('serve.hub' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
