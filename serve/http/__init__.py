@@ -29,66 +29,38 @@ Endpoints (JSON unless said otherwise):
 Errors are {"error": "<what was received, what was expected>"} (the shape tritonclient reads),
 with the HTTP status of serve.errors.STATUS; 413 for a body over its limit, 415 for a media
 type, 404/405 for routes. Modules: _app (the Starlette app, endpoints) · _v2 (V2 JSON codec) ·
-_server (uvicorn in a thread, with the connection limits of HttpLimits).
+_server (uvicorn in a thread, with the connection limits of HttpLimits) · _frontend (HttpFrontend).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
 
-from ..dataplane import EXTENSIONS as _V2_EXTENSIONS
-from ..dataplane import DataPlane
-from ..hub import ModelHub
-from ._app import DEFAULT_MAX_BODY_MB, HTTP_EXTENSIONS, WEB_ROOT, HttpError, HttpOptions, create_app, metrics_route
-from ._server import HttpLimits, HttpServer
+# name -> module, loaded on first use: serve.http._server (uvicorn, no hub) stays importable on its
+# own (the metrics port uses it) without pulling in the data plane
+_LAZY = {
+    "DEFAULT_MAX_BODY_MB": "._app", "HTTP_EXTENSIONS": "._app", "WEB_ROOT": "._app", "HttpError": "._app",
+    "HttpOptions": "._app", "create_app": "._app", "metrics_route": "._app",
+    "HttpLimits": "._server", "HttpServer": "._server",
+    "HttpFrontend": "._frontend",
+}
 
-EXTENSIONS = HTTP_EXTENSIONS + _V2_EXTENSIONS
-
-
-class HttpFrontend:
-    """The HTTP port of a Kestrel server: create_app(plane) on an HttpServer."""
-
-    def __init__(self, plane: DataPlane | ModelHub, *, host: str = "127.0.0.1", port: int = 8000,
-                 serving: Callable[[], bool] | None = None, options: HttpOptions | None = None,
-                 limits: HttpLimits | None = None, metrics_registry=None):
-        if isinstance(plane, ModelHub):
-            plane = DataPlane(plane, serving) if serving is not None else DataPlane(plane)
-        self.plane = plane
-        self.options = options or HttpOptions()
-        if metrics_registry is not None:
-            self.options.extra_routes = [*self.options.extra_routes, metrics_route(metrics_registry)]
-        self.app = create_app(plane, self.options)
-        self.server = HttpServer(self.app, host=host, port=port, limits=limits, name="http")
-
-    @property
-    def port(self) -> int | None:
-        return self.server.port
-
-    @property
-    def accepting(self) -> bool:
-        return self.server.accepting
-
-    def start(self) -> "HttpFrontend":
-        """Bind and serve in a background thread; OSError if the address cannot be bound."""
-        try:
-            self.server.start()
-        except BaseException:
-            self.app.state.kestrel.close()
-            raise
-        return self
-
-    def stop_accepting(self) -> None:
-        self.server.stop_accepting()
-
-    def wait(self, grace: float | None = 10.0) -> bool:
-        done = self.server.wait(grace)
-        self.app.state.kestrel.close()
-        return done
-
-    def stop(self, grace: float | None = 10.0) -> bool:
-        self.stop_accepting()
-        return self.wait(grace)
+__all__ = ["DEFAULT_MAX_BODY_MB", "EXTENSIONS", "HTTP_EXTENSIONS", "HttpError", "HttpFrontend", "HttpLimits",
+           "HttpOptions", "HttpServer", "WEB_ROOT", "create_app", "metrics_route"]
 
 
-__all__ = ["DEFAULT_MAX_BODY_MB", "EXTENSIONS", "HttpError", "HttpFrontend", "HttpLimits", "HttpOptions", "HttpServer",
-           "WEB_ROOT", "create_app", "metrics_route"]
+def __getattr__(name: str):
+    if name == "EXTENSIONS":
+        from ..dataplane import EXTENSIONS as v2_extensions
+
+        value = __getattr__("HTTP_EXTENSIONS") + v2_extensions
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    else:
+        raise AttributeError(f"module 'serve.http' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

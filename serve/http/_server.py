@@ -132,8 +132,8 @@ class _Protocol(HttpToolsProtocol):
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(400, "Bad Request", "received a protocol upgrade request; this server speaks HTTP/1.1 only")
+        except httptools.HttpParserUpgrade:  # e.g. curl --http2's h2c offer: answered as HTTP/1.1, as uvicorn does
+            log.debug("http %s: protocol upgrade offered; answering over HTTP/1.1", self.client)
             return
         except httptools.HttpParserError as exc:  # a callback's exception arrives wrapped in one
             if self._parsed_head > self.limits.max_header_bytes:

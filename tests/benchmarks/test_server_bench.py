@@ -61,3 +61,18 @@ def test_cli_rejects_bad_levels():
     result = subprocess.run([sys.executable, "-m", "benchmarks", "--levels", "8,x"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "expected comma-separated integers" in result.stderr
+
+
+def test_http_vs_grpc_schedule_rotates_and_the_table_gives_the_ratios():
+    from benchmarks import http_vs_grpc
+
+    plan = http_vs_grpc.schedule(3)
+    assert len(plan) == 12 and {p[1:] for p in plan} == {(s, t) for s in ("before", "after") for t in ("grpc", "http")}
+    assert [p[1:] for p in plan[:4]] != [p[1:] for p in plan[4:8]]  # rotated between repeats
+    rows = [dict(side=s, transport=t, requests=10, images_per_s=v, p50_ms=5.0, p95_ms=9.0)
+            for s, t, v in [("before", "grpc", 100.0), ("before", "http", 95.0), ("after", "grpc", 100.0),
+                            ("after", "http", 80.0), ("after", "http", 90.0)]]
+    text = http_vs_grpc.table(http_vs_grpc.summary(rows), 8)
+    assert "before: HTTP / gRPC Classify throughput = 0.95" in text
+    assert "after: HTTP / gRPC Classify throughput = 0.85" in text  # the median of 80 and 90
+    assert "http: after / before throughput = 0.89" in text

@@ -462,6 +462,9 @@ def test_head_and_malformed_requests_get_answers_too(frontend, web):
     for request, code, fragment in [
         (b"GET /v2 HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431", "over 65536 bytes"),
         (b"GET /v2 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b"400", "malformed HTTP request"),
+        # curl --http2's h2c offer on http://: answered over HTTP/1.1
+        (b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+         b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nConnection: close\r\n\r\n", b"200", None),
     ]:
         with socket.create_connection(("127.0.0.1", frontend.port), timeout=5) as sock:
             sock.sendall(request)
@@ -470,7 +473,8 @@ def test_head_and_malformed_requests_get_answers_too(frontend, web):
                 reply += chunk
         head, _, body = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 " + code) and b"application/json" in head, reply[:200]
-        assert fragment in json.loads(body)["error"]
+        answer = json.loads(body)
+        assert fragment in answer["error"] if fragment else answer["name"] == "kestrel"
     good_infer(web)
 
 
@@ -609,3 +613,36 @@ def test_sigterm_lets_an_in_flight_http_request_finish(tmp_path, serve_process):
                                fake_probabilities(BATCH[:1], 10, seed=0), rtol=1e-6)
     with pytest.raises(ConnectionRefusedError):
         _Conn(http_port).request("GET", "/v2/health/live")
+
+
+def test_serve_http_has_no_import_cycle_and_its_server_needs_no_hub():
+    """Modules in serve/http import each other one way; _server (also the metrics port's) imports nothing
+    of Kestrel, so serve.metrics can use it without a cycle through the hub."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve_helpers import ROOT
+
+    folder = ROOT / "serve" / "http"
+    graph = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from ._x import y / from . import _x
+                graph[path.stem] |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    assert "_v2" in graph["_app"] and "_app" in graph["_frontend"]
+    assert graph["_server"] == set()
+
+    def visit(name, seen):
+        assert name not in seen, f"import cycle in serve/http: {' -> '.join(seen + [name])}"
+        for dep in graph.get(name, ()):
+            visit(dep, seen + [name])
+
+    for name in graph:
+        visit(name, [])
+    code = "import sys, serve.http._server, serve.metrics; print('serve.hub' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
