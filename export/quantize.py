@@ -177,8 +177,9 @@ class ImageSet:
 
 
 def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: int | None = None,
-                progress: bool = False, desc: str = "images") -> ImageSet:
-    """Decode + resize through `serve.images` (the serving path); undecodable files are reported."""
+                progress: bool = False, desc: str = "images", mode: str = simages.DEFAULT_RESIZE) -> ImageSet:
+    """Decode + resize (by the model's resize `mode`) through `serve.images`, the serving path;
+    undecodable files are reported."""
     paths = list(paths)
     if limit is not None:
         paths = interleave_classes(paths)
@@ -191,7 +192,7 @@ def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: in
         if limit is not None and len(loaded) >= limit:
             break
         try:
-            arrays.append(simages.load(path, image_size))
+            arrays.append(simages.load(path, image_size, mode=mode))
             loaded.append(Path(path))
         except ImageDecodeError as exc:
             skipped.append((Path(path), str(exc)))
@@ -201,10 +202,11 @@ def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: in
 
 
 def load_calibration(paths: Sequence[Path], image_size: tuple[int, int], options: QuantizeOptions, *,
-                     source: str | Path = "", progress: bool = False) -> ImageSet:
+                     source: str | Path = "", progress: bool = False, mode: str = simages.DEFAULT_RESIZE) -> ImageSet:
     """Calibration images, at most `max_images`; refuses fewer than `min_images` with the count received."""
     found = len(paths)
-    images = load_images(paths, image_size, limit=options.max_images, progress=progress, desc="calibration")
+    images = load_images(paths, image_size, limit=options.max_images, progress=progress, desc="calibration",
+                         mode=mode)
     if len(images) < options.min_images:
         where = f" in {source}" if source else ""
         bad = f" ({len(images.skipped)} undecodable)" if images.skipped else ""

@@ -177,6 +177,91 @@ def test_compare_and_report_metrics():
         opt.compare(ref, got[:2])
 
 
+def test_labelled_gate_is_accuracy_relative_to_the_reference():
+    """With labels the gate is variant top-1 >= ratio x reference top-1, whatever the agreement."""
+    rng = np.random.default_rng(0)
+    truth = np.arange(100) % 4
+    ref = np.full((100, 4), 0.1, np.float32)
+    ref[np.arange(100), truth] = 0.7
+    ref[:20] = np.roll(ref[:20], 1, axis=1)  # the reference is wrong on 20: 80 % top-1
+    got = ref.copy()
+    got[20:21] = np.roll(got[20:21], 1, axis=1)  # the variant loses one more: 79 % = 98.75 % of 80 %
+    got[:10] = np.roll(got[:10], 1, axis=1)      # and changes 10 wrong answers into other wrong answers
+    kw = dict(image_source="test", min_agreement=0.99, truth=truth)
+    failing = opt.make_report("m_int8", "int8", "onnx:m", ref, got, [str(i) for i in range(100)], **kw)
+    assert failing.gate == "accuracy" and failing.labelled_images == 100
+    assert failing.reference_top1 == pytest.approx(0.80) and failing.variant_top1 == pytest.approx(0.79)
+    assert failing.accuracy_ratio == pytest.approx(0.79 / 0.80) and not failing.passed
+    assert failing.mcnemar_p == pytest.approx(1.0)  # 1 discordant pair: no evidence at all
+    assert failing.top1_agreement == pytest.approx(0.89)  # agreement would have failed far worse
+    assert "98.75% of the reference" in failing.text() and "FAIL" in failing.text()
+    passing = opt.make_report("m_int8", "int8", "onnx:m", ref, got, [str(i) for i in range(100)],
+                              min_accuracy_ratio=0.98, **kw)
+    assert passing.passed
+    # labels that mostly do not map: not a labelled set, the agreement gate decides
+    unknown = np.where(rng.random(100) < 0.5, -1, truth)
+    agreement = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(100)], image_source="t",
+                                min_agreement=0.85, truth=unknown)
+    assert agreement.gate == "agreement" and agreement.variant_top1 is None
+
+
+def test_unlabelled_gate_counts_only_confident_images():
+    ref = np.full((40, 3), 0.0, np.float32)
+    ref[:, 0] = 0.9
+    ref[:, 1] = 0.1
+    ref[30:] = [0.34, 0.33, 0.33]  # 10 ambiguous images
+    got = ref.copy()
+    got[30:] = [0.33, 0.34, 0.33]  # flips on every ambiguous image
+    report = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(40)], image_source="t",
+                             min_agreement=0.98)
+    assert report.top1_agreement == 0.75 and report.confident_images == 30
+    assert report.confident_agreement == 1.0 and report.passed
+    got[0] = [0.1, 0.9, 0.0]  # one confident image flipped
+    report = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(40)], image_source="t",
+                             min_agreement=0.98)
+    assert report.confident_agreement == pytest.approx(29 / 30) and not report.passed
+
+
+def test_optimize_uses_the_labelled_gate_on_class_folders_named_by_labels(tiny_repo, tmp_path):
+    from PIL import Image
+    from serve.images import synthetic_images
+    folder = tmp_path / "labelled"
+    pictures = synthetic_images(30, (20, 20), seed=3)
+    for i, picture in enumerate(pictures):
+        (folder / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(folder / f"class_{i % 3}" / f"{i}.png")
+    reports = opt.optimize(tiny_repo, "tiny", precisions="fp16", accuracy_images=folder, latency_runs=0,
+                           progress=False, log=lambda *_: None)
+    report = reports["tiny_fp16"]
+    assert report.gate == "accuracy" and report.labelled_images == 30 and report.passed
+    assert report.variant_top1 == pytest.approx(report.reference_top1, abs=0.04)
+    saved = json.loads((tiny_repo / "tiny_fp16" / "accuracy.json").read_text())
+    assert saved["gate"] == "accuracy" and saved["min_accuracy_ratio"] == 0.99
+    forced = opt.optimize(tiny_repo, "tiny", precisions="fp16", accuracy_images=folder, latency_runs=0, force=True,
+                          labelled=False, progress=False, log=lambda *_: None)
+    assert forced["tiny_fp16"].gate == "agreement"
+
+
+def test_variants_keep_the_resize_mode_of_their_source(tiny_repo, image_folder):
+    from serve.repository import ModelRepository, read_config, write_config
+    config = read_config(tiny_repo / "tiny" / "config.pbtxt")
+    config.parameters["resize"].string_value = "crop"
+    write_config(config, tiny_repo / "tiny")
+    seen = []
+    real = quant.load_images
+
+    def spy(paths, size, **kw):
+        seen.append(kw.get("mode"))
+        return real(paths, size, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(quant, "load_images", spy):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", calibration=image_folder, latency_runs=0,
+                     progress=False, log=lambda *_: None)
+    assert seen and set(seen) == {"crop"}
+    assert ModelRepository(tiny_repo).entry("tiny_fp16").resize == "crop"
+
+
 def test_parse_precisions():
     assert opt.parse_precisions("int8, fp16,int8") == ["int8", "fp16"]
     with pytest.raises(ConfigError, match="bf16"):
