@@ -607,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS,
                    help="batch-1 latency runs against FP32 in the report (0: skip)")
     q = p.add_argument_group("INT8 quantization")
+    q.add_argument("--quantizer", choices=quant.QUANTIZERS, default=quant.QuantizeOptions.quantizer,
+                   help="onnxruntime static quantization, or NNCF's post-training quantization (extra 'nncf')")
+    q.add_argument("--symmetric-activations", action="store_true",
+                   help="onnxruntime: int8 activations with zero point 0 (default: uint8 asymmetric)")
+    q.add_argument("--no-bias-correction", action="store_true", help="nncf: skip its fast bias correction")
     q.add_argument("--calibration-method", choices=quant.METHODS, default=quant.QuantizeOptions.method)
     q.add_argument("--percentile", type=float, default=quant.QuantizeOptions.percentile)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per channel)")
@@ -639,7 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.calibration_method, percentile=args.percentile, per_channel=not args.per_tensor,
             reduce_range=args.reduce_range, keep_float=keep, float_prefix=args.float_prefix,
             exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
-            min_images=args.min_calibration_images, max_images=args.max_calibration_images)
+            min_images=args.min_calibration_images, max_images=args.max_calibration_images,
+            quantizer=args.quantizer, symmetric_activations=args.symmetric_activations,
+            fast_bias_correction=not args.no_bias_correction)
         optimize(args.repository, args.name, precisions=args.precision, calibration=args.calibration,
                  engine=args.engine, engine_only=args.engine_only, accuracy_images=args.accuracy_images,
                  min_agreement=args.min_agreement, force=args.force, holdout=args.holdout, quantize_options=qoptions,

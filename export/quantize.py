@@ -71,6 +71,7 @@ from serve._optional import require
 from serve.errors import ConfigError, ImageDecodeError
 
 METHODS = ("minmax", "percentile", "entropy")
+QUANTIZERS = ("onnxruntime", "nncf")  # nncf: NNCF's ONNX post-training quantization (extra "nncf")
 TARGETS = ("cpu", "tensorrt")
 KEEP_FLOAT_RULES = ("preprocessing", "first_conv", "classifier", "sensitive")
 DEFAULT_KEEP_FLOAT = ("preprocessing", "first_conv", "classifier", "sensitive")
@@ -96,8 +97,13 @@ class QuantizeOptions:
     float_prefix: int = 0  # the first N compute layers (Conv/MatMul/Gemm) and all between them stay float
     min_images: int = DEFAULT_MIN_IMAGES
     max_images: int = DEFAULT_MAX_IMAGES
+    quantizer: str = "onnxruntime"
+    symmetric_activations: bool = False  # onnxruntime, CPU target: int8 activations with zero point 0
+    fast_bias_correction: bool = True  # nncf only
 
     def __post_init__(self):
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"unknown quantizer {self.quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown calibration method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.target not in TARGETS:
@@ -406,9 +412,12 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         kept = keep_float_nodes(model, options.keep_float, options.float_prefix)
         for name in options.exclude_nodes:
             kept.setdefault(name, "user")
+        if options.quantizer == "nncf":
+            _quantize_nncf(prepared, out_path, images, options, input_name=input_name, kept=sorted(kept))
+            return _result(onnx, out_path, images, skipped, options, kept)
         methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                    "entropy": q.CalibrationMethod.Entropy}
-        symmetric_activations = options.target == "tensorrt"
+        symmetric_activations = options.target == "tensorrt" or options.symmetric_activations
         extra = {
             "ActivationSymmetric": symmetric_activations,
             "WeightSymmetric": True,
@@ -435,6 +444,11 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
             extra_options=extra,
             calibration_cache_path=calibration_cache,
         )
+    return _result(onnx, out_path, images, skipped, options, kept)
+
+
+def _result(onnx, out_path: Path, images: np.ndarray, skipped: int, options: QuantizeOptions,
+            kept: dict[str, str]) -> "QuantizeResult":
     quantized = onnx.load(str(out_path), load_external_data=False)
     n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
     return QuantizeResult(
@@ -443,3 +457,27 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         options={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
         float_between_qdq=float_layers_between_qdq(quantized),
     )
+
+
+def _quantize_nncf(model_path: Path, out_path: Path, images: np.ndarray, options: QuantizeOptions, *,
+                   input_name: str, kept: Sequence[str]) -> None:
+    """NNCF's post-training quantization of an ONNX model: Q/DQ ONNX that onnxruntime and TensorRT
+    run (symmetric int8 weights per channel, activations per tensor; fast bias correction).
+    The keep-float rules become its ignored scope; `method`/`percentile` do not apply (NNCF
+    picks its own range estimators)."""
+    onnx = require("onnx", "INT8 quantization")
+    try:
+        import nncf
+    except ImportError as exc:
+        from serve.errors import MissingDependencyError
+        raise MissingDependencyError("nncf", "nncf", "--quantizer nncf") from exc
+    model = onnx.load(str(model_path))
+    dataset = nncf.Dataset(range(len(images)), lambda i: {input_name: images[i : i + 1]})
+    kwargs = {}
+    if kept:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(kept), validate=False)
+    if options.target == "tensorrt":
+        kwargs["preset"] = nncf.QuantizationPreset.PERFORMANCE  # symmetric activations: TensorRT's rule
+    quantized = nncf.quantize(model, dataset, subset_size=len(images),
+                              fast_bias_correction=options.fast_bias_correction, **kwargs)
+    onnx.save(quantized, str(out_path))

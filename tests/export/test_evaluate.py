@@ -117,6 +117,8 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
     doc = json.loads(files["json"].read_text())
     assert doc["images"] == 24 and len(doc["rows"]) == 3 + len(FUSIONS) + 1
     assert doc["cpu"]  # the CPU the latency came from
+    assert len(doc["files"]) == 24 and doc["rows"][0]["predictions"][:3] == list(np.argmax(expected["alpha"][1][:3], 1))
+    assert doc["truth"]["alpha"] == truth.tolist()
     table = files["markdown"].read_text()
     assert "| alpha | model | 24 |" in table and "trio:oracle" in table
     assert files["png"].stat().st_size > 1000

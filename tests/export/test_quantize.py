@@ -387,3 +387,30 @@ def test_calibration_is_collected_in_chunks():
     assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
     reader.rewind()
     assert reader.get_next()["images"].shape == (1, 2, 2, 3) and len(reader) == 5
+
+
+def test_nncf_quantizer_writes_a_qdq_model_onnxruntime_runs(tiny_onnx, tmp_path):
+    pytest.importorskip("nncf")
+    from serve.images import synthetic_images
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+    from serve.repository import TensorSpec
+
+    images = synthetic_images(24, SIZE, seed=2)
+    out = tmp_path / "nncf.onnx"
+    result = quant.quantize(tiny_onnx, out, images, quant.QuantizeOptions(min_images=8, quantizer="nncf"))
+    assert result.quantized_nodes > 0 and result.options["quantizer"] == "nncf"
+    model = onnx.load(str(out))
+    kept = set(result.kept_float)
+    # the keep-float rules are NNCF's ignored scope: the stem conv reads float, not a DequantizeLinear
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert stem.name in kept and stem.input[1] not in producer  # its float weight, as exported
+    quantized_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in kept]
+    assert quantized_convs and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in quantized_convs)
+    spec_in, spec_out = TensorSpec("images", np.uint8, (*SIZE, 3)), TensorSpec("probabilities", np.float32, (5,))
+    with OnnxRuntimeRunner("fp32", tiny_onnx, spec_in, spec_out) as fp32, \
+            OnnxRuntimeRunner("int8", out, spec_in, spec_out) as int8:
+        a, b = fp32.infer(images), int8.infer(images)
+    assert b.shape == a.shape and np.abs(a - b).max() < 0.2
+    with pytest.raises(ConfigError, match="unknown quantizer 'tflite'"):
+        quant.QuantizeOptions(quantizer="tflite")
