@@ -320,7 +320,7 @@ class ModelHub:
         if submitted is not None:
             submitted.extend(pending.values())
         runs = {m: p.result() for m, p in pending.items()}
-        scores, _ = rank([r.probabilities for r in runs.values()], fusion)
+        scores, _ = rank([r.probabilities for r in runs.values()], fusion, target.ensemble.temperatures)
         return InferResult(name, "1", scores.astype(np.float32), runs)
 
     def classify(self, image: bytes, names: Sequence[str] = (), top: int = 5, fusion: str = "",
@@ -360,7 +360,7 @@ class ModelHub:
         for target in targets:
             if isinstance(target, ServedEnsemble):
                 fused.append(self._fuse(target.name, list(target.ensemble.members), fusion or target.ensemble.fusion,
-                                        runs, top))
+                                        runs, top, target.ensemble.temperatures))
         if not fused and len(models) > 1 and self._share_labels(models):
             fused.append(self._fuse("ensemble", [m.name for m in models], fusion or "mean", runs, top))
         return ClassifyResult(answers, fused, (picture.height, picture.width), decode_s,
@@ -387,8 +387,8 @@ class ModelHub:
         return labels[index] if labels and index < len(labels) else str(int(index))
 
     def _fuse(self, name: str, members: list[str], fusion: str, runs: dict[str, BatchResult],
-              top: int) -> EnsembleAnswer:
-        scores, order = rank([runs[m].probabilities for m in members], fusion)
+              top: int, temperatures=None) -> EnsembleAnswer:
+        scores, order = rank([runs[m].probabilities for m in members], fusion, temperatures)
         model = self.models[members[0]]
         picks = top_k(scores, order, top)[0]
         return EnsembleAnswer(name, fusion, members, [(self._label(model, i), i, s) for i, s in picks])
