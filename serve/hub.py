@@ -50,6 +50,11 @@ class ServedModel:
     def ready(self) -> bool:
         return self.state == READY
 
+    @property
+    def resize(self) -> str:
+        """How Classify resizes images for this model (config.pbtxt parameter "resize")."""
+        return self.entry.resize if self.entry is not None else images.DEFAULT_RESIZE
+
 
 @dataclass
 class ServedEnsemble:
@@ -340,13 +345,14 @@ class ModelHub:
             for member in self.members(target.name):
                 unique.setdefault(member.name, member)
         models = list(unique.values())
-        sizes = {m.runner.image_size for m in models}
-        biggest = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        sizes = {(m.runner.image_size, m.resize) for m in models}  # each model's size and resize mode
+        needed = [images.decode_size(size, mode) for size, mode in sizes]
+        biggest = (max(h for h, _ in needed), max(w for _, w in needed))
         t0 = time.perf_counter()
         picture = images.decode(image, min_size=biggest, max_pixels=self.max_pixels)
-        pixels = {size: images.resize(picture, size)[None] for size in sizes}
+        pixels = {(size, mode): images.resize(picture, size, mode)[None] for size, mode in sizes}
         decode_s = time.perf_counter() - t0
-        pending = {m.name: m.batcher.submit(pixels[m.runner.image_size], deadline) for m in models}
+        pending = {m.name: m.batcher.submit(pixels[(m.runner.image_size, m.resize)], deadline) for m in models}
         if submitted is not None:
             submitted.extend(pending.values())
         runs = {name: p.result() for name, p in pending.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from . import datatypes
+from . import datatypes, images
 from ._files import write_text_atomic
 from .errors import ConfigError, ModelNotFoundError
 
@@ -39,6 +39,10 @@ ARTIFACTS = {
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 DEFAULT_MAX_BATCH_SIZE = 32
+# config.pbtxt parameter naming how images are resized for this model (serve.images.RESIZE_MODES):
+#   parameters { key: "resize" value { string_value: "crop" } }
+# absent = "stretch" (what every model exported before the parameter existed was validated with)
+RESIZE_PARAMETER = "resize"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -92,8 +96,12 @@ def make_config(
     max_queue_size: int = 256,
     instance_count: int = 1,
     parameters: dict[str, str] | None = None,
+    resize: str | None = None,
 ):
-    """Build a ModelConfig for an image classifier (batch dim excluded from dims, as Triton wants)."""
+    """Build a ModelConfig for an image classifier (batch dim excluded from dims, as Triton wants).
+
+    `resize` (serve.images.RESIZE_MODES) is recorded as the "resize" parameter.
+    """
     pb = _pb()
     validate_name(name)
     if platform not in ARTIFACTS:
@@ -122,6 +130,8 @@ def make_config(
     group.kind = pb.ModelInstanceGroup.KIND_GPU if platform == PLATFORM_TENSORRT else pb.ModelInstanceGroup.KIND_CPU
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = str(value)
+    if resize is not None:
+        config.parameters[RESIZE_PARAMETER].string_value = images.check_mode(resize)
     return config
 
 
@@ -177,6 +187,11 @@ class ModelEntry:
     @property
     def parameters(self) -> dict[str, str]:
         return {k: v.string_value for k, v in self.config.parameters.items()}
+
+    @property
+    def resize(self) -> str:
+        """How images are resized for this model: "stretch" (also when unset) or "crop"."""
+        return images.check_mode(self.parameters.get(RESIZE_PARAMETER) or images.STRETCH)
 
     @property
     def versions(self) -> list[int]:
@@ -235,7 +250,12 @@ def load_entry(folder: Path) -> ModelEntry:
             f"{folder / CONFIG_FILE}: expected exactly one input and one output, "
             f"got {len(config.input)} inputs and {len(config.output)} outputs"
         )
-    return ModelEntry(name=name, path=folder, config=config)
+    entry = ModelEntry(name=name, path=folder, config=config)
+    try:
+        entry.resize
+    except ConfigError as exc:
+        raise ConfigError(f"{folder / CONFIG_FILE}: parameter {RESIZE_PARAMETER!r}: {exc}") from None
+    return entry
 
 
 class ModelRepository:
