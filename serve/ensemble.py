@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .repository import validate_name
+from .repository import EnsembleEntry, validate_name
 
 MEAN, GEOMETRIC, MAX_CONFIDENCE, MAJORITY = "mean", "geometric", "max-confidence", "majority"
 FUSIONS = (MEAN, GEOMETRIC, MAX_CONFIDENCE, MAJORITY)
@@ -234,6 +234,14 @@ class Ensemble:
             raise ConfigError(f"invalid ensemble {spec!r}; expected NAME=model1,model2[:{'|'.join(FUSIONS)}]")
         members, _, fusion = rest.partition(":")
         return cls(name.strip(), tuple(m.strip() for m in members.split(",") if m.strip()), fusion.strip() or MEAN)
+
+    @classmethod
+    def from_entry(cls, entry: EnsembleEntry) -> "Ensemble":
+        """The ensemble a repository folder defines (serve.repository.load_ensemble)."""
+        try:
+            return cls(entry.name, entry.members, entry.fusion or DEFAULT_FUSION, entry.temperatures)
+        except ConfigError as exc:
+            raise ConfigError(f"{entry.path}: {exc}") from None
 
     def temperature_of(self, member: str) -> float:
         return 1.0 if self.temperatures is None else self.temperatures[self.members.index(member)]

@@ -137,6 +137,25 @@ class ModelHub:
             if ens.name in self.ensembles:
                 raise ConfigError(f"ensemble '{ens.name}' is defined twice")
             self.ensembles[ens.name] = ServedEnsemble(ens, stats=self.metrics.model(ens.name))
+        self._add_repository_ensembles()
+
+    def _add_repository_ensembles(self) -> None:
+        """Ensembles defined in the repository (platform "ensemble" folders): all of them when no
+        --models are named, else those named; an --ensemble of the same name takes precedence."""
+        for name in self.repository.ensemble_names():
+            if self.requested is not None and name not in self.requested:
+                continue
+            if name in self.ensembles:
+                log.info("ensemble %s: the one given on the command line replaces the repository's", name)
+                continue
+            try:
+                ens = Ensemble.from_entry(self.repository.ensemble(name))
+            except KestrelError as exc:
+                if self.strict or self.requested is not None:
+                    raise
+                log.error("ensemble %s in the repository is not served: %s", name, exc)
+                continue
+            self.ensembles[name] = ServedEnsemble(ens, stats=self.metrics.model(name))
 
     # ---- loading ---------------------------------------------------------------------------
     def _names_to_load(self) -> list[str]:
