@@ -271,3 +271,33 @@ class Ensemble:
                     f"ensemble '{self.name}': member '{member}' has different labels from '{first}'{where}; "
                     "members must share one label set"
                 )
+
+
+def cross_fitted(probabilities: Sequence[np.ndarray], labels: np.ndarray, fusion: str = MEAN, *, folds: int = 2,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[tuple[float, ...]]]:
+    """(scores, order, temperatures per fold): fused with temperatures never fitted on the image scored.
+
+    The images are split into `folds` random parts; each part is fused with the
+    temperatures fitted on the other parts (k-fold cross-fitting), so the accuracy
+    of the result is an honest estimate of "fit on a labelled folder, then serve".
+    Images whose label is negative (not a class) are scored but never fitted on.
+    """
+    stacked = _stack(probabilities)
+    labels = np.asarray(labels)
+    n = stacked.shape[1]
+    if labels.shape != (n,):
+        raise InvalidInputError(f"received {labels.shape} labels for {n} images; expected one label per image")
+    if folds < 2 or folds > n:
+        raise InvalidInputError(f"received folds={folds}; expected 2 <= folds <= images ({n})")
+    part = np.random.default_rng(seed).permutation(n) % folds
+    scores = np.zeros(stacked.shape[1:], np.float32)
+    order = np.zeros(stacked.shape[1:], np.int64)
+    fitted = []
+    for k in range(folds):
+        train = (part != k) & (labels >= 0)
+        test = part == k
+        temps = fit_temperatures([p[train] for p in stacked], labels[train])
+        s, o = rank([p[test] for p in stacked], fusion, temps)
+        scores[test], order[test] = s, o
+        fitted.append(temps)
+    return scores, order, fitted

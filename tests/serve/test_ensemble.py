@@ -166,3 +166,19 @@ def test_ensemble_carries_temperatures():
     for bad, match in (({"c": 1.0}, "not members"), ([1.0], "1 temperatures for 2 members"), ([1, -1], "> 0")):
         with pytest.raises(ConfigError, match=match):
             Ensemble("e", ("a", "b"), temperatures=bad)
+
+
+def test_cross_fitting_never_scores_an_image_with_temperatures_fitted_on_it():
+    from serve.ensemble import cross_fitted
+
+    (a, labels), (b, _) = _overconfident(3.0, n=1000, seed=1), _overconfident(1.0, n=1000, seed=1)
+    scores, order, fitted = cross_fitted([a, b], labels, "mean", folds=2, seed=0)
+    assert len(fitted) == 2 and all(t[0] > 2.0 and 0.7 < t[1] < 1.4 for t in fitted)
+    part = np.random.default_rng(0).permutation(1000) % 2
+    for k in range(2):  # part k is fused with the temperatures fitted on the other part
+        expected, _ = rank([a[part == k], b[part == k]], "mean", fit_temperatures(
+            [a[part != k], b[part != k]], labels[part != k]))
+        np.testing.assert_allclose(scores[part == k], expected, rtol=1e-6)
+    np.testing.assert_array_equal(order[:, 0], scores.argmax(axis=1))
+    with pytest.raises(InvalidInputError, match="folds=1"):
+        cross_fitted([a, b], labels, folds=1)
