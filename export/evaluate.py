@@ -63,6 +63,8 @@ LATENCY_BATCHES = (1, 8)
 BOOTSTRAP = 2000
 CHUNK = 64  # images decoded at a time (bounds memory on large sets)
 KERAS_SUFFIX = "_keras"
+DEFAULT_TEMPERATURE_FOLDS = 2  # ensembles: fusions with temperatures cross-fitted over this many folds (0: off)
+CROSS_FIT = "cross-fit"
 
 
 # ---- labelled data --------------------------------------------------------------------------
@@ -435,7 +437,8 @@ def _fusions():
 def evaluate(data: str | Path, repository: str | Path = "models", models: Sequence[str] | None = None,
              ensembles: Sequence = (), *, resize: str = "model", class_index: str | Path | None = None,
              limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print) -> Evaluation:
+             latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print,
+             temperature_folds: int = DEFAULT_TEMPERATURE_FOLDS) -> Evaluation:
     """Evaluate `models` (default: every model of the repository) and `ensembles` (serve.ensemble.Ensemble
     or 'NAME=a,b[:fusion]' strings) on the labelled `data`."""
     from serve.backends import create_runner
@@ -448,7 +451,7 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
     available = repo.names()
     if not available:
         raise ConfigError(f"repository {repo.root} holds no models (no <name>/config.pbtxt)")
-    ensembles = [e if isinstance(e, ens_lib.Ensemble) else ens_lib.Ensemble.parse(e) for e in ensembles]
+    ensembles = [e if isinstance(e, ens_lib.Ensemble) else _ensemble(e, repo, ens_lib) for e in ensembles]
     names = list(dict.fromkeys(models)) if models else ([] if ensembles else list(available))
     for ens in ensembles:
         for member in ens.members:
@@ -543,9 +546,18 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
         best = max(ens.members, key=lambda n: right[n].mean())
         temperatures = getattr(ens, "temperatures", None)
         variants = [(f, None) for f in fusions] + ([(f, temperatures) for f in fusions] if temperatures else [])
+        # temperatures fitted here are cross-fitted: each image fused with those fitted on the other folds
+        variants += [(f, CROSS_FIT) for f in fusions] if temperature_folds else []
         for j, (fusion, temps) in enumerate(variants):
             try:
-                if temps:
+                if temps == CROSS_FIT:
+                    scores, order, fitted = ens_lib.cross_fitted(member_probs, t, fusion, folds=temperature_folds)
+                    if fusion == fusions[0]:
+                        notes.append(f"ensemble {ens.name}: +T (cv) rows fuse each image with temperatures fitted "
+                                     f"on the other {temperature_folds - 1} of {temperature_folds} folds; fitted ("
+                                     f"{', '.join(ens.members)}): "
+                                     + "; ".join(",".join(f"{x:.3g}" for x in f) for f in fitted))
+                elif temps:
                     scores, order = ens_lib.rank(member_probs, fusion, temperatures=temps)
                 else:
                     scores, order = ens_lib.rank(member_probs, fusion)
@@ -553,7 +565,7 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
                 rows.append(Row(fusion, "fusion", 0, ensemble=ens.name, error=str(exc)))
                 continue
             r1, r5 = topk_right(order, t, 1), topk_right(order, t, 5)
-            label = fusion + (" +T" if temps else "")
+            label = fusion + ("" if not temps else " +T (cv)" if temps == CROSS_FIT else " +T (stored)")
             row = Row(label, "fusion", len(t), float(r1.mean()), float(r5.mean()), wilson(int(r1.sum()), len(t)),
                       ensemble=ens.name, predictions=order[:, 0].tolist(), latency_ms=latency.get(ens.name, {}) if fusion == ens.fusion and not temps
                       else {})
@@ -589,6 +601,13 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
     return Evaluation(str(data), len(used), classes, rows, skipped, None if resize == "model" else resize, cpu,
                       time.perf_counter() - started, notes, files=[str(samples[i].path) for i in used],
                       truth={name: t.tolist() for name, t in truth.items()})
+
+
+def _ensemble(spec: str, repo: ModelRepository, ens_lib):
+    """'NAME=a,b[:fusion]', or the NAME of an ensemble defined in the repository (with its temperatures)."""
+    if "=" not in spec and spec.strip() in repo.ensemble_names():
+        return ens_lib.Ensemble.from_entry(repo.ensemble(spec.strip()))
+    return ens_lib.Ensemble.parse(spec)
 
 
 def _spread(samples: list[Sample], limit: int) -> list[Sample]:
@@ -669,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="", help="comma-separated model names (default: every model, or only the "
                                                 "ensembles' members when --ensemble is given)")
     p.add_argument("--ensemble", action="append", default=[], metavar="NAME=a,b[:fusion]",
-                   help="an ensemble to evaluate (repeatable): every fusion, the oracle, its members")
+                   help="an ensemble to evaluate (repeatable; or the NAME of one defined in the repository): "
+                        "every fusion, with and without temperatures, the oracle, its members")
     p.add_argument("--resize", choices=RESIZE_CHOICES, default="model",
                    help="image resize: each model's own mode (default), or force stretch/crop for all")
     p.add_argument("--class-index", help=f"ImageNet {CLASS_INDEX_FILE} for wnid folders "
@@ -678,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS,
                    help="interleaved runs per batch size for the latency columns (0: skip)")
+    p.add_argument("--temperature-folds", type=int, default=DEFAULT_TEMPERATURE_FOLDS,
+                   help="ensembles: also report every fusion with per-member temperatures cross-fitted over this "
+                        f"many folds (never fitted on the image scored; default {DEFAULT_TEMPERATURE_FOLDS}; 0: off)")
     p.add_argument("--out", default="runs/evaluate", help="folder for evaluation.json/.md/.png (default: runs/evaluate)")
     p.add_argument("--no-plot", action="store_true", help="do not draw evaluation.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -694,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluation = evaluate(args.data, args.repository, models, args.ensemble, resize=args.resize,
                               class_index=args.class_index, limit=args.limit, batch_size=args.batch_size,
                               latency_runs=args.latency_runs, progress=not args.quiet,
+                              temperature_folds=args.temperature_folds,
                               log=lambda m: print(m, file=sys.stderr))
         files = write_outputs(evaluation, args.out, with_plot=not args.no_plot)
     except KestrelError as exc:

@@ -183,17 +183,17 @@ def _weights_arg(weights):
     return str(path)
 
 
-def _build_app(app: applications.Application, weights, input_size):
+def _build_app(app: applications.Application, weights, input_size, alpha=None):
     try:
-        return contract.build_application(app, weights=weights, input_size=input_size)
+        return contract.build_application(app, weights=weights, input_size=input_size, alpha=alpha)
     except KestrelError:
         raise
     except Exception as exc:
         text = " ".join(str(exc).split())
         if weights == "imagenet" and ("URL fetch failure" in text or "HTTP" in text or "urlopen" in text):
             raise ConfigError(
-                f"cannot download the ImageNet weights for {app.name} ({app.weights_file}); offline, set "
-                f"KERAS_HOME to a folder holding models/{app.weights_file}, or pass --weights PATH"
+                f"cannot download the ImageNet weights for {app.name} ({app.weights_file_for(alpha)}); offline, set "
+                f"KERAS_HOME to a folder holding models/{app.weights_file_for(alpha)}, or pass --weights PATH"
             ) from None
         if isinstance(weights, str) and weights != "imagenet":
             raise ModelLoadError(f"cannot load weights {weights} into {app.name}: {text[:300]}") from None
@@ -244,6 +244,7 @@ def export_model(
     opset: int | None = None,
     input_size: tuple[int, int] | None = None,
     preprocessing: str | None = None,
+    alpha: float | None = None,
     progress: bool = True,
     parity: bool = True,
     parity_threshold: float = parity_lib.FP32_THRESHOLD,
@@ -258,7 +259,13 @@ def export_model(
     """
     started = time.perf_counter()
     kind, resolved = _classify_source(source)
-    name = _default_name(source if kind != "model" else resolved) if name is None else name
+    if alpha is not None:
+        if kind != "app":
+            raise ConfigError(f"alpha {alpha:g} applies to a Keras application (mobilenet, mobilenet_v2), "
+                              "not to a model file: the file fixes its own width")
+        alpha = resolved.check_alpha(alpha)
+    if name is None:
+        name = resolved.default_name(alpha) if kind == "app" else _default_name(source if kind != "model" else resolved)
     repo = repo_lib.ModelRepository(repository)
     final_onnx = repo.folder(name)
     final_keras = repo.folder(name + KERAS_SUFFIX)
@@ -288,10 +295,11 @@ def export_model(
                     steps.warn(f"{exc}; untrained model ({weights or 'no weights'}): labels are class_0000..")
                     class_names = [f"class_{i:04d}" for i in range(1000)]
                     label_source = "placeholder (no class index)"
-            model = _build_app(app, weights, input_size)
+            model = _build_app(app, weights, input_size, alpha)
             classes = int(model.outputs[0].shape[-1])
             mode = app.preprocessing
-            source_text = f"keras.applications.{app.constructor} (weights={weights})"
+            width = f", alpha={alpha:g}" if alpha is not None else ""
+            source_text = f"keras.applications.{app.constructor} (weights={weights}{width})"
         else:
             if kind == "file":
                 network = contract.load_user_model(resolved)
@@ -361,7 +369,8 @@ def export_model(
             seconds = dict(steps.seconds)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             info_doc = {
-                "name": name, "source": source_text, "weights": weights, "preprocessing": mode, "resize": resize,
+                "name": name, "source": source_text, "weights": weights, "alpha": alpha, "preprocessing": mode,
+                "resize": resize,
                 "input_size": [height, width], "classes": classes, "labels": label_source,
                 "opset": converted.opset, "onnx_nodes": converted.nodes, "parameters": converted.parameters,
                 "parity": report.summary() if report else None, "seconds": seconds,

@@ -137,6 +137,25 @@ class ModelHub:
             if ens.name in self.ensembles:
                 raise ConfigError(f"ensemble '{ens.name}' is defined twice")
             self.ensembles[ens.name] = ServedEnsemble(ens, stats=self.metrics.model(ens.name))
+        self._add_repository_ensembles()
+
+    def _add_repository_ensembles(self) -> None:
+        """Ensembles defined in the repository (platform "ensemble" folders): all of them when no
+        --models are named, else those named; an --ensemble of the same name takes precedence."""
+        for name in self.repository.ensemble_names():
+            if self.requested is not None and name not in self.requested:
+                continue
+            if name in self.ensembles:
+                log.info("ensemble %s: the one given on the command line replaces the repository's", name)
+                continue
+            try:
+                ens = Ensemble.from_entry(self.repository.ensemble(name))
+            except KestrelError as exc:
+                if self.strict or self.requested is not None:
+                    raise
+                log.error("ensemble %s in the repository is not served: %s", name, exc)
+                continue
+            self.ensembles[name] = ServedEnsemble(ens, stats=self.metrics.model(name))
 
     # ---- loading ---------------------------------------------------------------------------
     def _names_to_load(self) -> list[str]:
@@ -325,7 +344,7 @@ class ModelHub:
         if submitted is not None:
             submitted.extend(pending.values())
         runs = {m: p.result() for m, p in pending.items()}
-        scores, _ = rank([r.probabilities for r in runs.values()], fusion)
+        scores, _ = rank([r.probabilities for r in runs.values()], fusion, target.ensemble.temperatures)
         return InferResult(name, "1", scores.astype(np.float32), runs)
 
     def classify(self, image: bytes, names: Sequence[str] = (), top: int = 5, fusion: str = "",
@@ -366,7 +385,7 @@ class ModelHub:
         for target in targets:
             if isinstance(target, ServedEnsemble):
                 fused.append(self._fuse(target.name, list(target.ensemble.members), fusion or target.ensemble.fusion,
-                                        runs, top))
+                                        runs, top, target.ensemble.temperatures))
         if not fused and len(models) > 1 and self._share_labels(models):
             fused.append(self._fuse("ensemble", [m.name for m in models], fusion or "mean", runs, top))
         return ClassifyResult(answers, fused, (picture.height, picture.width), decode_s,
@@ -393,8 +412,8 @@ class ModelHub:
         return labels[index] if labels and index < len(labels) else str(int(index))
 
     def _fuse(self, name: str, members: list[str], fusion: str, runs: dict[str, BatchResult],
-              top: int) -> EnsembleAnswer:
-        scores, order = rank([runs[m].probabilities for m in members], fusion)
+              top: int, temperatures=None) -> EnsembleAnswer:
+        scores, order = rank([runs[m].probabilities for m in members], fusion, temperatures)
         model = self.models[members[0]]
         picks = top_k(scores, order, top)[0]
         return EnsembleAnswer(name, fusion, members, [(self._label(model, i), i, s) for i, s in picks])
