@@ -59,7 +59,7 @@ DEFAULT_MIN_ACCURACY_RATIO = 0.99  # labelled gate: variant top-1 >= 99 % of the
 CONFIDENT = 0.5  # the unlabelled gate counts images whose reference top-1 probability is at least this
 MIN_CONFIDENT_IMAGES = 20  # fewer confident images: the gate falls back to top-1 agreement on all images
 MIN_LABELLED_FRACTION = 0.9  # this share of the accuracy images must map to a class for the labelled gate
-DEFAULT_MAX_EVAL_IMAGES = 500
+DEFAULT_MAX_EVAL_IMAGES = 1000
 DEFAULT_LATENCY_RUNS = 30
 REPORT_FILE = "accuracy.json"
 WORST = 5
@@ -363,8 +363,11 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
 
     Evaluation = every `accuracy_images` folder, plus the held-out `holdout`
     fraction of the calibration folder (default: 20 % when no accuracy folder
-    is given, none otherwise).
+    is given, none otherwise). With the default holdout, the calibration part's
+    images beyond the `max_images` calibrated on are evaluated too (never
+    calibrated on; more images, a tighter gate), up to `max_eval` in all.
     """
+    default_holdout = holdout is None and not (accuracy_images or [])
     folders = [] if accuracy_images is None else (
         [accuracy_images] if isinstance(accuracy_images, (str, Path)) else list(accuracy_images))
     if holdout is None:
@@ -391,6 +394,12 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
                               "use a separate --accuracy-images folder or --holdout")
         cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress,
                                          mode=mode)
+        if default_holdout:
+            used = set(map(str, cal_set.paths)) | {str(p) for p, _ in cal_set.skipped}
+            unused = [p for p in cal_paths if str(p) not in used]
+            if unused:
+                eval_paths += unused
+                sources.append(f"{len(unused)} more images of {calibration} not calibrated on")
     held_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="held-out images",
                                  mode=mode)
     extra_set = quant.load_images(extra, image_size, progress=progress, desc="accuracy images", mode=mode)

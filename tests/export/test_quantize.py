@@ -414,3 +414,13 @@ def test_nncf_quantizer_writes_a_qdq_model_onnxruntime_runs(tiny_onnx, tmp_path)
     assert b.shape == a.shape and np.abs(a - b).max() < 0.2
     with pytest.raises(ConfigError, match="unknown quantizer 'tflite'"):
         quant.QuantizeOptions(quantizer="tflite")
+
+
+def test_default_holdout_also_evaluates_the_calibration_images_not_calibrated_on(tiny_repo, image_folder):
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=image_folder, latency_runs=0,
+                           quantize_options=quant.QuantizeOptions(min_images=16, max_images=20),
+                           progress=False, log=lambda *_: None)
+    report = reports["tiny_int8"]
+    assert report.calibration["images_used"] == 20
+    assert report.images == 12 + 28  # the held-out 20 % plus the 28 of the other 48 never calibrated on
+    assert "not calibrated on" in report.image_source
