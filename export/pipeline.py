@@ -50,7 +50,7 @@ EXPORT_INFO_FILE = "export.json"
 VERSION = 1
 # How new exports resize images (config.pbtxt parameter "resize"), chosen by measurement on
 # ../shared/datasets/imagenet_val (docs/accuracy.md).
-DEFAULT_RESIZE = image_lib.STRETCH
+DEFAULT_RESIZE = image_lib.CROP
 
 
 @dataclass
