@@ -48,7 +48,7 @@ from serve import images as simages
 from serve._optional import available
 from serve.errors import ConfigError, KestrelError
 from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, RESIZE_PARAMETER, ModelEntry,
-                              ModelRepository, make_config, write_config)
+                              ModelRepository, make_config, validate_name, write_config)
 
 from . import quantize as quant
 from . import tensorrt as trt_build
@@ -423,7 +423,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
              reference: str = "auto", max_eval_images: int = DEFAULT_MAX_EVAL_IMAGES,
              latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print,
              min_accuracy_ratio: float | None = None, class_index: str | Path | None = None,
-             labelled: bool | None = None) -> dict[str, AccuracyReport]:
+             labelled: bool | None = None, suffix: str = "") -> dict[str, AccuracyReport]:
     """Build the requested variants of repository entry `name`; returns {variant name: report}.
 
     `precisions`: any of fp32, fp16, int8. ONNX variants are built for fp16 and
@@ -434,6 +434,8 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     if base.platform != PLATFORM_ONNX:
         raise ConfigError(f"model '{name}' is {base.platform!r}; optimize needs the FP32 ONNX export ({PLATFORM_ONNX})")
     wanted = parse_precisions(precisions, engine=engine or engine_only)
+    if suffix:
+        validate_name(f"{name}_int8{suffix}")
     thresholds = _thresholds(min_agreement)
     accuracy_ratio = DEFAULT_MIN_ACCURACY_RATIO if min_accuracy_ratio is None else float(min_accuracy_ratio)
     if not 0.0 < accuracy_ratio <= 1.5:
@@ -447,7 +449,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     if not build_engines and not onnx_variants:
         raise ConfigError(f"nothing to build: --precision {','.join(wanted)} without --engine "
                           f"(ONNX variants exist for {', '.join(VARIANT_PRECISIONS)}; fp32 is the export itself)")
-    for variant in [f"{name}_{p}" for p in onnx_variants] + (
+    for variant in [f"{name}_{p}{suffix}" for p in onnx_variants] + (
             [trt_build.engine_name(name, p) for p in wanted] if build_engines else []):
         if repo.folder(variant).exists() and not force:
             raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
@@ -511,7 +513,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
 
     # ---- ONNX variants
     for precision in onnx_variants:
-        variant = f"{name}_{precision}"
+        variant = f"{name}_{precision}{suffix}"
         staging = stage_entry(repo, base, variant, PLATFORM_ONNX, parameters={"source": name, "precision": precision})
         model_path = staging / "1" / "model.onnx"
         extra: dict = {}
@@ -609,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: $KERAS_HOME/models/)")
     p.add_argument("--unlabelled", action="store_true",
                    help="use the agreement gate even when the accuracy images are labelled")
+    p.add_argument("--variant-suffix", default="", metavar="SUFFIX",
+                   help="append SUFFIX to the ONNX variants' names (mobilenet_v2_int8_nncf with _nncf), to keep "
+                        "several candidates side by side for export.evaluate")
     p.add_argument("--force", action="store_true", help="replace existing entries; write variants below the threshold")
     p.add_argument("--reference", choices=("auto", "keras", "onnx"), default="auto",
                    help="what variants are compared with (default: <name>_keras when loadable, else the FP32 ONNX)")
@@ -663,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, reference=args.reference,
                  max_eval_images=args.max_eval_images, latency_runs=args.latency_runs, progress=not args.quiet,
                  min_accuracy_ratio=args.min_accuracy_ratio, class_index=args.class_index,
-                 labelled=False if args.unlabelled else None)
+                 labelled=False if args.unlabelled else None, suffix=args.variant_suffix)
     except AccuracyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -424,3 +424,9 @@ def test_default_holdout_also_evaluates_the_calibration_images_not_calibrated_on
     assert report.calibration["images_used"] == 20
     assert report.images == 12 + 28  # the held-out 20 % plus the 28 of the other 48 never calibrated on
     assert "not calibrated on" in report.image_source
+
+    suffixed = opt.optimize(tiny_repo, "tiny", precisions="fp16", suffix="_try", latency_runs=0, progress=False,
+                            log=lambda *_: None)
+    assert set(suffixed) == {"tiny_fp16_try"} and (tiny_repo / "tiny_fp16_try" / "config.pbtxt").is_file()
+    with pytest.raises(ConfigError, match="invalid model name"):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", suffix="/../x", progress=False, log=lambda *_: None)
