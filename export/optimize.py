@@ -13,15 +13,21 @@ accuracy.json), written into a temporary folder inside the repository and
 renamed into place only after it loaded and passed its accuracy check: a failed
 or interrupted run never leaves a half-written model behind.
 
-Accuracy report (accuracy.json, also printed): the variant against the Keras
-model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on real
-images not used for calibration (`--accuracy-images`, default: a held-out,
-class-stratified 20 % of the calibration folder): top-1 agreement, top-5
-agreement (the reference's top-1 class is in the variant's top 5), relative L2
-of the probability vectors (median/mean/max), the worst images, and batch-1
-latency against FP32 (interleaved medians). Below `--min-agreement` (default
-95 % for INT8, 99 % for FP16 and FP32 engines) the variant is not written and
-the command fails with the report, unless `--force`.
+Accuracy report (accuracy.json, also printed) and gate: the variant against the
+Keras model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on
+real images not used for calibration (`--accuracy-images`, default: a held-out,
+class-stratified 20 % of the calibration folder plus its images beyond the ones
+calibrated on), resized with the model's resize mode:
+
+- labelled images (class folders named by the model's labels or ImageNet wnids):
+  top-1 accuracy of both, the ratio, a paired 95 % interval and McNemar's p; the
+  variant must keep `--min-accuracy-ratio` (default 99 %) of the reference's top-1;
+- otherwise: top-1 agreement where the reference is confident (top-1 p >= 0.5),
+  at least `--min-agreement` (default 98 % INT8, 99 % FP16 / FP32 engines).
+
+Also: top-1/top-5 agreement, relative L2 of the probability vectors, the worst
+images, batch-1 latency against FP32 (interleaved medians). A variant failing
+its gate is not written and the command fails with the report, unless `--force`.
 
 With `--engine`: TensorRT engines for every requested precision (fp32 and fp16
 from the FP32 ONNX with the FP16 flag, int8 from a Q/DQ model quantized for
