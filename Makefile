@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= export,bench,dev
-MODELS ?= mobilenet_v2,resnet50,xception
+# offline: two Keras applications (weights in $(SHARED)/keras_home) and a user's .keras file;
+# with internet the seeds' trio: make demo MODELS=vgg16,resnet50,xception
+MODELS ?= mobilenet_v2,mobilenet,$(SHARED)/models/efficientnet_lite0/efficientnet_lite0.keras
 REPO   ?= models
 PORT   ?= 8001
 SHARED ?= ../shared

@@ -1,6 +1,7 @@
 """python -m export SOURCE [options]: a Keras model -> a validated ONNX model repository entry.
 
     python -m export mobilenet_v2                          # ImageNet weights (KERAS_HOME offline)
+    python -m export mobilenet --alpha 0.25                # MobileNet v1 at width 0.25 -> models/mobilenet_0.25
     python -m export resnet50 --weights none               # untrained, e.g. for speed tests
     python -m export flowers.keras --labels labels.txt     # a fine-tuned model
     python -m export mobilenet_v2 --precision fp32,int8 --calibration photos/
@@ -58,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="class names, one per line (default: ImageNet, or labels.txt beside the model)")
     parser.add_argument("--preprocessing", choices=applications.PREPROCESSING_MODES,
                         help="for a model taking float images: the preprocessing to put in front (default: none)")
+    parser.add_argument("--alpha", type=float,
+                        help="MobileNet width multiplier (mobilenet: 0.25, 0.5, 0.75, 1.0; mobilenet_v2: 0.35 ... 1.4; "
+                             "default 1.0); the name gets the alpha when it is not 1.0 (mobilenet_0.25)")
     parser.add_argument("--input-size", type=_size, metavar="HxW",
                         help="input size for an application with --weights none, or a model with dynamic size")
+    parser.add_argument("--resize", choices=("stretch", "crop"),
+                        help="how images are resized for this model, recorded in its config.pbtxt and honoured by "
+                             "serving, calibration and evaluation: stretch to the input size, or crop (shorter side to "
+                             "size/0.875, centre crop: the ImageNet evaluation transform). Default: see docs/accuracy.md")
     parser.add_argument("--parity-images", metavar="DIR", help="images for the parity check (default: synthetic)")
     parser.add_argument("--no-parity", action="store_true", help="skip the Keras vs ONNX parity check")
     parser.add_argument("--precision", type=_precisions, default=["fp32"],
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         report = export_model(
             args.source, name=args.name, weights=args.weights, repository=args.repository, labels=args.labels,
             parity_images=args.parity_images, opset=args.opset, input_size=args.input_size,
-            preprocessing=args.preprocessing, progress=not args.quiet, parity=not args.no_parity,
+            preprocessing=args.preprocessing, alpha=args.alpha, progress=not args.quiet, parity=not args.no_parity,
+            resize=args.resize,
         )
         print(report.summary())
         if extra or args.engine:

@@ -115,9 +115,9 @@ def wrap(network, *, input_size: tuple[int, int], mode: str = "none", channels: 
     return keras.Model(images, out, name=name or f"kestrel_{network.name}")
 
 
-def build_application(app, *, weights="imagenet", input_size=None):
+def build_application(app, *, weights="imagenet", input_size=None, alpha=None):
     """An application wrapped in the contract; `weights` is 'imagenet', None or a path to an .h5 file."""
-    network = app.build(weights=weights, input_size=input_size, classifier_activation=None)
+    network = app.build(weights=weights, input_size=input_size, classifier_activation=None, alpha=alpha)
     size = tuple(input_size) if input_size else app.input_size
     return wrap(network, input_size=size, mode=app.preprocessing, softmax=True, name=app.name)
 

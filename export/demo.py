@@ -1,18 +1,27 @@
 """`make demo`: export an ImageNet ensemble, serve it, classify sample photos through the server.
 
-    python -m export.demo [--models mobilenet_v2,resnet50,xception] [--repository models]
-                          [--port 8001] [--photos DIR] [--weights imagenet]
+    python -m export.demo [--models mobilenet_v2,mobilenet,PATH/efficientnet_lite0.keras] [--repository models]
+                          [--port 8001] [--photos DIR] [--weights imagenet] [--fusion mean]
 
-Each step is the public CLI a user would run (`python -m export`, `python -m serve`,
-`python -m serve.client`), so the demo shows exactly the documented path. A model
-whose weights cannot be had (an offline machine with only some weights in
-KERAS_HOME) is reported and left out; the demo goes on with the others.
+The default trio runs offline: MobileNetV2 and MobileNet (v1) are Keras applications
+whose ImageNet weights are in ../shared/keras_home, and EfficientNet-Lite0 is a user's
+own `.keras` file with its labels.txt beside it (../shared/models). With internet, the
+seeds' trio is `--models vgg16,resnet50,xception` (weights downloaded by Keras).
+The members are defined as one ensemble in the repository (`python -m export.ensemble
+create`), served together, and each photo prints every member's top 3 with its time
+and the fused answer.
+
+Each step is the public CLI a user would run (`python -m export`, `python -m
+export.ensemble`, `python -m serve`, `python -m serve.client`), so the demo shows exactly
+the documented path. A model whose weights cannot be had (an offline machine with only
+some weights in KERAS_HOME) is reported and left out; the demo goes on with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +30,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+# offline: two Keras applications with weights in ../shared/keras_home and a user's own .keras file
+DEFAULT_MODELS = ("mobilenet_v2", "mobilenet", str(SHARED / "models" / "efficientnet_lite0" / "efficientnet_lite0.keras"))
+ONLINE_MODELS = ("vgg16", "resnet50", "xception")  # the seeds' trio (needs internet for the weights)
+ENSEMBLE = "imagenet"
+DEFAULT_FUSION = "mean"  # chosen by measurement on ImageNet validation images: docs/ensembles.md
 
 
 def _say(message: str) -> None:
@@ -31,22 +46,55 @@ def _exported(repository: Path, name: str) -> bool:
     return (repository / name / "config.pbtxt").is_file() and (repository / f"{name}_keras" / "config.pbtxt").is_file()
 
 
+def model_name(source: str) -> str:
+    """The repository name `python -m export SOURCE` gives: the application's, or the file's stem."""
+    if source.lower().endswith((".keras", ".h5")) or os.sep in source:
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(source).stem).lstrip("._-")[:100] or "model"
+    return source
+
+
 def export_models(models: list[str], repository: Path, weights: str) -> list[str]:
-    """Export each model that is not in the repository yet; returns those that are ready."""
+    """Export each model that is not in the repository yet; returns the names of those that are ready."""
     ready = []
-    for name in models:
+    for source in models:
+        name = model_name(source)
         if _exported(repository, name):
             _say(f"{name}: already in {repository}, skipping export")
             ready.append(name)
             continue
-        _say(f"{name}: exporting (weights={weights})")
-        cmd = [sys.executable, "-m", "export", name, "--weights", weights, "--repository", str(repository)]
+        is_file = name != source
+        if is_file and not Path(source).is_file():
+            _say(f"{name}: {source} does not exist; continuing without it")
+            continue
+        _say(f"{name}: exporting " + (f"{source} (labels.txt beside it)" if is_file else f"(weights={weights})"))
+        cmd = [sys.executable, "-m", "export", source, "--repository", str(repository)]
+        if not is_file:
+            cmd += ["--weights", weights]
         result = subprocess.run(cmd, cwd=ROOT, env=_quiet_env())
         if result.returncode == 0:
             ready.append(name)
         else:
             _say(f"{name}: export failed (see the message above); continuing without it")
     return ready
+
+
+def define_ensemble(repository: Path, members: list[str], fusion: str) -> None:
+    """Write the ensemble into the repository (`python -m export.ensemble create`), unless it is
+    there already with these members (its fitted temperatures are kept)."""
+    from serve.repository import ModelRepository  # light: no TensorFlow
+
+    repo = ModelRepository(repository)
+    if ENSEMBLE in repo.ensemble_names():
+        try:
+            if list(repo.ensemble(ENSEMBLE).members) == members:
+                _say(f"ensemble {ENSEMBLE}: already in {repository} ({', '.join(members)})")
+                return
+        except Exception:  # an unreadable folder is rewritten below
+            pass
+    spec = f"{ENSEMBLE}={','.join(members)}:{fusion}"
+    _say(f"ensemble {ENSEMBLE}: defining it in {repository} ({spec})")
+    subprocess.run([sys.executable, "-m", "export.ensemble", "create", spec, "--repository", str(repository)],
+                   cwd=ROOT, env=_quiet_env(), check=True)
 
 
 def _quiet_env() -> dict:
@@ -84,7 +132,10 @@ def _wait_ready(address: str, server: subprocess.Popen, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mobilenet_v2,resnet50,xception")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma list of Keras applications or .keras/.h5 files (labels.txt beside them); "
+                             f"default: the offline trio; with internet e.g. {','.join(ONLINE_MODELS)}")
+    parser.add_argument("--fusion", default=DEFAULT_FUSION, help=f"the ensemble's fusion (default {DEFAULT_FUSION})")
     parser.add_argument("--repository", default="models")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
@@ -112,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] no photos found in {photos_dir}; pass --photos DIR", file=sys.stderr)
         return 1
 
+    if len(ready) > 1:
+        define_ensemble(repository, ready, args.fusion)
     port = args.port or _free_port()
     address = f"127.0.0.1:{port}"
-    serve_cmd = [sys.executable, "-m", "serve", "--repository", str(repository), "--models", ",".join(ready),
-                 "--ensemble", f"imagenet={','.join(ready)}", "--host", "127.0.0.1", "--port", str(port),
+    served = ready + [ENSEMBLE] if len(ready) > 1 else ready
+    serve_cmd = [sys.executable, "-m", "serve", "--repository", str(repository), "--models", ",".join(served),
+                 "--host", "127.0.0.1", "--port", str(port),
                  "--metrics-port", "0", "--http-port", str(args.http_port)]
     _say(f"starting the server: {' '.join(serve_cmd[1:])}")
     server = subprocess.Popen(serve_cmd, cwd=ROOT)
@@ -123,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(address, server, args.ready_timeout)
         _say(f"server SERVING on {address}; classifying {len(photos)} photos")
         client_cmd = [sys.executable, "-m", "serve.client", *map(str, photos), "--models", ",".join(ready),
-                      "--ensemble", "imagenet", "--address", address, "--top-k", "3"]
+                      *(["--ensemble", ENSEMBLE] if len(ready) > 1 else []), "--address", address, "--top-k", "3"]
         result = subprocess.run(client_cmd, cwd=ROOT)
         if args.keep_serving and result.returncode == 0:
             _say(f"still serving: gRPC {address}; web page and REST on the HTTP port logged above. Ctrl-C stops.")

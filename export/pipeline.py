@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve import images as image_lib
 from serve import repository as repo_lib
 from serve.errors import ConfigError, KestrelError, ModelLoadError
 
@@ -47,6 +48,9 @@ from .keras_to_onnx import INPUT_NAME, OUTPUT_NAME
 KERAS_SUFFIX = "_keras"
 EXPORT_INFO_FILE = "export.json"
 VERSION = 1
+# How new exports resize images (config.pbtxt parameter "resize"), chosen by measurement on
+# ../shared/datasets/imagenet_val (docs/accuracy.md).
+DEFAULT_RESIZE = image_lib.CROP
 
 
 @dataclass
@@ -179,17 +183,17 @@ def _weights_arg(weights):
     return str(path)
 
 
-def _build_app(app: applications.Application, weights, input_size):
+def _build_app(app: applications.Application, weights, input_size, alpha=None):
     try:
-        return contract.build_application(app, weights=weights, input_size=input_size)
+        return contract.build_application(app, weights=weights, input_size=input_size, alpha=alpha)
     except KestrelError:
         raise
     except Exception as exc:
         text = " ".join(str(exc).split())
         if weights == "imagenet" and ("URL fetch failure" in text or "HTTP" in text or "urlopen" in text):
             raise ConfigError(
-                f"cannot download the ImageNet weights for {app.name} ({app.weights_file}); offline, set "
-                f"KERAS_HOME to a folder holding models/{app.weights_file}, or pass --weights PATH"
+                f"cannot download the ImageNet weights for {app.name} ({app.weights_file_for(alpha)}); offline, set "
+                f"KERAS_HOME to a folder holding models/{app.weights_file_for(alpha)}, or pass --weights PATH"
             ) from None
         if isinstance(weights, str) and weights != "imagenet":
             raise ModelLoadError(f"cannot load weights {weights} into {app.name}: {text[:300]}") from None
@@ -240,10 +244,12 @@ def export_model(
     opset: int | None = None,
     input_size: tuple[int, int] | None = None,
     preprocessing: str | None = None,
+    alpha: float | None = None,
     progress: bool = True,
     parity: bool = True,
     parity_threshold: float = parity_lib.FP32_THRESHOLD,
     max_batch_size: int = repo_lib.DEFAULT_MAX_BATCH_SIZE,
+    resize: str | None = None,
 ) -> ExportReport:
     """Export `source` (application name, .keras/.h5 path or keras.Model) into `repository`.
 
@@ -253,7 +259,13 @@ def export_model(
     """
     started = time.perf_counter()
     kind, resolved = _classify_source(source)
-    name = _default_name(source if kind != "model" else resolved) if name is None else name
+    if alpha is not None:
+        if kind != "app":
+            raise ConfigError(f"alpha {alpha:g} applies to a Keras application (mobilenet, mobilenet_v2), "
+                              "not to a model file: the file fixes its own width")
+        alpha = resolved.check_alpha(alpha)
+    if name is None:
+        name = resolved.default_name(alpha) if kind == "app" else _default_name(source if kind != "model" else resolved)
     repo = repo_lib.ModelRepository(repository)
     final_onnx = repo.folder(name)
     final_keras = repo.folder(name + KERAS_SUFFIX)
@@ -263,6 +275,7 @@ def export_model(
         if min(input_size) < 32:
             raise ConfigError(f"input size {input_size} is too small; expected at least 32x32")
     mode = applications.check_mode(preprocessing) if preprocessing is not None else None
+    resize = image_lib.check_mode(resize or DEFAULT_RESIZE)
 
     steps = _Steps(progress, 4 + int(parity), name)
     try:
@@ -282,10 +295,11 @@ def export_model(
                     steps.warn(f"{exc}; untrained model ({weights or 'no weights'}): labels are class_0000..")
                     class_names = [f"class_{i:04d}" for i in range(1000)]
                     label_source = "placeholder (no class index)"
-            model = _build_app(app, weights, input_size)
+            model = _build_app(app, weights, input_size, alpha)
             classes = int(model.outputs[0].shape[-1])
             mode = app.preprocessing
-            source_text = f"keras.applications.{app.constructor} (weights={weights})"
+            width = f", alpha={alpha:g}" if alpha is not None else ""
+            source_text = f"keras.applications.{app.constructor} (weights={weights}{width})"
         else:
             if kind == "file":
                 network = contract.load_user_model(resolved)
@@ -328,7 +342,7 @@ def export_model(
             for folder, platform_name, entry_name in ((onnx_dir, repo_lib.PLATFORM_ONNX, final_onnx.name),
                                                       (keras_dir, repo_lib.BACKEND_KERAS, final_keras.name)):
                 config = repo_lib.make_config(entry_name, platform_name, in_spec, out_spec,
-                                              max_batch_size=max_batch_size)
+                                              max_batch_size=max_batch_size, resize=resize)
                 repo_lib.write_config(config, folder)
                 labels_lib.write_labels(class_names, folder)
 
@@ -345,7 +359,8 @@ def export_model(
             parity_path = None
             if parity:
                 steps.step("parity check")
-                report = _parity(tmp, final_onnx.name, final_keras.name, parity_images, parity_threshold, steps)
+                report = _parity(tmp, final_onnx.name, final_keras.name, parity_images, parity_threshold, steps,
+                                 resize)
                 parity_path = report.save(onnx_dir / str(VERSION) / parity_lib.REPORT_FILE)
                 parity_lib.check(report)
 
@@ -354,7 +369,8 @@ def export_model(
             seconds = dict(steps.seconds)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             info_doc = {
-                "name": name, "source": source_text, "weights": weights, "preprocessing": mode,
+                "name": name, "source": source_text, "weights": weights, "alpha": alpha, "preprocessing": mode,
+                "resize": resize,
                 "input_size": [height, width], "classes": classes, "labels": label_source,
                 "opset": converted.opset, "onnx_nodes": converted.nodes, "parameters": converted.parameters,
                 "parity": report.summary() if report else None, "seconds": seconds,
@@ -396,14 +412,16 @@ def image_sample(model, count: int = 2) -> np.ndarray:
     return synthetic_images(count, (height, width), seed=1)
 
 
-def _parity(tmp: Path, onnx_name: str, keras_name: str, folder, threshold: float, steps: _Steps):
+def _parity(tmp: Path, onnx_name: str, keras_name: str, folder, threshold: float, steps: _Steps,
+            resize: str = image_lib.DEFAULT_RESIZE):
     from serve.backends import create_runner
 
     staged = repo_lib.ModelRepository(tmp)
     keras_runner = create_runner(staged.entry(keras_name))
     onnx_runner = create_runner(staged.entry(onnx_name), providers=["CPUExecutionProvider"])
     try:
-        report = parity_lib.compare(keras_runner, onnx_runner, folder=folder, threshold=threshold, progress=steps.note)
+        report = parity_lib.compare(keras_runner, onnx_runner, folder=folder, threshold=threshold, progress=steps.note,
+                                    mode=resize)
     finally:
         keras_runner.close()
         onnx_runner.close()

@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="", help="comma-separated model names (default: the server's choice)")
     parser.add_argument("--ensemble", action="append", default=[],
                         help="an ensemble configured on the server (repeatable)")
-    parser.add_argument("--fusion", default="", choices=["", "mean", "max-confidence", "majority"],
+    parser.add_argument("--fusion", default="", choices=["", "mean", "geometric", "max-confidence", "majority"],
                         help="override the ensembles' fusion")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
     parser.add_argument("--top-k", type=int, default=3, help="predictions per model (default 3)")

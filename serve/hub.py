@@ -91,6 +91,11 @@ class ServedModel:
             raise ModelLoadError(f"model '{self.name}' has no valid configuration: {self.reason}")
         return self.entry
 
+    @property
+    def resize(self) -> str:
+        """How Classify resizes images for this model (config.pbtxt parameter "resize")."""
+        return self.entry.resize if self.entry is not None else images.DEFAULT_RESIZE
+
 
 @dataclass
 class ServedEnsemble:
@@ -216,6 +221,26 @@ class ModelHub:
                 raise ConfigError(f"ensemble '{ens.name}' is defined twice")
             self.ensembles[ens.name] = ServedEnsemble(ens, stats=self.metrics.model(ens.name))
             self.ensembles[ens.name].stats.version = "1"  # ensembles have one version
+        self._add_repository_ensembles()
+
+    def _add_repository_ensembles(self) -> None:
+        """Ensembles defined in the repository (platform "ensemble" folders): all of them when no
+        --models are named, else those named; an --ensemble of the same name takes precedence."""
+        for name in self.repository.ensemble_names():
+            if self.requested is not None and name not in self.requested:
+                continue
+            if name in self.ensembles:
+                log.info("ensemble %s: the one given on the command line replaces the repository's", name)
+                continue
+            try:
+                ens = Ensemble.from_entry(self.repository.ensemble(name))
+            except KestrelError as exc:
+                if self.strict or self.requested is not None:
+                    raise
+                log.error("ensemble %s in the repository is not served: %s", name, exc)
+                continue
+            self.ensembles[name] = ServedEnsemble(ens, stats=self.metrics.model(name))
+            self.ensembles[name].stats.version = "1"  # ensembles have one version
 
     # ---- loading ---------------------------------------------------------------------------
     def _names_to_load(self) -> list[str]:
@@ -407,7 +432,7 @@ class ModelHub:
         if submitted is not None:
             submitted.extend(pending.values())
         runs = {m: p.result() for m, p in pending.items()}
-        scores, _ = rank([r.probabilities for r in runs.values()], fusion)
+        scores, _ = rank([r.probabilities for r in runs.values()], fusion, target.ensemble.temperatures)
         return InferResult(name, "1", scores.astype(np.float32), runs)
 
     def classify(self, image: bytes, names: Sequence[str] = (), top: int = 5, fusion: str = "",
@@ -427,13 +452,14 @@ class ModelHub:
             for member in self.members(target.name):
                 unique.setdefault(member.name, member)
         models = list(unique.values())
-        sizes = {m.runner.image_size for m in models}
-        biggest = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        sizes = {(m.runner.image_size, m.resize) for m in models}  # each model's size and resize mode
+        needed = [images.decode_size(size, mode) for size, mode in sizes]
+        biggest = (max(h for h, _ in needed), max(w for _, w in needed))
         t0 = time.perf_counter()
         picture = images.decode(image, min_size=biggest, max_pixels=self.max_pixels)
-        pixels = {size: images.resize(picture, size)[None] for size in sizes}
+        pixels = {(size, mode): images.resize(picture, size, mode)[None] for size, mode in sizes}
         decode_s = time.perf_counter() - t0
-        pending = {m.name: m.batcher.submit(pixels[m.runner.image_size], deadline) for m in models}
+        pending = {m.name: m.batcher.submit(pixels[(m.runner.image_size, m.resize)], deadline) for m in models}
         if submitted is not None:
             submitted.extend(pending.values())
         runs = {name: p.result() for name, p in pending.items()}
@@ -447,7 +473,7 @@ class ModelHub:
         for target in targets:
             if isinstance(target, ServedEnsemble):
                 fused.append(self._fuse(target.name, list(target.ensemble.members), fusion or target.ensemble.fusion,
-                                        runs, top))
+                                        runs, top, target.ensemble.temperatures))
         if not fused and len(models) > 1 and self._share_labels(models):
             fused.append(self._fuse("ensemble", [m.name for m in models], fusion or "mean", runs, top))
         return ClassifyResult(answers, fused, (picture.height, picture.width), decode_s,
@@ -474,8 +500,8 @@ class ModelHub:
         return labels[index] if labels and index < len(labels) else str(int(index))
 
     def _fuse(self, name: str, members: list[str], fusion: str, runs: dict[str, BatchResult],
-              top: int) -> EnsembleAnswer:
-        scores, order = rank([runs[m].probabilities for m in members], fusion)
+              top: int, temperatures=None) -> EnsembleAnswer:
+        scores, order = rank([runs[m].probabilities for m in members], fusion, temperatures)
         model = self.models[members[0]]
         picks = top_k(scores, order, top)[0]
         return EnsembleAnswer(name, fusion, members, [(self._label(model, i), i, s) for i, s in picks])

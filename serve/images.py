@@ -10,8 +10,11 @@ validated on exactly the pixels it is served.
 - Large JPEGs decode fast: Pillow's draft mode lets libjpeg scale by 1/2, 1/4
   or 1/8 while decoding, never below the size the models need.
 - A decompression bomb (more than `max_pixels`) is refused before decoding.
-- Resizing is bilinear to exactly (height, width), no aspect-preserving crop,
-  as Keras' `image_dataset_from_directory` does.
+- Resizing (a property of each model, `resize` in its config.pbtxt parameters):
+  "stretch": bilinear to exactly (height, width), aspect not kept, as Keras'
+  `image_dataset_from_directory` does; "crop": the standard ImageNet
+  evaluation transform: resize the shorter side to size / 0.875 (256 for 224)
+  keeping the aspect ratio, then take the centre (height, width).
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageDecodeError
+from .errors import ConfigError, ImageDecodeError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo; more is refused
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+STRETCH, CROP = "stretch", "crop"
+RESIZE_MODES = (STRETCH, CROP)
+DEFAULT_RESIZE = STRETCH
+CROP_FRACTION = 0.875  # the centre crop keeps 87.5 % of the shorter side (224 of 256)
 
 
 def _describe(source) -> str:
@@ -100,24 +107,64 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize to (height, width); returns a uint8 HxWx3 array."""
+def check_mode(mode: str | None) -> str:
+    """A resize mode ("stretch" or "crop"); None means the default. ConfigError names what is allowed."""
+    if mode is None or mode == "":
+        return DEFAULT_RESIZE
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+    return mode
+
+
+def crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """For a (width, height) picture and a target (height, width): the size the picture is
+    resized to (shorter side scaled to target / CROP_FRACTION, aspect kept) and the centre
+    crop box (left, top, right, bottom) in that resized picture."""
+    out_h, out_w = int(size[0]), int(size[1])
+    scale = max(out_h / CROP_FRACTION / height, out_w / CROP_FRACTION / width)
+    new_w = max(out_w, int(round(width * scale)))
+    new_h = max(out_h, int(round(height * scale)))
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    return (new_w, new_h), (left, top, left + out_w, top + out_h)
+
+
+def resize(image: Image.Image, size: tuple[int, int], mode: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Resize to (height, width) by `mode` (bilinear); returns a uint8 HxWx3 array.
+
+    "stretch" scales each side independently; "crop" scales the shorter side to
+    size / 0.875 keeping the aspect ratio and takes the centre (see crop_box).
+    """
     height, width = int(size[0]), int(size[1])
+    if check_mode(mode) == CROP:
+        scaled, box = crop_box(image.width, image.height, (height, width))
+        if image.size != scaled:
+            image = image.resize(scaled, Image.BILINEAR)
+        return np.asarray(image.crop(box), dtype=np.uint8)
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 
-def load(source: bytes | str | Path, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode and resize one image to a uint8 (height, width, 3) array."""
-    return resize(decode(source, min_size=size, max_pixels=max_pixels), size)
+def decode_size(size: tuple[int, int], mode: str = DEFAULT_RESIZE) -> tuple[int, int]:
+    """The smallest (height, width) a picture must be decoded at to be resized to `size` by `mode`
+    (JPEG draft decoding never goes below it)."""
+    if check_mode(mode) == CROP:
+        return int(np.ceil(size[0] / CROP_FRACTION)), int(np.ceil(size[1] / CROP_FRACTION))
+    return int(size[0]), int(size[1])
 
 
-def load_batch(sources: Sequence[bytes | str | Path], size: tuple[int, int]) -> np.ndarray:
+def load(source: bytes | str | Path, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+         mode: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Decode and resize (by `mode`) one image to a uint8 (height, width, 3) array."""
+    return resize(decode(source, min_size=decode_size(size, mode), max_pixels=max_pixels), size, mode)
+
+
+def load_batch(sources: Sequence[bytes | str | Path], size: tuple[int, int], *,
+               mode: str = DEFAULT_RESIZE) -> np.ndarray:
     """Decode and resize several images into one uint8 (N, height, width, 3) batch."""
     if not sources:
         return np.zeros((0, int(size[0]), int(size[1]), 3), dtype=np.uint8)
-    return np.stack([load(s, size) for s in sources])
+    return np.stack([load(s, size, mode=mode) for s in sources])
 
 
 def find_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
@@ -130,7 +177,8 @@ def find_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
 
 
 def load_folder(
-    folder: str | Path, size: tuple[int, int], *, limit: int | None = None, recursive: bool = True
+    folder: str | Path, size: tuple[int, int], *, limit: int | None = None, recursive: bool = True,
+    mode: str = DEFAULT_RESIZE,
 ) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Load every decodable image in `folder`.
 
@@ -142,7 +190,7 @@ def load_folder(
         if limit is not None and len(loaded) >= limit:
             break
         try:
-            arrays.append(load(path, size))
+            arrays.append(load(path, size, mode=mode))
             loaded.append(path)
         except ImageDecodeError as exc:
             skipped.append((path, str(exc)))

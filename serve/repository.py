@@ -7,6 +7,10 @@
         <version>/model.onnx    platform onnxruntime_onnx
         <version>/model.plan    platform tensorrt_plan (+ model.plan.json: build metadata)
         <version>/model.keras   backend "keras" (Kestrel only: the original Keras path)
+      <ensemble>/
+        config.pbtxt            platform "ensemble": Triton's ensemble_scheduling steps name the
+                                members; parameters "fusion" and "temperatures" say how Kestrel
+                                fuses them (EnsembleEntry; serve.ensemble.Ensemble.from_entry)
 
 Every Kestrel model takes one uint8 NHWC image batch and returns FP32 class
 probabilities; `ModelEntry.input_spec` / `output_spec` describe them.
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from . import datatypes
+from . import datatypes, images
 from ._files import write_text_atomic
 from .errors import ConfigError, ModelNotFoundError
 
@@ -29,6 +33,7 @@ from .errors import ConfigError, ModelNotFoundError
 PLATFORM_ONNX = "onnxruntime_onnx"
 PLATFORM_TENSORRT = "tensorrt_plan"
 BACKEND_KERAS = "keras"
+PLATFORM_ENSEMBLE = "ensemble"  # an ensemble folder: no artifact, members in ensemble_scheduling
 PLATFORM_FAKE = "fake"  # serve/backends/fake.py: deterministic, dependency-free (tests, load tests)
 ARTIFACTS = {
     PLATFORM_ONNX: "model.onnx",
@@ -39,6 +44,10 @@ ARTIFACTS = {
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 DEFAULT_MAX_BATCH_SIZE = 32
+# config.pbtxt parameter naming how images are resized for this model (serve.images.RESIZE_MODES):
+#   parameters { key: "resize" value { string_value: "crop" } }
+# absent = "stretch" (what every model exported before the parameter existed was validated with)
+RESIZE_PARAMETER = "resize"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -92,8 +101,12 @@ def make_config(
     max_queue_size: int = 256,
     instance_count: int = 1,
     parameters: dict[str, str] | None = None,
+    resize: str | None = None,
 ):
-    """Build a ModelConfig for an image classifier (batch dim excluded from dims, as Triton wants)."""
+    """Build a ModelConfig for an image classifier (batch dim excluded from dims, as Triton wants).
+
+    `resize` (serve.images.RESIZE_MODES) is recorded as the "resize" parameter.
+    """
     pb = _pb()
     validate_name(name)
     if platform not in ARTIFACTS:
@@ -122,6 +135,8 @@ def make_config(
     group.kind = pb.ModelInstanceGroup.KIND_GPU if platform == PLATFORM_TENSORRT else pb.ModelInstanceGroup.KIND_CPU
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = str(value)
+    if resize is not None:
+        config.parameters[RESIZE_PARAMETER].string_value = images.check_mode(resize)
     return config
 
 
@@ -179,6 +194,11 @@ class ModelEntry:
         return {k: v.string_value for k, v in self.config.parameters.items()}
 
     @property
+    def resize(self) -> str:
+        """How images are resized for this model: "stretch" (also when unset) or "crop"."""
+        return images.check_mode(self.parameters.get(RESIZE_PARAMETER) or images.STRETCH)
+
+    @property
     def versions(self) -> list[int]:
         """Numeric version folders that hold this platform's artifact, ascending."""
         found = []
@@ -225,6 +245,9 @@ def load_entry(folder: Path) -> ModelEntry:
     if name != folder.name:
         raise ConfigError(f"{folder / CONFIG_FILE}: name {name!r} does not match its folder {folder.name!r}")
     platform = config.platform or config.backend
+    if platform == PLATFORM_ENSEMBLE:
+        raise ConfigError(f"{folder / CONFIG_FILE} is an ensemble (platform \"ensemble\"), not a model; "
+                          "its members are served and fused (ModelRepository.ensemble)")
     if platform not in ARTIFACTS:
         raise ConfigError(
             f"{folder / CONFIG_FILE}: platform/backend {platform!r} is not supported; "
@@ -235,7 +258,12 @@ def load_entry(folder: Path) -> ModelEntry:
             f"{folder / CONFIG_FILE}: expected exactly one input and one output, "
             f"got {len(config.input)} inputs and {len(config.output)} outputs"
         )
-    return ModelEntry(name=name, path=folder, config=config)
+    entry = ModelEntry(name=name, path=folder, config=config)
+    try:
+        entry.resize
+    except ConfigError as exc:
+        raise ConfigError(f"{folder / CONFIG_FILE}: parameter {RESIZE_PARAMETER!r}: {exc}") from None
+    return entry
 
 
 class ModelRepository:
@@ -244,11 +272,25 @@ class ModelRepository:
     def __init__(self, root: Path | str):
         self.root = Path(root)
 
-    def names(self) -> list[str]:
-        """Names of all folders holding a config.pbtxt, sorted."""
+    def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        return sorted((p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file()), key=lambda p: p.name)
+
+    def names(self) -> list[str]:
+        """Names of all model folders (a config.pbtxt that is not an ensemble's), sorted."""
+        return [p.name for p in self._folders() if not is_ensemble_folder(p)]
+
+    def ensemble_names(self) -> list[str]:
+        """Names of the ensemble folders (config.pbtxt with platform "ensemble"), sorted."""
+        return [p.name for p in self._folders() if is_ensemble_folder(p)]
+
+    def ensemble(self, name: str) -> "EnsembleEntry":
+        folder = self.folder(name)
+        if not is_ensemble_folder(folder):
+            known = ", ".join(self.ensemble_names()) or "none"
+            raise ModelNotFoundError(f"ensemble '{name}' is not in repository {self.root} (ensembles there: {known})")
+        return load_ensemble(folder)
 
     def folder(self, name: str) -> Path:
         """The folder a model of this name lives (or would live) in; rejects names escaping the root."""
@@ -263,3 +305,109 @@ class ModelRepository:
 
     def entries(self) -> list[ModelEntry]:
         return [self.entry(name) for name in self.names()]
+
+
+# ---- ensembles ---------------------------------------------------------------------------------
+FUSION_PARAMETER = "fusion"
+TEMPERATURES_PARAMETER = "temperatures"  # "member=1.31,other=0.92" (members left out: 1.0)
+_PLATFORM_RE = re.compile(r'^\s*platform\s*:\s*"ensemble"', re.MULTILINE)
+
+
+def is_ensemble_folder(folder: Path) -> bool:
+    """Does `folder`/config.pbtxt declare platform "ensemble"? (a cheap text check, no parsing)"""
+    try:
+        return bool(_PLATFORM_RE.search((Path(folder) / CONFIG_FILE).read_text()))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+@dataclass
+class EnsembleEntry:
+    """One ensemble folder, parsed: its members (the steps' models), fusion and temperatures."""
+
+    name: str
+    path: Path
+    config: object  # inference.ModelConfig
+    members: tuple[str, ...]
+    fusion: str | None  # None: the server's default
+    temperatures: dict[str, float] | None
+
+
+def parse_temperatures(text: str, source: str = "temperatures") -> dict[str, float]:
+    """'a=1.3,b=0.9' -> {'a': 1.3, 'b': 0.9}; ConfigError naming `source` otherwise."""
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        member, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[member.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: received {item!r}; expected MEMBER=TEMPERATURE items separated "
+                              "by commas (e.g. mobilenet=1.4,mobilenet_v2=1.1)") from None
+    return out
+
+
+def load_ensemble(folder: Path) -> EnsembleEntry:
+    """Parse and check one ensemble folder (members must be plain model names; no duplicates)."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    config = read_config(path)
+    name = config.name or folder.name
+    if name != folder.name:
+        raise ConfigError(f"{path}: name {name!r} does not match its folder {folder.name!r}")
+    if config.platform != PLATFORM_ENSEMBLE:
+        raise ConfigError(f"{path}: platform {config.platform!r} is not an ensemble; expected \"ensemble\"")
+    steps = list(config.ensemble_scheduling.step)
+    if not steps:
+        raise ConfigError(f"{path}: an ensemble needs ensemble_scheduling {{ step {{ model_name: ... }} }}, "
+                          "one step per member; found none")
+    members = []
+    for step in steps:
+        try:
+            members.append(validate_name(step.model_name))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: step model_name: {exc}") from None
+    if len(set(members)) != len(members):
+        raise ConfigError(f"{path}: a member is named twice: {members}")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    temperatures = None
+    if params.get(TEMPERATURES_PARAMETER, "").strip():
+        temperatures = parse_temperatures(params[TEMPERATURES_PARAMETER], f"{path}: parameter 'temperatures'")
+        unknown = sorted(set(temperatures) - set(members))
+        if unknown:
+            raise ConfigError(f"{path}: parameter 'temperatures' names {unknown}, which are not steps of the "
+                              f"ensemble ({', '.join(members)})")
+    return EnsembleEntry(name, folder, config, tuple(members), params.get(FUSION_PARAMETER) or None, temperatures)
+
+
+def make_ensemble_config(name: str, members, *, fusion: str | None = None,
+                         temperatures: dict[str, float] | None = None, input_name: str = "images",
+                         output_name: str = "probabilities"):
+    """A Triton-layout ensemble ModelConfig: one step per member, Kestrel's fusion in parameters."""
+    pb = _pb()
+    validate_name(name)
+    config = pb.ModelConfig(name=name, platform=PLATFORM_ENSEMBLE)
+    for member in members:
+        step = config.ensemble_scheduling.step.add(model_name=validate_name(member), model_version=-1)
+        step.input_map[input_name] = input_name
+        step.output_map[output_name] = f"{member}_{output_name}"
+    if fusion:
+        config.parameters[FUSION_PARAMETER].string_value = fusion
+    if temperatures:
+        config.parameters[TEMPERATURES_PARAMETER].string_value = ",".join(
+            f"{m}={float(t):.6g}" for m, t in temperatures.items())
+    return config
+
+
+def write_ensemble(root: Path | str, name: str, members, *, fusion: str | None = None,
+                   temperatures: dict[str, float] | None = None) -> Path:
+    """Write (or replace, atomically) the ensemble folder `root`/`name`; returns its config path.
+    A model folder of that name is never overwritten."""
+    folder = Path(root) / validate_name(name)
+    if (folder / CONFIG_FILE).is_file() and not is_ensemble_folder(folder):
+        raise ConfigError(f"{folder} holds a model, not an ensemble; choose another ensemble name")
+    (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
+    return write_config(make_ensemble_config(name, members, fusion=fusion, temperatures=temperatures), folder)

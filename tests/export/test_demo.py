@@ -52,3 +52,35 @@ def test_demo_without_any_exportable_model_fails_clearly(tmp_path, python_env):
     )
     assert result.returncode == 1
     assert "unknown" in result.stderr.lower() and "no model could be exported" in result.stderr
+
+
+def test_demo_serves_three_members_of_different_sizes_one_a_keras_file_as_a_repository_ensemble(tmp_path, python_env):
+    """The offline default's shape: two applications and a user's .keras file (named by its stem),
+    of different input sizes, defined as one ensemble in the repository and served together."""
+    from serve.repository import ModelRepository
+
+    repo = tmp_path / "models"
+    labels = [f"kind_{i}" for i in range(10)]
+    for name, seed, size in (("alpha", 1, (32, 32)), ("beta", 2, (48, 40)), ("gamma", 3, (40, 40))):
+        for suffix in ("", "_keras"):
+            write_fake_model(repo, name + suffix, labels=labels, seed=seed, size=size)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)).save(photos / "p.png")
+    user_file = tmp_path / "mine" / "gamma.keras"  # already exported: only its name matters here
+
+    result = subprocess.run(
+        [sys.executable, "-m", "export.demo", "--models", f"alpha,beta,{user_file}", "--repository", str(repo),
+         "--port", "0", "--http-port", "0", "--photos", str(photos), "--fusion", "geometric"],
+        cwd=ROOT, env=python_env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "gamma: already in" in result.stdout
+    ensemble = ModelRepository(repo).ensemble("imagenet")
+    assert ensemble.members == ("alpha", "beta", "gamma") and ensemble.fusion == "geometric"
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.strip().startswith(("alpha", "beta", "gamma", "imagenet"))]
+    assert [row[0] for row in rows] == ["alpha", "beta", "gamma", "imagenet"]
+    assert all(sum(token.startswith("kind_") for token in row) == 3 for row in rows)
+    assert all("ms" in row for row in rows[:3])  # each member's time
+    assert "[geometric]" in rows[3]

@@ -50,7 +50,7 @@ def test_ensemble_resizes_once_per_input_size_and_fuses(client):
     assert [(p.index, pytest.approx(p.probability, rel=1e-5)) for p in ens.predictions] == top_k(scores, order, 4)[0]
 
 
-@pytest.mark.parametrize("fusion", ["mean", "max-confidence", "majority"])
+@pytest.mark.parametrize("fusion", ["mean", "geometric", "max-confidence", "majority"])
 def test_request_fusion_overrides_the_ensemble(client, fusion):
     data = png_bytes(PICTURE)
     response = client.classify(data, ["pair"], top_k=3, fusion=fusion)

@@ -403,7 +403,7 @@ def test_models_listing_for_the_page(web):
     assert models["a"]["state"] == "READY" and models["a"]["input_size"] == [32, 32]
     assert models["broken"]["state"] == "UNAVAILABLE" and "simulated load failure" in models["broken"]["reason"]
     assert {e["name"]: e["members"] for e in body["ensembles"]} == {"trio": ["a", "b", "c"], "pair": ["a", "c"]}
-    assert body["fusions"] == ["mean", "max-confidence", "majority"]
+    assert body["fusions"] == ["mean", "geometric", "max-confidence", "majority"]
 
 
 # ---- page, routing, metrics, shutdown -----------------------------------------------------------

@@ -106,3 +106,92 @@ def test_real_photos_decode(photos_dir):
     assert len(paths) >= 13
     batch = images.load_batch(paths, (224, 224))
     assert batch.shape == (len(paths), 224, 224, 3)
+
+
+# ---- resize modes ---------------------------------------------------------------------------
+def test_crop_box_is_the_standard_imagenet_transform():
+    # a 500x375 landscape photo to 224x224: shorter side -> 256 (224 / 0.875), centre 224x224
+    scaled, box = images.crop_box(500, 375, (224, 224))
+    assert scaled == (341, 256)
+    assert box == (58, 16, 282, 240)
+
+
+def test_crop_keeps_aspect_and_takes_the_centre():
+    # left third red, middle third green, right third blue, on a 300x100 picture
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :100, 0] = 255
+    arr[:, 100:200, 1] = 255
+    arr[:, 200:, 2] = 255
+    picture = Image.fromarray(arr)
+    crop = images.resize(picture, (32, 32), "crop")
+    stretch = images.resize(picture, (32, 32), "stretch")
+    assert crop.shape == stretch.shape == (32, 32, 3)
+    # the centre crop sees only the green middle third; the stretch sees all three colours
+    assert crop[..., 1].min() > 200 and crop[..., 0].max() < 60 and crop[..., 2].max() < 60
+    assert stretch[16, 2, 0] > 200 and stretch[16, 29, 2] > 200
+
+
+def test_crop_of_a_square_picture_is_a_central_zoom():
+    picture = _gradient(64, 64)
+    out = images.resize(picture, (56, 56), "crop")  # 56 / 0.875 = 64: no scaling, an 8 px border dropped
+    assert np.array_equal(out, np.asarray(picture)[4:60, 4:60])
+
+
+def test_load_honours_the_mode_and_draft_covers_the_crop():
+    data = _encode(_gradient(2000, 1000), "JPEG")
+    assert images.decode_size((224, 224), "crop") == (256, 256)
+    out = images.load(data, (224, 224), mode="crop")
+    assert out.shape == (224, 224, 3)
+    batch = images.load_batch([data, data], (32, 48), mode="crop")
+    assert batch.shape == (2, 32, 48, 3)
+
+
+def test_unknown_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown resize mode 'squash'.*stretch, crop"):
+        images.resize(_gradient(), (8, 8), "squash")
+    assert images.check_mode(None) == images.STRETCH
+
+
+# ---- the mode as a model property, honoured by serving --------------------------------------
+def test_resize_mode_is_a_config_parameter(tmp_path):
+    from serve.repository import ModelRepository, TensorSpec, make_config, write_config
+    from serve.errors import ConfigError
+
+    spec_in, spec_out = TensorSpec("images", np.uint8, (8, 8, 3)), TensorSpec("probabilities", np.float32, (2,))
+    for name, mode in (("cropped", "crop"), ("stretched", "stretch"), ("legacy", None)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        write_config(make_config(name, "fake", spec_in, spec_out, labels=False, resize=mode), tmp_path / name)
+    repo = ModelRepository(tmp_path)
+    assert repo.entry("cropped").resize == "crop" and repo.entry("stretched").resize == "stretch"
+    assert repo.entry("legacy").resize == "stretch" and "resize" not in repo.entry("legacy").parameters
+    text = (tmp_path / "cropped" / "config.pbtxt").read_text()
+    assert 'key: "resize"' in text and 'string_value: "crop"' in text  # Triton's parameters syntax
+    (tmp_path / "cropped" / "config.pbtxt").write_text(text.replace('"crop"', '"squash"'))
+    with pytest.raises(ConfigError, match="parameter 'resize'.*unknown resize mode 'squash'"):
+        repo.entry("cropped")
+    with pytest.raises(ConfigError, match="unknown resize mode"):
+        make_config("x", "fake", spec_in, spec_out, resize="fit")
+
+
+def test_classify_resizes_each_model_by_its_own_mode(tmp_path):
+    from serve.backends.fake import fake_probabilities, write_fake_model
+    from serve.hub import ModelHub
+    from serve.repository import read_config, write_config
+
+    write_fake_model(tmp_path, "stretchy", classes=5, size=(24, 24), seed=4)
+    write_fake_model(tmp_path, "croppy", classes=5, size=(24, 24), seed=4)
+    config = read_config(tmp_path / "croppy" / "config.pbtxt")
+    config.parameters["resize"].string_value = "crop"
+    write_config(config, tmp_path / "croppy")
+    photo = _encode(_gradient(90, 40), "PNG")  # wide: a crop and a stretch see different pixels
+    hub = ModelHub(tmp_path).load()
+    try:
+        result = hub.classify(photo, ["stretchy", "croppy"], top=5)
+    finally:
+        hub.close()
+    got = {a.model: a.run.probabilities[0] for a in result.models}
+    picture = images.decode(photo)
+    for name, mode in (("stretchy", "stretch"), ("croppy", "crop")):
+        want = fake_probabilities(images.resize(picture, (24, 24), mode)[None], 5, 4)[0]
+        np.testing.assert_allclose(got[name], want, rtol=1e-6)
+    assert not np.allclose(got["stretchy"], got["croppy"])
