@@ -100,8 +100,16 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
     assert not np.allclose(crop_probs, stretch_probs)
 
     truth = np.repeat(np.arange(4), 6)
-    fusion_rows = [r for r in result.rows if r.ensemble == "trio" and r.kind == "fusion"]
+    fusion_rows = [r for r in result.rows if r.ensemble == "trio" and r.kind == "fusion" and "+T" not in r.name]
     assert [r.name for r in fusion_rows] == list(FUSIONS)
+    # and every fusion again with temperatures cross-fitted (2 folds: never fitted on the image scored)
+    from serve.ensemble import cross_fitted
+
+    cv_rows = [r for r in result.rows if r.ensemble == "trio" and r.name.endswith("+T (cv)")]
+    assert [r.name for r in cv_rows] == [f"{f} +T (cv)" for f in FUSIONS]
+    for fusion, row in zip(FUSIONS, cv_rows):
+        _, order, _ = cross_fitted([expected[n][1] for n in ("alpha", "beta", "gamma")], truth, fusion, folds=2)
+        assert row.top1 == pytest.approx(np.mean(order[:, 0] == truth))
     best = max(("alpha", "beta", "gamma"), key=lambda n: expected[n][0].mean())
     for row in fusion_rows:
         _, order = rank([expected[n][1] for n in ("alpha", "beta", "gamma")], row.name)
@@ -115,7 +123,7 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
 
     files = ev.write_outputs(result, tmp_path / "out")
     doc = json.loads(files["json"].read_text())
-    assert doc["images"] == 24 and len(doc["rows"]) == 3 + len(FUSIONS) + 1
+    assert doc["images"] == 24 and len(doc["rows"]) == 3 + 2 * len(FUSIONS) + 1
     assert doc["cpu"]  # the CPU the latency came from
     table = files["markdown"].read_text()
     assert "| alpha | model | 24 |" in table and "trio:oracle" in table
