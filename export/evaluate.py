@@ -568,6 +568,13 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
                       else {})
             _compare(row, r1, best, right[best], seed=100 + j)
             rows.append(row)
+            if fusion == ens.fusion and not temps:  # the served fusion against every member, not only the best
+                versus = []
+                for n in ens.members:
+                    test = mcnemar_exact(r1, right[n])
+                    versus.append(f"{n} {(r1.mean() - right[n].mean()) * 100:+.2f} points (McNemar p "
+                                  f"{test['p_value']:.2g})")
+                notes.append(f"ensemble {ens.name}: {fusion} (its fusion) vs each member: " + "; ".join(versus))
         oracle = np.any([right[n] for n in ens.members], axis=0)
         top5_oracle = np.any([topk_right(ranked(probs[n]), t, 5) for n in ens.members], axis=0)
         row = Row("oracle", "oracle", len(t), float(oracle.mean()), float(top5_oracle.mean()),

@@ -120,6 +120,9 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
     assert oracle.top1 >= max(r.top1 for r in result.rows if r.kind != "oracle")
     assert set(result.row("mean").latency_ms) == {"1", "8"}
     assert any("ensemble trio" in n and "slowest member" in n for n in result.notes)
+    versus = next(n for n in result.notes if "mean (its fusion) vs each member" in n)
+    mean_right = rank([expected[n][1] for n in ("alpha", "beta", "gamma")], "mean")[1][:, 0] == truth
+    assert f"alpha {(mean_right.mean() - expected['alpha'][0].mean()) * 100:+.2f} points" in versus
 
     files = ev.write_outputs(result, tmp_path / "out")
     doc = json.loads(files["json"].read_text())
