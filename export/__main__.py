@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 1.0); the name gets the alpha when it is not 1.0 (mobilenet_0.25)")
     parser.add_argument("--input-size", type=_size, metavar="HxW",
                         help="input size for an application with --weights none, or a model with dynamic size")
+    parser.add_argument("--resize", choices=("stretch", "crop"),
+                        help="how images are resized for this model, recorded in its config.pbtxt and honoured by "
+                             "serving, calibration and evaluation: stretch to the input size, or crop (shorter side to "
+                             "size/0.875, centre crop: the ImageNet evaluation transform). Default: see docs/accuracy.md")
     parser.add_argument("--parity-images", metavar="DIR", help="images for the parity check (default: synthetic)")
     parser.add_argument("--no-parity", action="store_true", help="skip the Keras vs ONNX parity check")
     parser.add_argument("--precision", type=_precisions, default=["fp32"],
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             args.source, name=args.name, weights=args.weights, repository=args.repository, labels=args.labels,
             parity_images=args.parity_images, opset=args.opset, input_size=args.input_size,
             preprocessing=args.preprocessing, alpha=args.alpha, progress=not args.quiet, parity=not args.no_parity,
+            resize=args.resize,
         )
         print(report.summary())
         if extra or args.engine:

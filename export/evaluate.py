@@ -236,6 +236,7 @@ class Row:
     ensemble: str | None = None
     unmapped: int = 0  # images whose label is not one of this model's classes (counted wrong)
     error: str | None = None
+    predictions: list[int] = field(default_factory=list)  # top-1 class per image (Evaluation.files order)
 
 
 @dataclass
@@ -249,6 +250,8 @@ class Evaluation:
     cpu: dict
     seconds: float
     notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the images used, in order
+    truth: dict[str, list[int]] = field(default_factory=dict)  # true class per image, per model (-1: unknown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -525,7 +528,7 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
         rows.append(Row(m.name, "model", len(t), float(r1.mean()), float(r5.mean()), wilson(int(r1.sum()), len(t)),
                         latency_ms=latency.get(m.name, {}), platform=m.entry.platform, resize=m.resize,
                         precision=params.get("precision", "fp32" if m.entry.platform == "onnxruntime_onnx" else ""),
-                        unmapped=int((t < 0).sum())))
+                        unmapped=int((t < 0).sum()), predictions=order[:, 0].tolist()))
     for i, row in enumerate(rows):
         if row.error:
             continue
@@ -564,7 +567,7 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
             r1, r5 = topk_right(order, t, 1), topk_right(order, t, 5)
             label = fusion + ("" if not temps else " +T (cv)" if temps == CROSS_FIT else " +T (stored)")
             row = Row(label, "fusion", len(t), float(r1.mean()), float(r5.mean()), wilson(int(r1.sum()), len(t)),
-                      ensemble=ens.name, latency_ms=latency.get(ens.name, {}) if fusion == ens.fusion and not temps
+                      ensemble=ens.name, predictions=order[:, 0].tolist(), latency_ms=latency.get(ens.name, {}) if fusion == ens.fusion and not temps
                       else {})
             _compare(row, r1, best, right[best], seed=100 + j)
             rows.append(row)
@@ -603,7 +606,8 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
         notes.append(f"every model resized with --resize {resize} (not its own mode)")
     classes = len({samples[i].label for i in used})
     return Evaluation(str(data), len(used), classes, rows, skipped, None if resize == "model" else resize, cpu,
-                      time.perf_counter() - started, notes)
+                      time.perf_counter() - started, notes, files=[str(samples[i].path) for i in used],
+                      truth={name: t.tolist() for name, t in truth.items()})
 
 
 def _ensemble(spec: str, repo: ModelRepository, ens_lib):

@@ -13,15 +13,21 @@ accuracy.json), written into a temporary folder inside the repository and
 renamed into place only after it loaded and passed its accuracy check: a failed
 or interrupted run never leaves a half-written model behind.
 
-Accuracy report (accuracy.json, also printed): the variant against the Keras
-model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on real
-images not used for calibration (`--accuracy-images`, default: a held-out,
-class-stratified 20 % of the calibration folder): top-1 agreement, top-5
-agreement (the reference's top-1 class is in the variant's top 5), relative L2
-of the probability vectors (median/mean/max), the worst images, and batch-1
-latency against FP32 (interleaved medians). Below `--min-agreement` (default
-95 % for INT8, 99 % for FP16 and FP32 engines) the variant is not written and
-the command fails with the report, unless `--force`.
+Accuracy report (accuracy.json, also printed) and gate: the variant against the
+Keras model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on
+real images not used for calibration (`--accuracy-images`, default: a held-out,
+class-stratified 20 % of the calibration folder plus its images beyond the ones
+calibrated on), resized with the model's resize mode:
+
+- labelled images (class folders named by the model's labels or ImageNet wnids):
+  top-1 accuracy of both, the ratio, a paired 95 % interval and McNemar's p; the
+  variant must keep `--min-accuracy-ratio` (default 99 %) of the reference's top-1;
+- otherwise: top-1 agreement where the reference is confident (top-1 p >= 0.5),
+  at least `--min-agreement` (default 98 % INT8, 99 % FP16 / FP32 engines).
+
+Also: top-1/top-5 agreement, relative L2 of the probability vectors, the worst
+images, batch-1 latency against FP32 (interleaved medians). A variant failing
+its gate is not written and the command fails with the report, unless `--force`.
 
 With `--engine`: TensorRT engines for every requested precision (fp32 and fp16
 from the FP32 ONNX with the FP16 flag, int8 from a Q/DQ model quantized for
@@ -47,15 +53,19 @@ import numpy as np
 from serve import images as simages
 from serve._optional import available
 from serve.errors import ConfigError, KestrelError
-from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, ModelEntry, ModelRepository,
-                              make_config, write_config)
+from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, RESIZE_PARAMETER, ModelEntry,
+                              ModelRepository, make_config, validate_name, write_config)
 
 from . import quantize as quant
 from . import tensorrt as trt_build
 
 VARIANT_PRECISIONS = ("fp16", "int8")  # ONNX variants; fp32 is the export itself
-DEFAULT_MIN_AGREEMENT = {"int8": 0.95, "fp16": 0.99, "fp32": 0.99}
-DEFAULT_MAX_EVAL_IMAGES = 500
+DEFAULT_MIN_AGREEMENT = {"int8": 0.98, "fp16": 0.99, "fp32": 0.99}  # unlabelled gate: confident top-1 agreement
+DEFAULT_MIN_ACCURACY_RATIO = 0.99  # labelled gate: variant top-1 >= 99 % of the reference's (MLPerf's rule)
+CONFIDENT = 0.5  # the unlabelled gate counts images whose reference top-1 probability is at least this
+MIN_CONFIDENT_IMAGES = 20  # fewer confident images: the gate falls back to top-1 agreement on all images
+MIN_LABELLED_FRACTION = 0.9  # this share of the accuracy images must map to a class for the labelled gate
+DEFAULT_MAX_EVAL_IMAGES = 1000
 DEFAULT_LATENCY_RUNS = 30
 REPORT_FILE = "accuracy.json"
 WORST = 5
@@ -85,6 +95,16 @@ class AccuracyReport:
     min_agreement: float
     passed: bool
     worst: list[dict] = field(default_factory=list)
+    gate: str = "agreement"  # "accuracy" (labelled images) or "agreement" (confident top-1 agreement)
+    confident_agreement: float | None = None  # top-1 agreement where the reference's top-1 p >= CONFIDENT
+    confident_images: int = 0
+    labelled_images: int = 0
+    reference_top1: float | None = None  # accuracy against the labels (labelled images only)
+    variant_top1: float | None = None
+    accuracy_ratio: float | None = None
+    min_accuracy_ratio: float | None = None
+    delta_top1_interval: list[float] | None = None  # paired bootstrap 95 % interval of variant - reference
+    mcnemar_p: float | None = None
     calibration: dict = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -93,10 +113,22 @@ class AccuracyReport:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     def text(self) -> str:
-        lines = [
-            f"{self.variant} ({self.precision}) vs {self.reference} on {self.images} images ({self.image_source}):",
-            f"  top-1 agreement {self.top1_agreement:.2%} (threshold {self.min_agreement:.2%}: "
-            f"{'PASS' if self.passed else 'FAIL'}), top-5 agreement {self.top5_agreement:.2%}",
+        verdict = "PASS" if self.passed else "FAIL"
+        lines = [f"{self.variant} ({self.precision}) vs {self.reference} on {self.images} images ({self.image_source}):"]
+        if self.gate == "accuracy":
+            low, high = self.delta_top1_interval or (0.0, 0.0)
+            lines.append(
+                f"  top-1 accuracy {self.variant_top1:.2%} vs {self.reference_top1:.2%} on {self.labelled_images} "
+                f"labelled images = {self.accuracy_ratio:.2%} of the reference (threshold "
+                f"{self.min_accuracy_ratio:.0%}: {verdict}); difference 95 % CI [{low * 100:+.2f}, {high * 100:+.2f}] "
+                f"points, McNemar p {self.mcnemar_p:.3g}")
+            agreement = f"  top-1 agreement {self.top1_agreement:.2%}"
+        else:
+            agreement = (f"  confident top-1 agreement {self.confident_agreement:.2%} on {self.confident_images} images "
+                         f"(reference p >= {CONFIDENT}; threshold {self.min_agreement:.2%}: {verdict}), "
+                         f"top-1 agreement {self.top1_agreement:.2%}")
+        lines += [
+            agreement + f", top-5 agreement {self.top5_agreement:.2%}",
             f"  relative L2: median {self.rel_l2_median:.4f}, mean {self.rel_l2_mean:.4f}, max {self.rel_l2_max:.4f}",
         ]
         if self.calibration:
@@ -137,9 +169,41 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 def make_report(variant: str, precision: str, reference_name: str, reference: np.ndarray, candidate: np.ndarray,
                 image_names: Sequence[str], *, image_source: str, min_agreement: float,
-                labels: Sequence[str] | None = None, worst: int = WORST) -> AccuracyReport:
+                labels: Sequence[str] | None = None, worst: int = WORST, truth: np.ndarray | None = None,
+                min_accuracy_ratio: float = DEFAULT_MIN_ACCURACY_RATIO) -> AccuracyReport:
+    """The report and its gate.
+
+    With `truth` (class index per image, -1 unknown; at least MIN_LABELLED_FRACTION known) the gate
+    is accuracy: variant top-1 >= `min_accuracy_ratio` x the reference's on the labelled images.
+    Otherwise top-1 agreement with the reference on the images where it is confident (top-1
+    probability >= CONFIDENT), >= `min_agreement`: a flip between two near-equal classes of an
+    ambiguous image is not an error (all images when fewer than MIN_CONFIDENT_IMAGES are confident).
+    """
     m = compare(reference, candidate)
     rel = m["rel_l2"]
+    ref_p = np.asarray(reference, np.float64).max(axis=1)
+    confident = ref_p >= CONFIDENT
+    same = m["ref_top1"] == m["cand_top1"]
+    if confident.sum() >= MIN_CONFIDENT_IMAGES:
+        conf_agreement, conf_images = float(same[confident].mean()), int(confident.sum())
+    else:
+        conf_agreement, conf_images = float(same.mean()), int(len(same))
+    gate = {"gate": "agreement", "confident_agreement": conf_agreement, "confident_images": conf_images}
+    passed = conf_agreement >= min_agreement
+    if truth is not None:
+        truth = np.asarray(truth)
+        known = truth >= 0
+        if known.mean() >= MIN_LABELLED_FRACTION:
+            from .evaluate import bootstrap_diff, mcnemar_exact
+            ref_right = (m["ref_top1"] == truth)[known]
+            var_right = (m["cand_top1"] == truth)[known]
+            ref_acc, var_acc = float(ref_right.mean()), float(var_right.mean())
+            ratio = var_acc / ref_acc if ref_acc > 0 else (1.0 if var_acc == 0 else float("inf"))
+            _, low, high = bootstrap_diff(var_right, ref_right)
+            gate.update(gate="accuracy", labelled_images=int(known.sum()), reference_top1=ref_acc,
+                        variant_top1=var_acc, accuracy_ratio=float(ratio), min_accuracy_ratio=float(min_accuracy_ratio),
+                        delta_top1_interval=[low, high], mcnemar_p=mcnemar_exact(var_right, ref_right)["p_value"])
+            passed = var_acc >= min_accuracy_ratio * ref_acc
 
     def label(i: int) -> str:
         return labels[i] if labels and 0 <= i < len(labels) else str(i)
@@ -155,7 +219,7 @@ def make_report(variant: str, precision: str, reference_name: str, reference: np
         variant=variant, precision=precision, reference=reference_name, images=int(len(rel)),
         image_source=image_source, top1_agreement=m["top1"], top5_agreement=m["top5"],
         rel_l2_median=float(np.median(rel)), rel_l2_mean=float(np.mean(rel)), rel_l2_max=float(np.max(rel)),
-        min_agreement=float(min_agreement), passed=bool(m["top1"] >= min_agreement), worst=worst_rows,
+        min_agreement=float(min_agreement), passed=bool(passed), worst=worst_rows, **gate,
     )
 
 
@@ -195,11 +259,13 @@ def _staging_dir(repo: ModelRepository, name: str) -> Path:
 
 def stage_entry(repo: ModelRepository, base: ModelEntry, name: str, platform: str, *,
                 max_batch_size: int | None = None, parameters: dict | None = None) -> Path:
-    """A staging folder holding config.pbtxt, labels.txt and an empty version folder 1/."""
+    """A staging folder holding config.pbtxt (with the base's resize mode), labels.txt and an
+    empty version folder 1/."""
     folder = _staging_dir(repo, name)
     config = make_config(name, platform, base.input_spec, base.output_spec,
                          max_batch_size=max_batch_size or base.max_batch_size,
-                         labels=base.labels() is not None, parameters=parameters)
+                         labels=base.labels() is not None, parameters=parameters,
+                         resize=base.parameters.get(RESIZE_PARAMETER))
     write_config(config, folder)
     labels_file = base.path / LABELS_FILE
     if base.labels() is not None and labels_file.is_file():
@@ -274,6 +340,22 @@ def _thresholds(min_agreement: float | dict | None) -> dict[str, float]:
     return out
 
 
+def image_truth(paths: Sequence[Path], base: ModelEntry, class_index=None) -> np.ndarray | None:
+    """Class index per image from its folder name (a label of the model, or an ImageNet wnid through
+    the class index), or None when fewer than MIN_LABELLED_FRACTION of the images map to a class.
+    `class_index` False: never labelled."""
+    if class_index is False or not paths:
+        return None
+    from . import evaluate as ev
+    samples = [ev.Sample(Path(p), Path(p).parent.name) for p in paths]
+    index = None
+    if any(ev.is_wnid(s.label) for s in samples):
+        path = ev.find_class_index(class_index)
+        index = ev.read_class_index(path) if path is not None else None
+    truth = ev.LabelMap(base.labels(), int(base.output_spec.shape[0]), index).truth(samples)
+    return truth if (truth >= 0).mean() >= MIN_LABELLED_FRACTION else None
+
+
 @dataclass
 class Images:
     calibration: quant.ImageSet | None
@@ -282,13 +364,16 @@ class Images:
 
 
 def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions, need_calibration,
-                  max_eval, progress) -> Images:
+                  max_eval, progress, mode: str = simages.DEFAULT_RESIZE) -> Images:
     """Calibration and evaluation images, never overlapping.
 
     Evaluation = every `accuracy_images` folder, plus the held-out `holdout`
     fraction of the calibration folder (default: 20 % when no accuracy folder
-    is given, none otherwise).
+    is given, none otherwise). With the default holdout, the calibration part's
+    images beyond the `max_images` calibrated on are evaluated too (never
+    calibrated on; more images, a tighter gate), up to `max_eval` in all.
     """
+    default_holdout = holdout is None and not (accuracy_images or [])
     folders = [] if accuracy_images is None else (
         [accuracy_images] if isinstance(accuracy_images, (str, Path)) else list(accuracy_images))
     if holdout is None:
@@ -313,9 +398,17 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
         if overlap:
             raise ConfigError(f"{len(overlap)} accuracy images are also calibration images (e.g. {sorted(overlap)[0]}); "
                               "use a separate --accuracy-images folder or --holdout")
-        cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress)
-    held_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="held-out images")
-    extra_set = quant.load_images(extra, image_size, progress=progress, desc="accuracy images")
+        cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress,
+                                         mode=mode)
+        if default_holdout:
+            used = set(map(str, cal_set.paths)) | {str(p) for p, _ in cal_set.skipped}
+            unused = [p for p in cal_paths if str(p) not in used]
+            if unused:
+                eval_paths += unused
+                sources.append(f"{len(unused)} more images of {calibration} not calibrated on")
+    held_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="held-out images",
+                                 mode=mode)
+    extra_set = quant.load_images(extra, image_size, progress=progress, desc="accuracy images", mode=mode)
     eval_set = quant.ImageSet(np.concatenate([held_set.images, extra_set.images]), held_set.paths + extra_set.paths,
                               held_set.skipped + extra_set.skipped)
     source = " + ".join(sources)
@@ -334,7 +427,9 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
              opt_batch: int | None = None, max_batch: int | None = None,
              workspace_mb: int = trt_build.DEFAULT_WORKSPACE_MB, timing_cache: str | Path | None = None,
              reference: str = "auto", max_eval_images: int = DEFAULT_MAX_EVAL_IMAGES,
-             latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print) -> dict[str, AccuracyReport]:
+             latency_runs: int = DEFAULT_LATENCY_RUNS, progress: bool = True, log=print,
+             min_accuracy_ratio: float | None = None, class_index: str | Path | None = None,
+             labelled: bool | None = None, suffix: str = "") -> dict[str, AccuracyReport]:
     """Build the requested variants of repository entry `name`; returns {variant name: report}.
 
     `precisions`: any of fp32, fp16, int8. ONNX variants are built for fp16 and
@@ -345,7 +440,14 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     if base.platform != PLATFORM_ONNX:
         raise ConfigError(f"model '{name}' is {base.platform!r}; optimize needs the FP32 ONNX export ({PLATFORM_ONNX})")
     wanted = parse_precisions(precisions, engine=engine or engine_only)
+    if suffix:
+        validate_name(f"{name}_int8{suffix}")
     thresholds = _thresholds(min_agreement)
+    accuracy_ratio = DEFAULT_MIN_ACCURACY_RATIO if min_accuracy_ratio is None else float(min_accuracy_ratio)
+    if not 0.0 < accuracy_ratio <= 1.5:
+        raise ConfigError(f"--min-accuracy-ratio must be a fraction such as 0.99, got {accuracy_ratio}")
+    if labelled is False:
+        class_index = False
     qoptions = quantize_options or quant.QuantizeOptions()
     build_engines = engine or engine_only
     profile = trt_build.compute_profile(min_batch, opt_batch, max_batch) if build_engines else None
@@ -353,7 +455,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     if not build_engines and not onnx_variants:
         raise ConfigError(f"nothing to build: --precision {','.join(wanted)} without --engine "
                           f"(ONNX variants exist for {', '.join(VARIANT_PRECISIONS)}; fp32 is the export itself)")
-    for variant in [f"{name}_{p}" for p in onnx_variants] + (
+    for variant in [f"{name}_{p}{suffix}" for p in onnx_variants] + (
             [trt_build.engine_name(name, p) for p in wanted] if build_engines else []):
         if repo.folder(variant).exists() and not force:
             raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
@@ -362,7 +464,8 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     image_size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
     need_cal = "int8" in wanted
     imgs = gather_images(image_size, calibration=calibration, accuracy_images=accuracy_images, holdout=holdout,
-                         qoptions=qoptions, need_calibration=need_cal, max_eval=max_eval_images, progress=progress)
+                         qoptions=qoptions, need_calibration=need_cal, max_eval=max_eval_images, progress=progress,
+                         mode=base.resize)
     if imgs.calibration is not None:
         log(f"calibration: {len(imgs.calibration)} images from {calibration}"
             + (f" ({len(imgs.calibration.skipped)} undecodable, skipped)" if imgs.calibration.skipped else ""))
@@ -372,6 +475,13 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     with ref_runner:
         ref_probs = predict(ref_runner, imgs.evaluation.images, progress=progress, desc=f"reference {ref_name}")
     names = [str(p) for p in imgs.evaluation.paths]
+    truth = image_truth(imgs.evaluation.paths, base, class_index)
+    if truth is not None:
+        log(f"accuracy gate: {int((truth >= 0).sum())} of {len(truth)} accuracy images are labelled (class folders); "
+            f"variants must keep {accuracy_ratio:.0%} of the reference's top-1 accuracy")
+    else:
+        log("accuracy images are not labelled by class folder: the gate is top-1 agreement with the reference "
+            f"where it is confident (top-1 probability >= {CONFIDENT})")
     fp32 = _onnx_runner(name, base.artifact(), base)
     reports: dict[str, AccuracyReport] = {}
     failures: list[AccuracyReport] = []
@@ -387,7 +497,8 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
                     latency = {"variant_ms": v_ms, "fp32_ms": f_ms, "ratio": v_ms / f_ms, "runs": latency_runs,
                                "batch": 1, "fp32": f"onnxruntime {name}"}
             report = make_report(variant, precision, ref_name, ref_probs, probs, names, image_source=imgs.source,
-                                 min_agreement=thresholds[precision], labels=base.labels())
+                                 min_agreement=thresholds[precision], labels=base.labels(), truth=truth,
+                                 min_accuracy_ratio=accuracy_ratio)
             report.latency = latency
             report.calibration = extra.get("calibration", {})
             report.notes = extra.get("notes", [])
@@ -408,7 +519,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
 
     # ---- ONNX variants
     for precision in onnx_variants:
-        variant = f"{name}_{precision}"
+        variant = f"{name}_{precision}{suffix}"
         staging = stage_entry(repo, base, variant, PLATFORM_ONNX, parameters={"source": name, "precision": precision})
         model_path = staging / "1" / "model.onnx"
         extra: dict = {}
@@ -472,9 +583,12 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
 
     if failures:
         text = "\n".join(r.text() for r in failures)
+        gates = sorted({r.gate for r in failures})
+        what = " / ".join("the accuracy threshold" if g == "accuracy" else "the agreement threshold" for g in gates)
+        option = " / ".join("--min-accuracy-ratio" if g == "accuracy" else "--min-agreement" for g in gates)
         raise AccuracyError(
-            f"{len(failures)} variant(s) below the agreement threshold and not written "
-            f"(pass --force to write them anyway, or --min-agreement):\n{text}", failures[0])
+            f"{len(failures)} variant(s) below {what} and not written "
+            f"(pass --force to write them anyway, or {option}):\n{text}", failures[0])
     return reports
 
 
@@ -492,8 +606,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float,
                    help="fraction of the calibration folder held out for the report, never calibrated on "
                         "(default: 0.2 without --accuracy-images, 0 with)")
-    p.add_argument("--min-agreement", type=float, help="top-1 agreement threshold, a fraction "
-                   "(default 0.95 for int8, 0.99 for fp16/fp32)")
+    p.add_argument("--min-accuracy-ratio", type=float, default=DEFAULT_MIN_ACCURACY_RATIO,
+                   help="labelled accuracy images (class folders named by the model's labels or ImageNet wnids): "
+                        "a variant's top-1 accuracy must be at least this fraction of the reference's "
+                        "(default %(default)s)")
+    p.add_argument("--min-agreement", type=float, help="unlabelled accuracy images: top-1 agreement threshold where "
+                   f"the reference is confident (top-1 p >= {CONFIDENT}), a fraction "
+                   "(default 0.98 for int8, 0.99 for fp16/fp32)")
+    p.add_argument("--class-index", help="ImageNet imagenet_class_index.json for wnid folders "
+                                         "(default: $KERAS_HOME/models/)")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="use the agreement gate even when the accuracy images are labelled")
+    p.add_argument("--variant-suffix", default="", metavar="SUFFIX",
+                   help="append SUFFIX to the ONNX variants' names (mobilenet_v2_int8_nncf with _nncf), to keep "
+                        "several candidates side by side for export.evaluate")
     p.add_argument("--force", action="store_true", help="replace existing entries; write variants below the threshold")
     p.add_argument("--reference", choices=("auto", "keras", "onnx"), default="auto",
                    help="what variants are compared with (default: <name>_keras when loadable, else the FP32 ONNX)")
@@ -501,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS,
                    help="batch-1 latency runs against FP32 in the report (0: skip)")
     q = p.add_argument_group("INT8 quantization")
+    q.add_argument("--quantizer", choices=quant.QUANTIZERS, default=quant.QuantizeOptions.quantizer,
+                   help="onnxruntime static quantization, or NNCF's post-training quantization (extra 'nncf')")
+    q.add_argument("--symmetric-activations", action="store_true",
+                   help="onnxruntime: int8 activations with zero point 0 (default: uint8 asymmetric)")
+    q.add_argument("--no-bias-correction", action="store_true", help="nncf: skip its fast bias correction")
     q.add_argument("--calibration-method", choices=quant.METHODS, default=quant.QuantizeOptions.method)
     q.add_argument("--percentile", type=float, default=quant.QuantizeOptions.percentile)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per channel)")
@@ -533,13 +664,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.calibration_method, percentile=args.percentile, per_channel=not args.per_tensor,
             reduce_range=args.reduce_range, keep_float=keep, float_prefix=args.float_prefix,
             exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
-            min_images=args.min_calibration_images, max_images=args.max_calibration_images)
+            min_images=args.min_calibration_images, max_images=args.max_calibration_images,
+            quantizer=args.quantizer, symmetric_activations=args.symmetric_activations,
+            fast_bias_correction=not args.no_bias_correction)
         optimize(args.repository, args.name, precisions=args.precision, calibration=args.calibration,
                  engine=args.engine, engine_only=args.engine_only, accuracy_images=args.accuracy_images,
                  min_agreement=args.min_agreement, force=args.force, holdout=args.holdout, quantize_options=qoptions,
                  min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                  workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, reference=args.reference,
-                 max_eval_images=args.max_eval_images, latency_runs=args.latency_runs, progress=not args.quiet)
+                 max_eval_images=args.max_eval_images, latency_runs=args.latency_runs, progress=not args.quiet,
+                 min_accuracy_ratio=args.min_accuracy_ratio, class_index=args.class_index,
+                 labelled=False if args.unlabelled else None, suffix=args.variant_suffix)
     except AccuracyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

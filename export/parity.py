@@ -78,18 +78,18 @@ class ParityReport:
 
 
 def parity_images(size: tuple[int, int], folder: str | Path | None = None, *, count: int = DEFAULT_SYNTHETIC,
-                  seed: int = 0) -> tuple[np.ndarray, list[str], list[dict], str]:
+                  seed: int = 0, mode: str = image_io.DEFAULT_RESIZE) -> tuple[np.ndarray, list[str], list[dict], str]:
     """(batch, image names, skipped files, source description) for a parity run.
 
-    With a folder, every decodable image in it (through serve.images); without
-    one, `count` deterministic synthetic images.
+    With a folder, every decodable image in it (through serve.images, resized by
+    the model's `mode` as served); without one, `count` deterministic synthetic images.
     """
     if folder is None:
         batch = image_io.synthetic_images(count, size, seed=seed)
         return batch, [f"synthetic-{i}" for i in range(count)], [], f"synthetic images, seed {seed}"
     folder = Path(folder)
     try:
-        batch, loaded, skipped = image_io.load_folder(folder, size)
+        batch, loaded, skipped = image_io.load_folder(folder, size, mode=mode)
     except KestrelError as exc:
         raise ConfigError(f"parity images: {exc}") from None
     if len(loaded) == 0:
@@ -151,12 +151,14 @@ def compare_outputs(ref: np.ndarray, cand: np.ndarray, *, names: list[str], labe
 
 
 def compare(reference, candidate, *, folder: str | Path | None = None, count: int = DEFAULT_SYNTHETIC,
-            threshold: float = FP32_THRESHOLD, batch_size: int = 8, progress=None) -> ParityReport:
+            threshold: float = FP32_THRESHOLD, batch_size: int = 8, progress=None,
+            mode: str = image_io.DEFAULT_RESIZE) -> ParityReport:
     """Run two loaded-or-loadable runners on the same images and compare them.
 
+    Folder images are resized by `mode` (the model's resize parameter).
     `progress`, when given, is called with a short message before each runner runs.
     """
-    batch, names, skipped, source = parity_images(reference.image_size, folder, count=count)
+    batch, names, skipped, source = parity_images(reference.image_size, folder, count=count, mode=mode)
     if progress:
         progress(f"running {reference.name} on {len(batch)} images")
     ref = run(reference, batch, batch_size=batch_size)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve import images as image_lib
 from serve import repository as repo_lib
 from serve.errors import ConfigError, KestrelError, ModelLoadError
 
@@ -47,6 +48,9 @@ from .keras_to_onnx import INPUT_NAME, OUTPUT_NAME
 KERAS_SUFFIX = "_keras"
 EXPORT_INFO_FILE = "export.json"
 VERSION = 1
+# How new exports resize images (config.pbtxt parameter "resize"), chosen by measurement on
+# ../shared/datasets/imagenet_val (docs/accuracy.md).
+DEFAULT_RESIZE = image_lib.CROP
 
 
 @dataclass
@@ -245,6 +249,7 @@ def export_model(
     parity: bool = True,
     parity_threshold: float = parity_lib.FP32_THRESHOLD,
     max_batch_size: int = repo_lib.DEFAULT_MAX_BATCH_SIZE,
+    resize: str | None = None,
 ) -> ExportReport:
     """Export `source` (application name, .keras/.h5 path or keras.Model) into `repository`.
 
@@ -270,6 +275,7 @@ def export_model(
         if min(input_size) < 32:
             raise ConfigError(f"input size {input_size} is too small; expected at least 32x32")
     mode = applications.check_mode(preprocessing) if preprocessing is not None else None
+    resize = image_lib.check_mode(resize or DEFAULT_RESIZE)
 
     steps = _Steps(progress, 4 + int(parity), name)
     try:
@@ -336,7 +342,7 @@ def export_model(
             for folder, platform_name, entry_name in ((onnx_dir, repo_lib.PLATFORM_ONNX, final_onnx.name),
                                                       (keras_dir, repo_lib.BACKEND_KERAS, final_keras.name)):
                 config = repo_lib.make_config(entry_name, platform_name, in_spec, out_spec,
-                                              max_batch_size=max_batch_size)
+                                              max_batch_size=max_batch_size, resize=resize)
                 repo_lib.write_config(config, folder)
                 labels_lib.write_labels(class_names, folder)
 
@@ -353,7 +359,8 @@ def export_model(
             parity_path = None
             if parity:
                 steps.step("parity check")
-                report = _parity(tmp, final_onnx.name, final_keras.name, parity_images, parity_threshold, steps)
+                report = _parity(tmp, final_onnx.name, final_keras.name, parity_images, parity_threshold, steps,
+                                 resize)
                 parity_path = report.save(onnx_dir / str(VERSION) / parity_lib.REPORT_FILE)
                 parity_lib.check(report)
 
@@ -363,6 +370,7 @@ def export_model(
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             info_doc = {
                 "name": name, "source": source_text, "weights": weights, "alpha": alpha, "preprocessing": mode,
+                "resize": resize,
                 "input_size": [height, width], "classes": classes, "labels": label_source,
                 "opset": converted.opset, "onnx_nodes": converted.nodes, "parameters": converted.parameters,
                 "parity": report.summary() if report else None, "seconds": seconds,
@@ -404,14 +412,16 @@ def image_sample(model, count: int = 2) -> np.ndarray:
     return synthetic_images(count, (height, width), seed=1)
 
 
-def _parity(tmp: Path, onnx_name: str, keras_name: str, folder, threshold: float, steps: _Steps):
+def _parity(tmp: Path, onnx_name: str, keras_name: str, folder, threshold: float, steps: _Steps,
+            resize: str = image_lib.DEFAULT_RESIZE):
     from serve.backends import create_runner
 
     staged = repo_lib.ModelRepository(tmp)
     keras_runner = create_runner(staged.entry(keras_name))
     onnx_runner = create_runner(staged.entry(onnx_name), providers=["CPUExecutionProvider"])
     try:
-        report = parity_lib.compare(keras_runner, onnx_runner, folder=folder, threshold=threshold, progress=steps.note)
+        report = parity_lib.compare(keras_runner, onnx_runner, folder=folder, threshold=threshold, progress=steps.note,
+                                    mode=resize)
     finally:
         keras_runner.close()
         onnx_runner.close()

@@ -58,6 +58,7 @@ def test_cli_exports_mobilenet_v2_layout(cli_export):
         assert entry.input_spec.name == "images" and entry.input_spec.dtype == np.uint8
         assert entry.input_spec.shape == (224, 224, 3)
         assert entry.output_spec.name == "probabilities" and entry.output_spec.shape == (1000,)
+        assert entry.resize == "crop"  # the default resize mode, recorded with the model (docs/accuracy.md)
 
 
 def test_onnx_model_interface(cli_export):

@@ -177,6 +177,91 @@ def test_compare_and_report_metrics():
         opt.compare(ref, got[:2])
 
 
+def test_labelled_gate_is_accuracy_relative_to_the_reference():
+    """With labels the gate is variant top-1 >= ratio x reference top-1, whatever the agreement."""
+    rng = np.random.default_rng(0)
+    truth = np.arange(100) % 4
+    ref = np.full((100, 4), 0.1, np.float32)
+    ref[np.arange(100), truth] = 0.7
+    ref[:20] = np.roll(ref[:20], 1, axis=1)  # the reference is wrong on 20: 80 % top-1
+    got = ref.copy()
+    got[20:21] = np.roll(got[20:21], 1, axis=1)  # the variant loses one more: 79 % = 98.75 % of 80 %
+    got[:10] = np.roll(got[:10], 1, axis=1)      # and changes 10 wrong answers into other wrong answers
+    kw = dict(image_source="test", min_agreement=0.99, truth=truth)
+    failing = opt.make_report("m_int8", "int8", "onnx:m", ref, got, [str(i) for i in range(100)], **kw)
+    assert failing.gate == "accuracy" and failing.labelled_images == 100
+    assert failing.reference_top1 == pytest.approx(0.80) and failing.variant_top1 == pytest.approx(0.79)
+    assert failing.accuracy_ratio == pytest.approx(0.79 / 0.80) and not failing.passed
+    assert failing.mcnemar_p == pytest.approx(1.0)  # 1 discordant pair: no evidence at all
+    assert failing.top1_agreement == pytest.approx(0.89)  # agreement would have failed far worse
+    assert "98.75% of the reference" in failing.text() and "FAIL" in failing.text()
+    passing = opt.make_report("m_int8", "int8", "onnx:m", ref, got, [str(i) for i in range(100)],
+                              min_accuracy_ratio=0.98, **kw)
+    assert passing.passed
+    # labels that mostly do not map: not a labelled set, the agreement gate decides
+    unknown = np.where(rng.random(100) < 0.5, -1, truth)
+    agreement = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(100)], image_source="t",
+                                min_agreement=0.85, truth=unknown)
+    assert agreement.gate == "agreement" and agreement.variant_top1 is None
+
+
+def test_unlabelled_gate_counts_only_confident_images():
+    ref = np.full((40, 3), 0.0, np.float32)
+    ref[:, 0] = 0.9
+    ref[:, 1] = 0.1
+    ref[30:] = [0.34, 0.33, 0.33]  # 10 ambiguous images
+    got = ref.copy()
+    got[30:] = [0.33, 0.34, 0.33]  # flips on every ambiguous image
+    report = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(40)], image_source="t",
+                             min_agreement=0.98)
+    assert report.top1_agreement == 0.75 and report.confident_images == 30
+    assert report.confident_agreement == 1.0 and report.passed
+    got[0] = [0.1, 0.9, 0.0]  # one confident image flipped
+    report = opt.make_report("m", "int8", "onnx:m", ref, got, [str(i) for i in range(40)], image_source="t",
+                             min_agreement=0.98)
+    assert report.confident_agreement == pytest.approx(29 / 30) and not report.passed
+
+
+def test_optimize_uses_the_labelled_gate_on_class_folders_named_by_labels(tiny_repo, tmp_path):
+    from PIL import Image
+    from serve.images import synthetic_images
+    folder = tmp_path / "labelled"
+    pictures = synthetic_images(30, (20, 20), seed=3)
+    for i, picture in enumerate(pictures):
+        (folder / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(folder / f"class_{i % 3}" / f"{i}.png")
+    reports = opt.optimize(tiny_repo, "tiny", precisions="fp16", accuracy_images=folder, latency_runs=0,
+                           progress=False, log=lambda *_: None)
+    report = reports["tiny_fp16"]
+    assert report.gate == "accuracy" and report.labelled_images == 30 and report.passed
+    assert report.variant_top1 == pytest.approx(report.reference_top1, abs=0.04)
+    saved = json.loads((tiny_repo / "tiny_fp16" / "accuracy.json").read_text())
+    assert saved["gate"] == "accuracy" and saved["min_accuracy_ratio"] == 0.99
+    forced = opt.optimize(tiny_repo, "tiny", precisions="fp16", accuracy_images=folder, latency_runs=0, force=True,
+                          labelled=False, progress=False, log=lambda *_: None)
+    assert forced["tiny_fp16"].gate == "agreement"
+
+
+def test_variants_keep_the_resize_mode_of_their_source(tiny_repo, image_folder):
+    from serve.repository import ModelRepository, read_config, write_config
+    config = read_config(tiny_repo / "tiny" / "config.pbtxt")
+    config.parameters["resize"].string_value = "crop"
+    write_config(config, tiny_repo / "tiny")
+    seen = []
+    real = quant.load_images
+
+    def spy(paths, size, **kw):
+        seen.append(kw.get("mode"))
+        return real(paths, size, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(quant, "load_images", spy):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", calibration=image_folder, latency_runs=0,
+                     progress=False, log=lambda *_: None)
+    assert seen and set(seen) == {"crop"}
+    assert ModelRepository(tiny_repo).entry("tiny_fp16").resize == "crop"
+
+
 def test_parse_precisions():
     assert opt.parse_precisions("int8, fp16,int8") == ["int8", "fp16"]
     with pytest.raises(ConfigError, match="bf16"):
@@ -302,3 +387,46 @@ def test_calibration_is_collected_in_chunks():
     assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
     reader.rewind()
     assert reader.get_next()["images"].shape == (1, 2, 2, 3) and len(reader) == 5
+
+
+def test_nncf_quantizer_writes_a_qdq_model_onnxruntime_runs(tiny_onnx, tmp_path):
+    pytest.importorskip("nncf")
+    from serve.images import synthetic_images
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+    from serve.repository import TensorSpec
+
+    images = synthetic_images(24, SIZE, seed=2)
+    out = tmp_path / "nncf.onnx"
+    result = quant.quantize(tiny_onnx, out, images, quant.QuantizeOptions(min_images=8, quantizer="nncf"))
+    assert result.quantized_nodes > 0 and result.options["quantizer"] == "nncf"
+    model = onnx.load(str(out))
+    kept = set(result.kept_float)
+    # the keep-float rules are NNCF's ignored scope: the stem conv reads float, not a DequantizeLinear
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert stem.name in kept and stem.input[1] not in producer  # its float weight, as exported
+    quantized_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in kept]
+    assert quantized_convs and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in quantized_convs)
+    spec_in, spec_out = TensorSpec("images", np.uint8, (*SIZE, 3)), TensorSpec("probabilities", np.float32, (5,))
+    with OnnxRuntimeRunner("fp32", tiny_onnx, spec_in, spec_out) as fp32, \
+            OnnxRuntimeRunner("int8", out, spec_in, spec_out) as int8:
+        a, b = fp32.infer(images), int8.infer(images)
+    assert b.shape == a.shape and np.abs(a - b).max() < 0.2
+    with pytest.raises(ConfigError, match="unknown quantizer 'tflite'"):
+        quant.QuantizeOptions(quantizer="tflite")
+
+
+def test_default_holdout_also_evaluates_the_calibration_images_not_calibrated_on(tiny_repo, image_folder):
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=image_folder, latency_runs=0,
+                           quantize_options=quant.QuantizeOptions(min_images=16, max_images=20),
+                           progress=False, log=lambda *_: None)
+    report = reports["tiny_int8"]
+    assert report.calibration["images_used"] == 20
+    assert report.images == 12 + 28  # the held-out 20 % plus the 28 of the other 48 never calibrated on
+    assert "not calibrated on" in report.image_source
+
+    suffixed = opt.optimize(tiny_repo, "tiny", precisions="fp16", suffix="_try", latency_runs=0, progress=False,
+                            log=lambda *_: None)
+    assert set(suffixed) == {"tiny_fp16_try"} and (tiny_repo / "tiny_fp16_try" / "config.pbtxt").is_file()
+    with pytest.raises(ConfigError, match="invalid model name"):
+        opt.optimize(tiny_repo, "tiny", precisions="fp16", suffix="/../x", progress=False, log=lambda *_: None)

@@ -47,3 +47,25 @@ def test_mobilenet_v2_int8_against_keras(tmp_path, keras_home, flowers_dir, phot
     photos = [w for w in saved["worst"] if "photos" in w["image"]]
     assert all(w["reference_top1"] == w["variant_top1"] for w in photos)
     assert report.latency["ratio"] < 0.8  # measured 0.50-0.53 on 2 loaded cores
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # export + 300-image calibration + Keras reference on ~500 held-out images
+def test_mobilenet_v2_int8_and_fp16_keep_imagenet_accuracy(tmp_path, keras_home, shared_dir):
+    """The README's example with the defaults: calibrated on imagenet_val, gated on its labelled
+    held-out 20 % (accuracy gate: >= 99 % of the Keras model's top-1)."""
+    from export.pipeline import export_model
+
+    root = tmp_path / "models"
+    export_model("mobilenet_v2", repository=root, progress=False, parity=False)
+    data = shared_dir / "datasets" / "imagenet_val"
+    reports = opt.optimize(root, "mobilenet_v2", precisions="int8,fp16", calibration=data, latency_runs=0,
+                           progress=False, log=lambda *_: None)
+    int8, fp16 = reports["mobilenet_v2_int8"], reports["mobilenet_v2_fp16"]
+    for report in (int8, fp16):
+        assert report.gate == "accuracy" and report.passed
+        assert report.labelled_images == report.images == 1000  # held out + not calibrated on, all labelled
+    assert int8.calibration["images_used"] == 300
+    assert abs(fp16.variant_top1 - fp16.reference_top1) <= 0.002
+    saved = json.loads((root / "mobilenet_v2_int8" / "accuracy.json").read_text())
+    assert saved["gate"] == "accuracy" and saved["accuracy_ratio"] >= 0.99

@@ -150,3 +150,48 @@ def test_unknown_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown resize mode 'squash'.*stretch, crop"):
         images.resize(_gradient(), (8, 8), "squash")
     assert images.check_mode(None) == images.STRETCH
+
+
+# ---- the mode as a model property, honoured by serving --------------------------------------
+def test_resize_mode_is_a_config_parameter(tmp_path):
+    from serve.repository import ModelRepository, TensorSpec, make_config, write_config
+    from serve.errors import ConfigError
+
+    spec_in, spec_out = TensorSpec("images", np.uint8, (8, 8, 3)), TensorSpec("probabilities", np.float32, (2,))
+    for name, mode in (("cropped", "crop"), ("stretched", "stretch"), ("legacy", None)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        write_config(make_config(name, "fake", spec_in, spec_out, labels=False, resize=mode), tmp_path / name)
+    repo = ModelRepository(tmp_path)
+    assert repo.entry("cropped").resize == "crop" and repo.entry("stretched").resize == "stretch"
+    assert repo.entry("legacy").resize == "stretch" and "resize" not in repo.entry("legacy").parameters
+    text = (tmp_path / "cropped" / "config.pbtxt").read_text()
+    assert 'key: "resize"' in text and 'string_value: "crop"' in text  # Triton's parameters syntax
+    (tmp_path / "cropped" / "config.pbtxt").write_text(text.replace('"crop"', '"squash"'))
+    with pytest.raises(ConfigError, match="parameter 'resize'.*unknown resize mode 'squash'"):
+        repo.entry("cropped")
+    with pytest.raises(ConfigError, match="unknown resize mode"):
+        make_config("x", "fake", spec_in, spec_out, resize="fit")
+
+
+def test_classify_resizes_each_model_by_its_own_mode(tmp_path):
+    from serve.backends.fake import fake_probabilities, write_fake_model
+    from serve.hub import ModelHub
+    from serve.repository import read_config, write_config
+
+    write_fake_model(tmp_path, "stretchy", classes=5, size=(24, 24), seed=4)
+    write_fake_model(tmp_path, "croppy", classes=5, size=(24, 24), seed=4)
+    config = read_config(tmp_path / "croppy" / "config.pbtxt")
+    config.parameters["resize"].string_value = "crop"
+    write_config(config, tmp_path / "croppy")
+    photo = _encode(_gradient(90, 40), "PNG")  # wide: a crop and a stretch see different pixels
+    hub = ModelHub(tmp_path).load()
+    try:
+        result = hub.classify(photo, ["stretchy", "croppy"], top=5)
+    finally:
+        hub.close()
+    got = {a.model: a.run.probabilities[0] for a in result.models}
+    picture = images.decode(photo)
+    for name, mode in (("stretchy", "stretch"), ("croppy", "crop")):
+        want = fake_probabilities(images.resize(picture, (24, 24), mode)[None], 5, 4)[0]
+        np.testing.assert_allclose(got[name], want, rtol=1e-6)
+    assert not np.allclose(got["stretchy"], got["croppy"])
