@@ -81,7 +81,7 @@ def repo(tmp_path):
 def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, repo):
     data = _dataset(tmp_path / "data")
     result = ev.evaluate(data, repo, ["alpha", "beta", "gamma"], ["trio=alpha,beta,gamma"], latency_runs=2,
-                         progress=False, log=lambda m: None, temperature_folds=0)
+                         progress=False, log=lambda m: None)
     assert result.images == 24 and result.classes == 4
     assert [s["image"] for s in result.skipped] == [str(data / "cat" / "broken.jpg")]
     expected = {}
