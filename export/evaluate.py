@@ -548,6 +548,12 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
         variants = [(f, None) for f in fusions] + ([(f, temperatures) for f in fusions] if temperatures else [])
         # temperatures fitted here are cross-fitted: each image fused with those fitted on the other folds
         variants += [(f, CROSS_FIT) for f in fusions] if temperature_folds else []
+        if temperatures and ens.name in repo.ensemble_names():
+            fitted_on = {k: v.string_value for k, v in repo.ensemble(ens.name).config.parameters.items()}.get(
+                "temperatures_fitted_on", "")
+            if fitted_on.startswith(str(Path(data).resolve())):
+                notes.append(f"ensemble {ens.name}: its stored temperatures were fitted on these images "
+                             f"({fitted_on}): the +T (stored) rows are optimistic; the +T (cv) rows are not")
         for j, (fusion, temps) in enumerate(variants):
             try:
                 if temps == CROSS_FIT:
