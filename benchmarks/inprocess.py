@@ -165,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     info = {"machine": _method.machine_info(), "versions": _method.package_versions(), "load": load,
             "git": _method.git_revision(), "settings": vars(args), "time": _method.timestamp()}
-    header = (f"In-process inference, {info['machine']['cpu']} ({info['machine']['cores_usable']} cores), "
+    header = (f"In-process inference, {info['machine']['cpu']} ({info['machine']['isa']}, "
+              f"{info['machine']['cores_usable']} cores), "
               f"{info['time']}; load while measuring: {load.get('busy_cores')} cores busy "
               f"(other processes: {load.get('foreign_cores')})\n"
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k in
                           ("tensorflow", "keras", "onnxruntime", "onnxruntime-gpu", "tensorrt")))
+    header += f"\nINT8 on this CPU: {info['machine']['int8']}"
     print(header)
     print(table)
     out = Path(args.out)

@@ -62,6 +62,7 @@ def test_make_bench_smoke_writes_a_report(tmp_path, python_env):
     report = (out / "report.md").read_text()
     assert "### API: classify" in report and "### API: infer" in report
     assert meta["machine"]["cores"] >= 1 and "locust" in meta["versions"]
+    assert meta["machine"]["isa"] and f"({meta['machine']['isa']})" in report  # the CPU's instruction set
     for name in ("throughput.png", "latency_classify.png", "latency_infer.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # raw locust CSVs kept, warm-up excluded from them too
