@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve import cpuinfo
+from serve import console, cpuinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MS = 3.0
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=13, help="requests per path before switching (default 13)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads for both paths")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    console.add_examples(parser, "--repository models --model mobilenet_v2_int8 --repeats 200",
+                         "--model mobilenet_v2 --images ../shared/photos --json /tmp/latency.json")
     args = parser.parse_args(argv)
 
     from serve import KestrelClient, ModelRepository, create_runner, images

@@ -101,7 +101,7 @@ class _Steps:
         self._current = None
         self._start = 0.0
         if enabled:
-            from tqdm import tqdm
+            from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
             self._bar = tqdm(total=total, desc=f"export {name}", unit="step", file=sys.stderr,
                              bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")

@@ -12,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package -> project packages it must never import
 FORBIDDEN = {
-    "serve": {"export", "train", "benchmarks"},
-    "export": {"train", "benchmarks"},
-    "train": {"benchmarks"},
+    "serve": {"export", "train", "benchmarks", "kestrel"},
+    "export": {"train", "benchmarks", "kestrel"},
+    "train": {"benchmarks", "kestrel"},
+    "benchmarks": {"kestrel"},
 }
 
 
