@@ -164,9 +164,9 @@ def _installed(module: str) -> bool:
         return False
 
 
-def check_imports(probe: Callable[[Sequence[str]], dict] = probe_imports) -> list[Line]:
+def check_imports(probe: Callable[[Sequence[str]], dict] | None = None) -> list[Line]:
     present = [m for m in IMPORTS if _installed(m)]
-    results = probe(present)
+    results = (probe or probe_imports)(present)
     lines = []
     for module, (dist, purpose, hint) in IMPORTS.items():
         label = "cuda-python" if module == "cuda" else module
@@ -243,8 +243,8 @@ def check_weights() -> list[Line]:
     home, explicit = keras_home()
     where = f"KERAS_HOME={home}" if explicit else f"{home} (KERAS_HOME not set)"
     folder = home / "models"
-    have = [n for n, app in APPLICATIONS.items() if (folder / app.weights_file).is_file()]
-    missing = [n for n in APPLICATIONS if n not in have]
+    have = sorted(n for n, app in APPLICATIONS.items() if (folder / app.weights_file).is_file())
+    missing = sorted(n for n in APPLICATIONS if n not in have)
     index = (folder / "imagenet_class_index.json").is_file()
     if not have:
         return [Line("imagenet weights", "missing",
@@ -281,7 +281,7 @@ def check_ports(ports: dict[int, str]) -> list[Line]:
     return lines
 
 
-def report(ports: dict[int, str], probe: Callable[[Sequence[str]], dict] = probe_imports,
+def report(ports: dict[int, str], probe: Callable[[Sequence[str]], dict] | None = None,
            gpus: list[dict] | None | str = "query") -> list[Line]:
     lines = check_cpu() + check_python() + check_onnxruntime() + check_imports(probe)
     lines += check_gpus(query_gpus() if gpus == "query" else gpus)
