@@ -8,6 +8,8 @@ subprocesses through KESTREL_VERBOSE=1.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import sys
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ class Command:
     module: str  # imported when the command runs
     summary: str
     also: str  # the equivalent `python -m` form
+    examples: tuple[str, ...] = ()  # for a module whose parser has none of its own (see _with_help_examples)
 
 
 COMMANDS: dict[str, Command] = {
@@ -31,7 +34,9 @@ COMMANDS: dict[str, Command] = {
     "optimize": Command("export.optimize", "INT8 / FP16 variants (accuracy-checked) and TensorRT engines",
                         "python -m export.optimize"),
     "evaluate": Command("export.evaluate", "top-1/top-5 accuracy and latency of the variants on labelled images",
-                        "python -m export.evaluate"),
+                        "python -m export.evaluate",
+                        ("../shared/datasets/imagenet_val --models mobilenet_v2,mobilenet_v2_int8",
+                         "../shared/datasets/imagenet_val --limit 200")),
     "serve": Command("serve.__main__", "serve a repository: gRPC + HTTP (KServe V2, Classify, web page), metrics",
                      "python -m serve"),
     "classify": Command("serve.client", "send image files to a server, print each model's and ensemble's top-k",
@@ -92,6 +97,26 @@ def _load(command: Command, prog: str):
     return module.main
 
 
+@contextlib.contextmanager
+def _with_help_examples(prog: str, examples: tuple[str, ...]):
+    """The first parser the subcommand parses with shows `prog`, and ends its --help with `examples` when its
+    module gave it none (console.add_examples): every `kestrel X --help` names kestrel and has examples."""
+    original = argparse.ArgumentParser.parse_known_args
+
+    def first(self, args=None, namespace=None):
+        argparse.ArgumentParser.parse_known_args = original
+        if not (self.epilog or "").startswith("examples:"):
+            console.set_prog(prog)
+            console.add_examples(self, *(examples or ("--help",)))
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_known_args = first
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = False
@@ -131,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry = _load(command, prog)
     console.set_prog(prog)
     try:
-        result = entry(rest)
+        with _with_help_examples(prog, command.examples):
+            result = entry(rest)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

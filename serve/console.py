@@ -204,6 +204,7 @@ class LineProgress:
         self.postfix = ""
         self._start = self._last_time = time.monotonic()
         self._printed_decile = -1
+        self._emitted_n = None  # the count of the last line printed
         self._closed = False
         if postfix is not None:
             self.set_postfix_str(str(postfix))
@@ -265,17 +266,11 @@ class LineProgress:
         print(s, end=end, file=file or self._stream(), flush=True)
 
     def close(self) -> None:
+        """The final line, unless the last line printed already said it (an interrupted loop says how far)."""
         if self._closed:
             return
         self._closed = True
-        if self.disable:
-            return
-        if not self.leave:
-            if self.n:
-                self._emit()
-        elif self.total and self.total > self.STEP_LIMIT and self._printed_decile < 10 and self.n:
-            self._emit()  # an interrupted long loop: say how far it got
-        elif not self.total and self.n:
+        if not self.disable and self.n and self.n != self._emitted_n:
             self._emit()
 
     # -- output -----------------------------------------------------------------------------------------------
@@ -284,7 +279,7 @@ class LineProgress:
 
     def _emit(self) -> None:
         now = time.monotonic()
-        self._last_time = now
+        self._last_time, self._emitted_n = now, self.n
         count = f"{self.n:g}/{self.total:g}" if self.total else f"{self.n:g}"
         unit = "" if self.unit in ("it", "step") else f" {self.unit}"
         head = f"{self.desc}: " if self.desc else ""

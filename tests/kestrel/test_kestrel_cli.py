@@ -169,3 +169,30 @@ def test_subcommand_exit_status_and_errors_pass_through():
     result = _kestrel("optimize")
     assert result.returncode == 2
     assert "usage: kestrel optimize" in result.stderr and "required" in result.stderr
+
+
+def test_a_module_without_examples_gets_the_dispatchers(monkeypatch, capsys):
+    """export.evaluate (the accuracy branch) builds its own parser without an epilog: `kestrel evaluate --help`
+    still names kestrel and ends with the examples kept in kestrel/cli.py."""
+    import argparse
+    import types
+
+    module = types.ModuleType("plain_tool")
+
+    def main(argv=None):
+        parser = argparse.ArgumentParser(prog="python -m plain_tool")
+        parser.add_argument("data")
+        return 0 if parser.parse_args(argv).data == "d" else 1
+
+    module.main = main
+    monkeypatch.setitem(sys.modules, "plain_tool", module)
+    monkeypatch.setitem(cli.COMMANDS, "plain", cli.Command("plain_tool", "t", "python -m plain_tool", ("DATA --x",)))
+    original = argparse.ArgumentParser.parse_known_args
+    with pytest.raises(SystemExit) as done:
+        cli.main(["plain", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kestrel plain") and out.rstrip().endswith("examples:\n  kestrel plain DATA --x")
+    assert argparse.ArgumentParser.parse_known_args is original  # the hook is gone after one parse
+    assert cli.main(["plain", "d"]) == 0 and argparse.ArgumentParser.parse_known_args is original
+    assert cli.COMMANDS["evaluate"].examples  # evaluate's examples live here until its module has its own
