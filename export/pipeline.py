@@ -113,8 +113,8 @@ class _Steps:
             self._bar.set_postfix_str(label)
 
     def note(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(message)
+        if self._bar is not None:  # keep the step's name: in a log the step's line shows the last note
+            self._bar.set_postfix_str(f"{self._current}: {message}" if self._current else message)
 
     def _finish(self) -> None:
         if self._current is not None:

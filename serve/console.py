@@ -185,10 +185,11 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class LineProgress:
-    """tqdm's common interface, printing whole lines: one per finished step (total <= 20 and leave=True),
-    one per 10 % for longer loops, one at the end for leave=False bars."""
+    """tqdm's common interface, printing whole lines: one per finished step (unit step/run/epoch/model/variant,
+    or total <= 20; leave=True), one per 10 % for longer loops, one at the end for leave=False bars."""
 
     STEP_LIMIT = 20
+    STEP_UNITS = ("step", "run", "epoch", "model", "variant")  # always a line each, however many
 
     def __init__(self, iterable: Iterable | None = None, desc: str | None = None, total: float | None = None,
                  leave: bool = True, file: IO | None = None, unit: str = "it", disable: bool = False,
@@ -236,7 +237,7 @@ class LineProgress:
         self.n += n
         if not self.leave:
             return
-        if self.total and self.total <= self.STEP_LIMIT:
+        if (self.total and self.total <= self.STEP_LIMIT) or self.unit in self.STEP_UNITS:
             self._emit()
         elif self.total:
             decile = int(10 * self.n / self.total)

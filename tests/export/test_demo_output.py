@@ -98,10 +98,10 @@ def test_export_steps_and_tensorflow_import_in_a_log(tmp_path, python_env):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [re.sub(r" \[[^]]*\]$", "", ln) for ln in lines] == [
-        "export mobilenet_v2: 1/4 comparing 64 images",
-        "export mobilenet_v2: 2/4 comparing 64 images",
-        "export mobilenet_v2: 3/4 comparing 64 images",
-        "export mobilenet_v2: 4/4 comparing 64 images",
+        "export mobilenet_v2: 1/4 loading Keras model: comparing 64 images",
+        "export mobilenet_v2: 2/4 converting to ONNX: comparing 64 images",
+        "export mobilenet_v2: 3/4 checking the ONNX model: comparing 64 images",
+        "export mobilenet_v2: 4/4 parity check: comparing 64 images",
         "done",
     ]
     _no_terminal_noise(result.stderr)

@@ -67,6 +67,9 @@ def test_long_loops_print_every_tenth_and_inner_loops_once(monkeypatch):
         bar.update(37)  # an interrupted loop: the line at 30 % (37 of 100), nothing repeated at close
     assert [ln.split(" [")[0] for ln in out.getvalue().splitlines()] == ["stopped: 37/100"]
     out = _Stream(tty=False)
+    list(console.progress(range(30), desc="bench", unit="run", file=out))  # runs are steps: 30 lines
+    assert [ln.split(" [")[0] for ln in out.getvalue().splitlines()] == [f"bench: {n}/30 run" for n in range(1, 31)]
+    out = _Stream(tty=False)
     list(console.progress(range(5), desc="off", file=out, disable=True))
     assert out.getvalue() == ""
 
