@@ -56,6 +56,8 @@ BENCH_TOOLS: dict[str, Command] = {
                          "python -m benchmarks.inprocess"),
     "classify-latency": Command("benchmarks.classify_latency", "Classify over gRPC vs in-process: the overhead",
                                 "python -m benchmarks.classify_latency"),
+    "docs": Command("benchmarks.docs", "regenerate docs/benchmarks.md's latest reports from benchmarks/results",
+                    "python -m benchmarks.docs"),
 }
 VERBOSE_FLAGS = ("-v", "--verbose")
 

@@ -85,7 +85,7 @@ def test_cli_help_without_heavy_packages(package):
 
 
 KESTREL_COMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "train", "bench", "bench inprocess",
-                    "bench classify-latency", "demo", "doctor"]
+                    "bench classify-latency", "bench docs", "demo", "doctor"]
 
 
 @pytest.mark.parametrize("command", ["", *KESTREL_COMMANDS])

@@ -17,7 +17,7 @@ from serve import console
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "train", "bench", "demo", "doctor"]
-BENCH_TOOLS = ["inprocess", "classify-latency"]
+BENCH_TOOLS = ["inprocess", "classify-latency", "docs"]
 
 
 def _has_evaluate() -> bool:
