@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
-import importlib.machinery
 import logging
 import os
 import re
@@ -124,7 +123,13 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name not in NOISY_PACKAGES:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        spec = None
+        for finder in sys.meta_path:  # the others, in order: a finder that blocks the import still blocks it
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None:
             return None
         spec.loader = _QuietLoader(spec.loader)

@@ -193,3 +193,23 @@ def test_pipeline_steps_use_the_console(monkeypatch, forced):
     steps.close()
     assert [ln.split(" [")[0] for ln in err.getvalue().splitlines()] == ["export toy: 1/2 loading Keras model",
                                                                         "export toy: 2/2 converting to ONNX"]
+
+
+def test_an_import_blocker_earlier_on_the_path_still_blocks(tmp_path):
+    """The quiet finder goes first but asks the other finders: tests/test_light_imports.py's blocker holds."""
+    code = """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "tensorflow":
+                    raise ImportError("tensorflow is blocked")
+        sys.meta_path.insert(0, Block())
+        from serve import console
+        console.quiet_native_logs()
+        try:
+            import tensorflow
+        except ImportError as exc:
+            print("blocked:", exc)
+    """
+    result = _run(code, _stub_tensorflow(tmp_path))
+    assert "blocked: tensorflow is blocked" in result.stdout, result.stdout + result.stderr
