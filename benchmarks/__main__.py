@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from serve import console
 from serve.errors import KestrelError
 
 
@@ -70,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run: fake models, tiny Flask model, one level, seconds per run (make bench-smoke)")
-    return p
+    return console.add_examples(p, "--repository models --model mobilenet_v2 --levels 1,8,32",
+                                "--smoke --output /tmp/bench-smoke          # under a minute, fake models",
+                                note="other benchmarks: `kestrel bench inprocess --help`, "
+                                     "`kestrel bench classify-latency --help`; `kestrel bench docs` puts the "
+                                     "newest reports into docs/benchmarks.md")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.quiet_native_logs()
     from . import server_bench
 
     server_env = {}

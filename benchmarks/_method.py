@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from serve import cpuinfo
+
 T = TypeVar("T")
 
 PERCENTILES = (50, 90, 95, 99)
@@ -144,13 +146,7 @@ def time_calls(fn: Callable[[], object], *, warmup: int, iterations: int) -> lis
 
 # ---- machine & versions ---------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo.cpu_model()
 
 
 def memory_gib() -> float:
@@ -181,13 +177,18 @@ def gpu_names() -> list[str]:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, RAM, GPUs, OS, Python and load at the time of the call."""
+    """CPU model and instruction set, cores, RAM, GPUs, OS, Python and load at the time of the call."""
+    isa = cpuinfo.instruction_sets()
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count()
     return {
         "cpu": cpu_model(),
+        # the instruction set decides the INT8 speed-up (serve/cpuinfo.py): recorded beside every result
+        "isa": cpuinfo.summary(isa),
+        "isa_flags": isa,
+        "int8": cpuinfo.int8_meaning(isa),
         "cores": os.cpu_count(),
         "cores_usable": affinity,
         "memory_gib": round(memory_gib(), 1),

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve import console, cpuinfo
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MS = 3.0
 
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=13, help="requests per path before switching (default 13)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads for both paths")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    console.add_examples(parser, "--repository models --model mobilenet_v2_int8 --repeats 200",
+                         "--model mobilenet_v2 --images ../shared/photos --json /tmp/latency.json")
     args = parser.parse_args(argv)
 
     from serve import KestrelClient, ModelRepository, create_runner, images
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
         "classify_p90_ms": round(sorted(remote)[int(0.9 * len(remote))], 2),
         "within_target": overhead <= TARGET_MS and transport <= TARGET_MS, "target_ms": TARGET_MS,
         "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+        "cpu": cpuinfo.cpu_model(), "isa": cpuinfo.summary(),
     }
     print(f"{'path':<34}{'median ms':>10}")
     print(f"{'in-process decode + infer':<34}{local_ms:>10.2f}")
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
     print(f"{'overhead (difference of medians)':<34}{overhead:>10.2f}")
     print(f"{'overhead (paired, transport)':<34}{transport:>10.2f}")
     print(f"target <= {TARGET_MS} ms: {'yes' if result['within_target'] else 'NO'} "
-          f"(load average {result['load_average_1min']} on {result['cpus']} CPUs)")
+          f"(load average {result['load_average_1min']} on {result['cpus']} CPUs, {result['isa']})")
     print(json.dumps(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

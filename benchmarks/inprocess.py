@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import _method
+from serve import console
 from serve.errors import KestrelError, ModelNotFoundError
 from serve.images import synthetic_images
 from serve.repository import ModelRepository
@@ -132,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured calls per runner first (default 3)")
     parser.add_argument("--repository", default="models", help="model repository (default models)")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras variants")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md/.json results")
+    parser.add_argument("--out", "--output", dest="out", default="benchmarks/results",
+                        help="folder for the .md/.json results")
+    console.add_examples(parser, "--repository models --models mobilenet_v2 --batch 1,8",
+                         "--models mobilenet_v2,resnet50 --no-keras --output benchmarks/results")
     args = parser.parse_args(argv)
+    console.quiet_native_logs()
     if args.repeats < 1 or args.iterations < 1:
         print("error: --repeats and --iterations must be at least 1", file=sys.stderr)
         return 2
@@ -165,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     info = {"machine": _method.machine_info(), "versions": _method.package_versions(), "load": load,
             "git": _method.git_revision(), "settings": vars(args), "time": _method.timestamp()}
-    header = (f"In-process inference, {info['machine']['cpu']} ({info['machine']['cores_usable']} cores), "
+    header = (f"In-process inference, {info['machine']['cpu']} ({info['machine']['isa']}, "
+              f"{info['machine']['cores_usable']} cores), "
               f"{info['time']}; load while measuring: {load.get('busy_cores')} cores busy "
               f"(other processes: {load.get('foreign_cores')})\n"
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k in
                           ("tensorflow", "keras", "onnxruntime", "onnxruntime-gpu", "tensorrt")))
+    header += f"\nINT8 on this CPU: {info['machine']['int8']}"
     print(header)
     print(table)
     out = Path(args.out)

@@ -157,8 +157,15 @@ def headline_sentence(meta: dict, agg: dict, levels: list[int]) -> str | None:
 def _machine_line(meta: dict) -> str:
     m = meta["machine"]
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
-    return (f"{m.get('cpu')}, {m.get('cores')} cores ({m.get('cores_usable')} usable), "
+    return (f"{m.get('cpu')} ({m.get('isa', 'instruction set not recorded')}), "
+            f"{m.get('cores')} cores ({m.get('cores_usable')} usable), "
             f"{m.get('memory_gib')} GiB RAM, {gpus}; {m.get('os')}; Python {m.get('python')}")
+
+
+def machine_title(meta: dict) -> str:
+    """"2 cores (AMD EPYC, AVX2 (no AVX-512, no VNNI))": the plot titles' machine, instruction set included."""
+    m = meta["machine"]
+    return f"{m.get('cores')} cores ({m.get('cpu')}, {m.get('isa', 'instruction set not recorded')})"
 
 
 def tables(meta: dict, rows: list[dict], agg: dict) -> list[str]:
@@ -320,8 +327,7 @@ def plots(out: Path, meta: dict, rows: list[dict]) -> list[Path]:
         ax.set_title(f"{api}: throughput vs concurrency")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{s['model']} on {meta['machine'].get('cores')} cores ({meta['machine'].get('cpu')})",
-                 fontsize=9)
+    fig.suptitle(f"{s['model']} on {machine_title(meta)}", fontsize=9)
     fig.tight_layout()
     path = out / "throughput.png"
     fig.savefig(path, dpi=110)
@@ -345,6 +351,7 @@ def plots(out: Path, meta: dict, rows: list[dict]) -> list[Path]:
             ax.set_title(f"{api}, {lv} concurrent clients")
             ax.grid(True, axis="y", which="both", alpha=0.3)
             ax.legend(fontsize=8)
+        fig.suptitle(f"{s['model']} on {machine_title(meta)}", fontsize=9)
         fig.tight_layout()
         path = out / f"latency_{api}.png"
         fig.savefig(path, dpi=110)

@@ -404,7 +404,7 @@ def run(settings: Settings) -> Path:
 
 def _progress(total: int):
     try:
-        from tqdm import tqdm
+        from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
         return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
     except ImportError:  # pragma: no cover - tqdm is a base dependency

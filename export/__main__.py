@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
+
+from serve import console
 
 from . import applications
 
@@ -74,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of fp32, fp16, int8: variants to build after the FP32 export")
     parser.add_argument("--calibration", metavar="DIR", help="calibration images for int8")
     parser.add_argument("--engine", action="store_true", help="also build TensorRT engines (needs a GPU)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
+    return console.add_examples(parser, "mobilenet_v2                      # ImageNet weights (offline: KERAS_HOME)",
+                                "mobilenet_v2 --precision fp32,int8 --calibration photos/")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console.quiet_native_logs()  # TensorFlow's C++ start-up lines, unless KESTREL_VERBOSE=1
 
     from serve.errors import KestrelError
 

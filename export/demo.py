@@ -98,10 +98,12 @@ def define_ensemble(repository: Path, members: list[str], fusion: str) -> None:
 
 
 def _quiet_env() -> dict:
-    """TensorFlow's C++ start-up chatter (oneDNN, 'no CUDA driver') hides the demo's own lines."""
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return env
+    """TensorFlow's C++ start-up chatter (oneDNN, 'no CUDA driver') hides the demo's own lines: the export and
+    the server filter it too (serve/console.py; KESTREL_VERBOSE=1 shows it)."""
+    from serve import console
+
+    console.quiet_native_logs()
+    return dict(os.environ)
 
 
 def _free_port() -> int:
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000, help="web page / REST port (0: any free port)")
     parser.add_argument("--keep-serving", action="store_true",
                         help="leave the server running after the photos (Ctrl-C stops it)")
+    from serve import console
+
+    console.add_examples(parser, "                                   # what `make demo` runs",
+                         "--models mobilenet_v2 --port 0 --keep-serving   # one model, then the web page")
     args = parser.parse_args(argv)
 
     repository = Path(args.repository)
@@ -172,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                  "--host", "127.0.0.1", "--port", str(port),
                  "--metrics-port", "0", "--http-port", str(args.http_port)]
     _say(f"starting the server: {' '.join(serve_cmd[1:])}")
-    server = subprocess.Popen(serve_cmd, cwd=ROOT)
+    server = subprocess.Popen(serve_cmd, cwd=ROOT, env=_quiet_env())
     try:
         _wait_ready(address, server, args.ready_timeout)
         _say(f"server SERVING on {address}; classifying {len(photos)} photos")
         client_cmd = [sys.executable, "-m", "serve.client", *map(str, photos), "--models", ",".join(ready),
                       *(["--ensemble", ENSEMBLE] if len(ready) > 1 else []), "--address", address, "--top-k", "3"]
-        result = subprocess.run(client_cmd, cwd=ROOT)
+        result = subprocess.run(client_cmd, cwd=ROOT, env=_quiet_env())
         if args.keep_serving and result.returncode == 0:
             _say(f"still serving: gRPC {address}; web page and REST on the HTTP port logged above. Ctrl-C stops.")
             try:

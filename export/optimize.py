@@ -50,6 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serve import console
 from serve import images as simages
 from serve._optional import available
 from serve.errors import ConfigError, KestrelError
@@ -229,7 +230,7 @@ def predict(runner, images: np.ndarray, batch_size: int = 16, *, progress: bool 
     batch_size = max(1, min(batch_size, limit))
     starts = range(0, len(images), batch_size)
     if progress:
-        from tqdm import tqdm
+        from serve.console import progress as tqdm  # bar on a terminal, lines in logs
         starts = tqdm(starts, desc=desc or runner.name, unit="batch", leave=False)
     return np.concatenate([runner.infer(images[s : s + batch_size]) for s in starts])
 
@@ -652,12 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int)
     t.add_argument("--workspace-mb", type=int, default=trt_build.DEFAULT_WORKSPACE_MB)
     t.add_argument("--timing-cache", help="timing cache file or folder (default: <repository>/.tensorrt/)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bars")
+    return console.add_examples(p, "mobilenet_v2 --precision int8 --calibration photos/",
+                                "mobilenet_v2 --precision fp16,int8 --calibration photos/ --engine   # on a GPU")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.quiet_native_logs()
     try:
         keep = tuple(r for r in args.keep_float.split(",") if r and r != "none")
         qoptions = quant.QuantizeOptions(

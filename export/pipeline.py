@@ -105,7 +105,7 @@ class _Steps:
         self._current = None
         self._start = 0.0
         if enabled:
-            from tqdm import tqdm
+            from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
             self._bar = tqdm(total=total, desc=f"export {name}", unit="step", file=sys.stderr,
                              bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
@@ -117,8 +117,8 @@ class _Steps:
             self._bar.set_postfix_str(label)
 
     def note(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(message)
+        if self._bar is not None:  # keep the step's name: in a log the step's line shows the last note
+            self._bar.set_postfix_str(f"{self._current}: {message}" if self._current else message)
 
     def _finish(self) -> None:
         if self._current is not None:

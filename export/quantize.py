@@ -182,7 +182,7 @@ def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: in
     arrays, loaded, skipped = [], [], []
     iterator = paths
     if progress:
-        from tqdm import tqdm
+        from serve.console import progress as tqdm  # bar on a terminal, lines in logs
         iterator = tqdm(paths, desc=desc, unit="img", leave=False)
     for path in iterator:
         if limit is not None and len(loaded) >= limit:

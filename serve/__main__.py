@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import console
 from .errors import KestrelError
 
 log = logging.getLogger("serve")
@@ -76,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write {\"port\": ..., \"metrics_port\": ..., \"http_port\": ...} here once serving "
                              "(for --port 0)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser
+    return console.add_examples(parser, "--repository models --models mobilenet_v2,mobilenet_v2_int8",
+                                "--models mobilenet_v2,resnet50 --ensemble imagenet=mobilenet_v2,resnet50:mean")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    console.quiet_native_logs()  # the Keras backend imports TensorFlow: no C++ start-up chatter
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import create_server  # grpc and the generated code: after --help
 

@@ -156,11 +156,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fusion", default="", choices=["", "mean", "geometric", "max-confidence", "majority"],
                         help="override the ensembles' fusion")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--host", help="server host (with --port, instead of --address; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="server gRPC port (instead of --address), as `serve --port`")
     parser.add_argument("--top-k", type=int, default=3, help="predictions per model (default 3)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB)
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to trust (the server uses TLS)")
+    from . import console
+
+    console.add_examples(parser, "photo.jpg other.png --models mobilenet_v2,resnet50 --top-k 3",
+                         "photo.jpg --ensemble imagenet --port 8001")
     args = parser.parse_args(argv)
+    if args.host or args.port is not None:
+        default_host, _, default_port = DEFAULT_ADDRESS.rpartition(":")
+        args.address = f"{args.host or default_host}:{args.port if args.port is not None else default_port}"
     names = [n.strip() for n in args.models.split(",") if n.strip()] + args.ensemble
     failures = 0
     try:

@@ -12,10 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package -> project packages it must never import
 FORBIDDEN = {
-    "serve": {"export", "train", "benchmarks", "deploy"},
-    "export": {"train", "benchmarks", "deploy"},
-    "train": {"benchmarks", "deploy"},
-    "deploy": {"export", "train", "benchmarks"},  # deploy (Ray Serve, manifests) builds on serve only
+    "serve": {"export", "train", "benchmarks", "deploy", "kestrel"},
+    "export": {"train", "benchmarks", "deploy", "kestrel"},
+    "train": {"benchmarks", "deploy", "kestrel"},
+    "benchmarks": {"deploy", "kestrel"},
+    "deploy": {"export", "train", "benchmarks", "kestrel"},  # deploy (Ray Serve, manifests) builds on serve only
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = ["tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "tensorrt", "onnxconverter_common", "tf_keras"]
-PACKAGES = ["serve", "export", "train", "benchmarks", "deploy"]
+PACKAGES = ["serve", "export", "train", "benchmarks", "deploy", "kestrel"]
 # Modules that patch the process on import (gevent) are checked by their own tests.
 SKIP = {"benchmarks.locustfile", "benchmarks.locust_flask", "benchmarks.locust_http", "benchmarks._loadgen"}  # covered by make bench-smoke
 
@@ -82,6 +82,24 @@ def test_cli_help_without_heavy_packages(package):
     result = _run(code)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "usage" in result.stdout.lower()
+
+
+KESTREL_COMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "train", "bench", "bench inprocess",
+                    "bench classify-latency", "bench docs", "demo", "doctor"]
+
+
+@pytest.mark.parametrize("command", ["", *KESTREL_COMMANDS])
+def test_kestrel_help_without_heavy_packages(command):
+    """`kestrel --help` and `kestrel X --help` with TensorFlow, onnx, onnxruntime, tensorrt unimportable."""
+    if command == "evaluate" and not (ROOT / "export" / "evaluate.py").exists():
+        pytest.skip("export/evaluate.py is not in this checkout yet (the accuracy branch adds it)")
+    argv = [*command.split(), "--help"]
+    code = f"import sys; from kestrel.cli import main; sys.exit(main({argv!r}))"
+    result = _run(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "usage" in result.stdout.lower() and "examples:" in result.stdout
+    leaked = [m for m in BLOCKED if f"{m} is blocked" in result.stderr]
+    assert not leaked, result.stderr
 
 
 def test_missing_runtime_names_the_extra():

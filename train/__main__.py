@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from export import applications
+from serve import console
 from serve.errors import KestrelError
 
 
@@ -58,13 +58,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export", action="store_true", help="export the trained model into the repository")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache folder (default .cache)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+    p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
+    return console.add_examples(p, "../shared/datasets/flowers --base mobilenet_v2 --export",
+                                "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices from predict()
     try:
         from .pipeline import TrainOptions, train

@@ -129,7 +129,7 @@ def stratified_split(labels: np.ndarray, *, val: float, test: float, seed: int) 
 def decode(paths: list[Path], size: tuple[int, int], *, progress: bool = False
            ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
     """Decode and resize images: (uint8 batch, indices of the decoded ones, [(path, reason)] skipped)."""
-    from tqdm import tqdm
+    from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
     arrays, kept, skipped = [], [], []
     for i, path in enumerate(tqdm(paths, desc="decoding images", unit="img", disable=not progress, leave=False)):

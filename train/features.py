@@ -189,7 +189,7 @@ class FeatureStore:
         """Decoded images (decoding each file once per run), indices kept, [(path, reason)] skipped."""
         todo = [p for p in paths if str(p) not in self._decoded and str(p) not in self._failed]
         if todo:
-            from tqdm import tqdm
+            from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
             for p in tqdm(todo, desc="decoding images", unit="img", disable=not self.progress, leave=False):
                 try:
@@ -205,7 +205,7 @@ class FeatureStore:
         return pixels, np.asarray(kept, np.int64), skipped
 
     def _extract(self, pixels: np.ndarray, desc: str) -> np.ndarray:
-        from tqdm import tqdm
+        from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
         if len(pixels) == 0:
             return np.zeros((0,) + self.feature_shape(), np.float32)

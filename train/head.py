@@ -53,7 +53,7 @@ def _keras():
 
 def _progress_callback(keras, total: int, desc: str, enabled: bool):
     """A Keras callback driving a tqdm bar: one step per epoch, validation accuracy in the postfix."""
-    from tqdm import tqdm
+    from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
     class TqdmEpochs(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

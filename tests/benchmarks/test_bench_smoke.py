@@ -63,6 +63,7 @@ def test_make_bench_smoke_writes_a_report(tmp_path, python_env):
     assert "### API: classify" in report and "### API: infer" in report and "### API: http_classify" in report
     assert "HTTP Classify throughput >= 0.9x gRPC Classify" in report  # the HTTP vs gRPC check
     assert meta["machine"]["cores"] >= 1 and "locust" in meta["versions"]
+    assert meta["machine"]["isa"] and f"({meta['machine']['isa']})" in report  # the CPU's instruction set
     for name in ("throughput.png", "latency_classify.png", "latency_infer.png", "latency_http_classify.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # raw locust CSVs kept, warm-up excluded from them too

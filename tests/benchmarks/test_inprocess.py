@@ -48,3 +48,27 @@ def test_time_runners_interleaves_and_excludes_warmup():
             {"model": "m", "variant": "onnxruntime fp32", **stats["fast"]}]
     table = markdown(rows)
     assert "| m | 2 | onnxruntime fp32 |" in table and "1.0x" in table
+
+
+def test_main_records_the_instruction_set(tmp_path, capsys):
+    """The .md and .json of a run name the CPU's instruction set beside the numbers (serve/cpuinfo.py)."""
+    import json
+
+    from benchmarks.inprocess import main
+    from serve import cpuinfo
+    from serve.backends.fake import write_fake_model
+
+    repo = tmp_path / "repo"
+    write_fake_model(repo, "toy", classes=3, size=(8, 8))
+    out = tmp_path / "out"
+    assert main(["--models", "toy", "--repository", str(repo), "--batch", "1", "--repeats", "1",
+                 "--iterations", "2", "--warmup", "0", "--out", str(out)]) == 0
+    isa = cpuinfo.summary()
+    data = json.loads(next(out.glob("inprocess-*.json")).read_text())
+    assert data["info"]["machine"]["isa"] == isa
+    assert data["info"]["machine"]["isa_flags"] == cpuinfo.instruction_sets()
+    assert [r["variant"] for r in data["results"]] == ["onnxruntime fp32"]
+    text = next(out.glob("inprocess-*.md")).read_text()
+    assert f"({isa}, " in text.splitlines()[0]
+    assert cpuinfo.int8_meaning() in text
+    assert isa in capsys.readouterr().out

@@ -66,6 +66,10 @@ def test_time_calls_excludes_warmup():
 def test_machine_info_and_versions():
     info = _method.machine_info()
     assert info["cores"] >= 1 and info["cpu"] and info["memory_gib"] > 0
+    from serve import cpuinfo
+
+    assert info["isa"] == cpuinfo.summary() and info["isa_flags"] == cpuinfo.instruction_sets()
+    assert info["int8"] == cpuinfo.int8_meaning()
     versions = _method.package_versions(["numpy", "surely-not-installed-package"])
     assert versions == {"numpy": np.__version__}
     assert len(_method.timestamp()) == len("20261123T011500Z")

@@ -20,7 +20,7 @@ def _meta(flask=True):
                      "images": None},
         "variants": ["m_keras", "m", "m_int8"],
         "platforms": {"m_keras": "keras", "m": "onnxruntime_onnx", "m_int8": "onnxruntime_onnx"},
-        "machine": {"cpu": "Test CPU", "cores": 2, "cores_usable": 2, "memory_gib": 24, "gpus": [], "os": "x",
+        "machine": {"cpu": "Test CPU", "isa": "AVX2 (no AVX-512, no VNNI)", "cores": 2, "cores_usable": 2, "memory_gib": 24, "gpus": [], "os": "x",
                     "python": "3.11"},
         "versions": {"locust": "2.47.0"}, "git": "abc", "started_utc": "2026-01-01 00:00:00", "duration_s": 10,
         "notes": ["m_trt_fp16: no GPU; skipped"], "skipped": [], "flask": flask, "flask_args": ["--tiny"],
@@ -79,6 +79,8 @@ def test_markdown_and_plots(tmp_path):
     assert "| 8 | m [onnxruntime] | 61.0 (60.0-62.0) | 75.0 | 150.0 | 180.0 | 2.0 |" in text
     assert "FAIL" in text and "PASS" in text
     assert "m_trt_fp16: no GPU; skipped" in text
+    assert "**Machine:** Test CPU (AVX2 (no AVX-512, no VNNI)), 2 cores" in text
+    assert report.machine_title(_meta()) == "2 cores (Test CPU, AVX2 (no AVX-512, no VNNI))"
     for name in ("throughput.png", "latency_classify.png", "latency_infer.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
