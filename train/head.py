@@ -35,6 +35,7 @@ import numpy as np
 from serve._optional import require
 
 HEADS = ("linear", "mlp")
+MIN_STEPS = 8  # the head batch shrinks so that an epoch has at least this many updates
 
 
 @dataclass
@@ -135,6 +136,8 @@ def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, ep
     x_train = np.asarray(x_train, np.float32)
     x_val = np.asarray(x_val, np.float32)
     weights = class_weights(y_train, classes) if balance else None
+    # at least MIN_STEPS updates per epoch: 160 few-shot images in one 256-batch gave 13 updates in all
+    batch_size = max(1, min(int(batch_size), len(x_train) // MIN_STEPS))
     results = []
     for kind in kinds:
         started = time.perf_counter()

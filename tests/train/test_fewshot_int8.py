@@ -168,7 +168,7 @@ def test_served_fp32_and_int8_answer_the_report_labels(int8_run):
         for row, int8_label in zip(report["test_predictions"], report["int8_test_predictions"]):
             with open(row["path"], "rb") as fh:
                 answer = hub.classify(fh.read(), names=["tiny", "tiny_int8"], top=1)
-            got = {a.name: a.labels[0][0] for a in answer.models}
+            got = {a.model: a.predictions[0][0] for a in answer.models}
             assert got == {"tiny": row["predicted"], "tiny_int8": int8_label}, row["path"]
     finally:
         hub.close()
