@@ -1,7 +1,9 @@
-"""python -m train DATA_DIR --base mobilenet_v2 [--augment] [--fine-tune-layers K] [--export] ...
+"""python -m train DATA_DIR --base mobilenet_v2 [--augment] [--fine-tune-layers K] [--export] [--precision int8] ...
 
-Bad input gives one line on stderr and exit status 2; Ctrl-C gives exit
-status 130 with the previous outputs untouched.
+Bad input gives one line on stderr and exit status 2; an INT8 variant below
+the accuracy gate gives the report on stderr and exit status 3 (nothing
+written for it; the FP32 outputs are); Ctrl-C gives exit status 130 with the
+previous outputs untouched.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export", action="store_true", help="export the trained model into the repository")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache folder (default .cache)")
+    p.add_argument("--classes", help="only these class folders, comma-separated (e.g. a few-shot pair)")
+    p.add_argument("--train-per-class", type=int, metavar="N",
+                   help="few-shot: N images per class for training (--val-split of them for validation), the "
+                        "rest of each class for test (instead of --test-split)")
+    p.add_argument("--test-per-class", type=int, metavar="N", help="with --train-per-class: at most N test images "
+                   "per class")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default 0)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                   help="int8: also export <name>_int8, calibrated on the training photos and written only if its "
+                        "test accuracy is at least --int8-min-ratio of FP32's (implies --export)")
+    p.add_argument("--int8-min-ratio", type=float, default=0.99,
+                   help="INT8 gate: minimum INT8/FP32 test accuracy ratio (default 0.99)")
+    p.add_argument("--calibration-method", default="percentile", choices=("percentile", "minmax", "entropy"),
+                   help="INT8 calibration method (export.quantize's; default percentile)")
+    p.add_argument("--latency-runs", type=int, default=30,
+                   help="with --precision int8: interleaved batch-1 latency runs of FP32 and INT8 (0: skip)")
+    p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
+                   "an existing one")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     return console.add_examples(p, "../shared/datasets/flowers --base mobilenet_v2 --export",
                                 "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
@@ -67,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices from predict()
+    from .int8 import Int8GateError
+
     try:
         from .pipeline import TrainOptions, train
 
@@ -78,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
             batch_size=args.batch_size, export=args.export, repository=args.repository,
             cache_dir=args.cache_dir, progress=not args.no_progress,
+            classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
+            train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+            label_smoothing=args.label_smoothing, precision=args.precision, int8_min_ratio=args.int8_min_ratio,
+            latency_runs=args.latency_runs, force=args.force, calibration_method=args.calibration_method,
         )
         result = train(options)
+    except Int8GateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KestrelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     if result.export is not None:
         print(f"exported: {result.export.folder} (serve it: python -m serve --repository {args.repository})")
+    if report.get("int8"):
+        q = report["int8"]
+        print(f"int8: {q['variant']} test accuracy {q['int8_accuracy']:.4f} vs FP32 {q['fp32_accuracy']:.4f} "
+              f"({q['ratio']:.2%}, gate {q['min_ratio']:.0%}: {'PASS' if q['passed'] else 'FAIL'}); "
+              + ("written" if q["written"] else "not written"))
     return 0
 
 

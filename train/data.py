@@ -51,12 +51,24 @@ class Dataset:
         return digest.hexdigest()
 
 
-def scan(root: str | Path) -> Dataset:
-    """List a DATA_DIR with one sub-folder per class; ConfigError when it is not one."""
+def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
+    """List a DATA_DIR with one sub-folder per class; ConfigError when it is not one.
+
+    `classes` keeps only those class folders (in sorted order), e.g. a pair for few-shot runs.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data folder {root} does not exist or is not a folder; expected one sub-folder per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        names = {p.name for p in class_dirs}
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise ConfigError(f"--classes {','.join(classes)}: no class folder {', '.join(unknown)} in {root}; "
+                              f"expected some of {', '.join(sorted(names))}")
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"--classes {','.join(classes)}: a class is named twice")
+        class_dirs = [p for p in class_dirs if p.name in set(classes)]
     classes, paths, labels, empty = [], [], [], []
     for folder in class_dirs:
         files = image_io.find_images(folder)
@@ -123,6 +135,35 @@ def stratified_split(labels: np.ndarray, *, val: float, test: float, seed: int) 
         parts["test"].extend(members[:n_test].tolist())
         parts["val"].extend(members[n_test:n_test + n_val].tolist())
         parts["train"].extend(members[n_test + n_val:].tolist())
+    return {name: np.asarray(sorted(idx), np.int64) for name, idx in parts.items()}
+
+
+def per_class_split(labels: np.ndarray, *, per_class: int, val: float, seed: int,
+                    test_per_class: int | None = None) -> dict[str, np.ndarray]:
+    """Few-shot split: `per_class` images of each class for training (of which round(per_class*val),
+    at least 1, are the validation set), the class's remaining images (at most `test_per_class`) for test.
+
+    Seeded and stratified like `stratified_split`; a class with no image left for test raises ConfigError.
+    """
+    if per_class < 2:
+        raise ConfigError(f"--train-per-class {per_class}: expected at least 2 (training and validation images)")
+    if not 0 < val < 1:
+        raise ConfigError(f"--val-split {val}: expected a fraction between 0 and 1 of the training images")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {name: [] for name in SPLITS}
+    n_val = min(max(1, int(round(per_class * val))), per_class - 1)
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        members = members[rng.permutation(len(members))]
+        if len(members) <= per_class:
+            raise ConfigError(f"class {int(cls)} has {len(members)} image(s): --train-per-class {per_class} "
+                              "leaves none for the test set")
+        chosen, rest = members[:per_class], members[per_class:]
+        if test_per_class is not None:
+            rest = rest[:test_per_class]
+        parts["val"].extend(chosen[:n_val].tolist())
+        parts["train"].extend(chosen[n_val:].tolist())
+        parts["test"].extend(rest.tolist())
     return {name: np.asarray(sorted(idx), np.int64) for name, idx in parts.items()}
 
 

@@ -19,6 +19,9 @@ Fine-tuning trains the base's top layers (from a cut point, see
 layers stay frozen, i.e. in inference mode (Keras runs a non-trainable
 BatchNormalization with its moving statistics). The result is kept only when
 it beats the head alone on validation accuracy.
+
+`label_smoothing` > 0 trains against smoothed one-hot targets (Keras'
+CategoricalCrossentropy(label_smoothing=...)); accuracy is measured as before.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from serve._optional import require
 
 HEADS = ("linear", "mlp")
+MIN_STEPS = 8  # the head batch shrinks so that an epoch has at least this many updates
 
 
 @dataclass
@@ -101,9 +105,17 @@ def class_weights(labels: np.ndarray, classes: int) -> dict[int, float]:
     return {i: float(len(labels) / (classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
-def _fit(keras, model, x, y, val, *, epochs, lr, batch_size, patience, weights, desc, progress, seed):
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=8)
+def _fit(keras, model, x, y, val, *, epochs, lr, batch_size, patience, weights, desc, progress, seed,
+         label_smoothing=0.0):
+    if label_smoothing:  # smoothing needs one-hot targets; the metric keeps the name "accuracy"
+        classes = int(model.outputs[0].shape[-1])
+        y = keras.utils.to_categorical(y, classes)
+        val = (val[0], keras.utils.to_categorical(val[1], classes))
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=float(label_smoothing))
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=metrics, steps_per_execution=8)
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True,
                                          mode="max")
     history = model.fit(
@@ -118,12 +130,14 @@ def _fit(keras, model, x, y, val, *, epochs, lr, batch_size, patience, weights, 
 
 def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, epochs: int = 40,
                 batch_size: int = 256, lr: float = 2e-3, seed: int = 0, balance: bool = False,
-                progress: bool = True, patience: int = 6) -> list[HeadResult]:
+                progress: bool = True, patience: int = 6, label_smoothing: float = 0.0) -> list[HeadResult]:
     """Train every head kind on the features; results sorted best validation accuracy first."""
     keras = _keras()
     x_train = np.asarray(x_train, np.float32)
     x_val = np.asarray(x_val, np.float32)
     weights = class_weights(y_train, classes) if balance else None
+    # at least MIN_STEPS updates per epoch: 160 few-shot images in one 256-batch gave 13 updates in all
+    batch_size = max(1, min(int(batch_size), len(x_train) // MIN_STEPS))
     results = []
     for kind in kinds:
         started = time.perf_counter()
@@ -131,10 +145,12 @@ def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, ep
         model = build_head(kind, x_train.shape[1], classes, train_features=x_train)
         hist, val_acc, best = _fit(keras, model, x_train, y_train, (x_val, y_val), epochs=epochs, lr=lr,
                                    batch_size=batch_size, patience=patience, weights=weights,
-                                   desc=f"training {kind} head", progress=progress, seed=seed)
+                                   desc=f"training {kind} head", progress=progress, seed=seed,
+                                   label_smoothing=label_smoothing)
         results.append(HeadResult(kind=kind, model=model, val_accuracy=val_acc, epochs=len(hist["loss"]),
                                   best_epoch=best + 1, history=hist, seconds=time.perf_counter() - started,
-                                  options={"lr": lr, "batch_size": batch_size, "balanced_class_weights": balance}))
+                                  options={"lr": lr, "batch_size": batch_size, "balanced_class_weights": balance,
+                                           "label_smoothing": label_smoothing}))
     # ties go to the simpler head (listed first)
     return sorted(results, key=lambda r: -r.val_accuracy)
 
@@ -153,7 +169,7 @@ class FineTuneResult:
 
 def fine_tune(top, head, x_train, y_train, x_val, y_val, *, baseline: float, epochs: int = 6, lr: float = 1e-4,
               batch_size: int = 32, seed: int = 0, balance: bool = False, progress: bool = True,
-              patience: int = 3) -> FineTuneResult:
+              patience: int = 3, label_smoothing: float = 0.0) -> FineTuneResult:
     """Train `top` (cut feature map -> base output) and `head` together; revert unless validation improves."""
     keras = _keras()
     classes = int(head.outputs[0].shape[-1])
@@ -172,7 +188,8 @@ def fine_tune(top, head, x_train, y_train, x_val, y_val, *, baseline: float, epo
     weights = class_weights(y_train, classes) if balance else None
     hist, val_acc, best = _fit(keras, model, x_train, y_train, (x_val, y_val), epochs=epochs, lr=lr,
                                batch_size=batch_size, patience=patience, weights=weights,
-                               desc="fine-tuning top layers", progress=progress, seed=seed)
+                               desc="fine-tuning top layers", progress=progress, seed=seed,
+                               label_smoothing=label_smoothing)
     kept = val_acc > baseline
     if not kept:
         for w, value in zip(top.weights, before_top):

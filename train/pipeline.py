@@ -13,6 +13,7 @@ Phases (each timed in report.json):
     evaluate    test-set accuracy, per-class precision/recall, confusion matrix
     save        the joined uint8 -> probabilities .keras model, labels.txt, report.json, PNGs
     export      (--export) export.pipeline.export_model: ONNX + Keras entries, parity checked
+    int8        (--precision int8) <name>_int8 calibrated on the training photos, gated by test accuracy
 
 Outputs are written into a hidden staging folder inside --output and renamed
 into place at the end, so an interrupted run (Ctrl-C) never leaves a
@@ -66,11 +67,22 @@ class TrainOptions:
     repository: Path = Path("models")
     cache_dir: Path = Path(".cache")
     progress: bool = True
+    classes: tuple[str, ...] | None = None  # only these class folders (few-shot pairs)
+    train_per_class: int | None = None  # few-shot: this many images per class for training (incl. validation)
+    test_per_class: int | None = None  # with train_per_class: at most this many test images per class
+    label_smoothing: float = 0.0
+    precision: str = "fp32"  # "int8": also the gated INT8 variant (implies export)
+    int8_min_ratio: float = 0.99
+    calibration_method: str = "percentile"  # export.quantize's: percentile, minmax, entropy
+    latency_runs: int = 30
+    force: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "repository", Path(self.repository))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes) or None)
         name = self.name if self.name is not None else default_name(self.data_dir)
         object.__setattr__(self, "name", validate_name(name))
         if self.output is None:
@@ -102,6 +114,25 @@ class TrainOptions:
                               "fractions >= 0 summing to less than 1")
         if self.val_split == 0:
             raise ConfigError("--val-split 0: a validation set is needed to choose the head and stop training")
+        if self.train_per_class is not None and self.train_per_class < 2:
+            raise ConfigError(f"--train-per-class {self.train_per_class}: expected at least 2 (training and "
+                              "validation images)")
+        if self.test_per_class is not None and (self.test_per_class < 1 or self.train_per_class is None):
+            raise ConfigError(f"--test-per-class {self.test_per_class}: expected a positive number, with "
+                              "--train-per-class")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing}: expected a value in [0, 1), e.g. 0.1")
+        if self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"--precision {self.precision}: expected fp32 or int8")
+        if not 0 < self.int8_min_ratio <= 1:
+            raise ConfigError(f"--int8-min-ratio {self.int8_min_ratio}: expected a fraction in (0, 1], e.g. 0.99")
+        if self.precision == "int8":
+            if self.test_split == 0 and self.train_per_class is None:
+                raise ConfigError("--precision int8 --test-split 0: the INT8 gate needs a labelled test split")
+            object.__setattr__(self, "export", True)  # the INT8 variant is made from the FP32 export
+        if self.calibration_method not in ("percentile", "minmax", "entropy"):
+            raise ConfigError(f"--calibration-method {self.calibration_method}: expected percentile, minmax or "
+                              "entropy")
 
 
 def default_name(data_dir: Path) -> str:
@@ -152,7 +183,7 @@ def train(options: TrainOptions) -> TrainResult:
     report: dict = {"name": options.name, "options": _options_dict(options)}
 
     with phases.run("scan"):
-        dataset = data_lib.scan(options.data_dir)
+        dataset = data_lib.scan(options.data_dir, options.classes)
     report["dataset"] = data_lib.summary(dataset)
     info = report["dataset"]["imbalance"]
     say(f"{len(dataset.paths)} images in {len(dataset.classes)} classes; class sizes "
@@ -186,8 +217,12 @@ def train(options: TrainOptions) -> TrainResult:
             missing = [dataset.classes[i] for i, c in enumerate(counts) if c == 0]
             if missing:
                 raise ConfigError(f"class folder(s) {', '.join(missing)} hold no decodable image")
-            split = data_lib.stratified_split(labels, val=options.val_split, test=options.test_split,
-                                              seed=options.seed)
+            if options.train_per_class:
+                split = data_lib.per_class_split(labels, per_class=options.train_per_class, val=options.val_split,
+                                                 seed=options.seed, test_per_class=options.test_per_class)
+            else:
+                split = data_lib.stratified_split(labels, val=options.val_split, test=options.test_split,
+                                                  seed=options.seed)
             views = {"plain": plain.values[split["train"]]}
             if options.augment:
                 train_files = plain.kept[split["train"]]
@@ -223,7 +258,7 @@ def train(options: TrainOptions) -> TrainResult:
         results = head_lib.train_heads(
             x_train, y_train, x_val, y_val, classes=len(dataset.classes), kinds=options.heads,
             epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
-            balance=not info["balanced"], progress=options.progress)
+            balance=not info["balanced"], progress=options.progress, label_smoothing=options.label_smoothing)
     best = results[0]
     report["heads"] = [{"kind": r.kind, "val_accuracy": round(r.val_accuracy, 4), "epochs": r.epochs,
                         "best_epoch": r.best_epoch, "seconds": round(r.seconds, 2), **r.options} for r in results]
@@ -238,7 +273,7 @@ def train(options: TrainOptions) -> TrainResult:
             fine = head_lib.fine_tune(top, best.model, maps_train, y_train, maps_val, y_val,
                                       baseline=best.val_accuracy, epochs=options.fine_tune_epochs,
                                       lr=options.fine_tune_lr, seed=options.seed, balance=not info["balanced"],
-                                      progress=options.progress)
+                                      progress=options.progress, label_smoothing=options.label_smoothing)
         report["fine_tune"] = {"cut": cut, "layers": fine.layers, "trainable_parameters": fine.trainable_weights,
                                "val_accuracy": round(fine.val_accuracy, 4), "kept": fine.kept,
                                "epochs": fine.epochs, "best_epoch": fine.best_epoch, "lr": options.fine_tune_lr,
@@ -254,6 +289,12 @@ def train(options: TrainOptions) -> TrainResult:
         evaluation = _evaluate(dataset.classes, best.model, top if (fine and fine.kept) else None,
                                x_test if not (fine and fine.kept) else maps_test, y_test)
     report.update(evaluation["report"])
+    test_files_all = plain.kept[split["test"]]
+    if evaluation.get("predictions") is not None:  # what the served model must answer, photo by photo
+        report["test_predictions"] = [
+            {"path": str(dataset.paths[int(i)]), "label": dataset.classes[int(t)],
+             "predicted": dataset.classes[int(p)]}
+            for i, t, p in zip(test_files_all, y_test, evaluation["predictions"])]
     if report["test_accuracy"] is not None:
         say(f"test accuracy {report['test_accuracy']:.4f} on {len(y_test)} images")
 
@@ -279,6 +320,33 @@ def train(options: TrainOptions) -> TrainResult:
         say(exp.summary())
         report["seconds"] = {**phases.seconds, "total": phases.total()}
         _rewrite_report(result, report)
+
+    if options.precision == "int8":
+        from export.quantize import QuantizeOptions
+
+        from . import int8 as int8_lib
+
+        train_paths = [dataset.paths[int(i)] for i in plain.kept[split["train"]]]
+        test_paths = [dataset.paths[int(i)] for i in test_files_all]
+        failure = None
+        with phases.run("int8"):
+            pixels = data_lib.decode(test_paths, base.input_size)[0]
+            try:
+                q = int8_lib.build_int8(options.repository, options.name, calibration=train_paths,
+                                        test_images=pixels, test_labels=y_test, min_ratio=options.int8_min_ratio,
+                                        force=options.force, latency_runs=options.latency_runs,
+                                        quantize_options=QuantizeOptions(method=options.calibration_method),
+                                        progress=options.progress, log=say)
+            except int8_lib.Int8GateError as exc:
+                q, failure = exc.report, exc
+        report["int8"] = {k: v for k, v in q.to_dict().items() if not k.endswith("_predictions")}
+        report["int8"]["repository"] = str(options.repository)
+        report["int8_test_predictions"] = [dataset.classes[int(p)] for p in q.int8_predictions]
+        say(q.text())
+        report["seconds"] = {**phases.seconds, "total": phases.total()}
+        _rewrite_report(result, report)
+        if failure is not None:
+            raise failure
     return result
 
 
@@ -321,6 +389,7 @@ def _evaluate(classes: list[str], head, top, x_test, y_test) -> dict:
             "confusion_matrix_text": text,
         },
         "matrix": matrix,
+        "predictions": pred,
     }
 
 

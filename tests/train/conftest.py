@@ -51,7 +51,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "shapes")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def dataset_factory():
     """build_tiny_dataset(root, per_class=..., seed=...) for tests that need their own copy."""
     return build_tiny_dataset

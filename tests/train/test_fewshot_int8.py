@@ -1,0 +1,203 @@
+"""Few-shot split and runner, class subsets, label smoothing, and the INT8 gate (tiny generated data)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from serve.errors import ConfigError
+from train import data as data_lib
+from train import fewshot
+from train import int8 as int8_lib
+
+
+# ---- no TensorFlow needed -------------------------------------------------------------------
+def test_per_class_split_takes_n_per_class_and_tests_on_the_rest():
+    labels = np.repeat([0, 1], [30, 20])
+    split = data_lib.per_class_split(labels, per_class=10, val=0.2, seed=3)
+    for cls, total in ((0, 30), (1, 20)):
+        assert (labels[split["train"]] == cls).sum() == 8
+        assert (labels[split["val"]] == cls).sum() == 2
+        assert (labels[split["test"]] == cls).sum() == total - 10
+    together = np.concatenate(list(split.values()))
+    assert len(together) == len(set(together.tolist())) == 50  # disjoint, nothing lost
+    again = data_lib.per_class_split(labels, per_class=10, val=0.2, seed=3)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    other = data_lib.per_class_split(labels, per_class=10, val=0.2, seed=4)
+    assert not np.array_equal(split["test"], other["test"])
+    capped = data_lib.per_class_split(labels, per_class=10, val=0.2, seed=3, test_per_class=5)
+    assert len(capped["test"]) == 10 and np.array_equal(capped["train"], split["train"])
+
+
+def test_per_class_split_needs_test_images_left():
+    with pytest.raises(ConfigError, match="leaves none for the test set"):
+        data_lib.per_class_split(np.repeat([0, 1], [10, 12]), per_class=10, val=0.2, seed=0)
+    with pytest.raises(ConfigError, match="at least 2"):
+        data_lib.per_class_split(np.repeat([0, 1], 5), per_class=1, val=0.2, seed=0)
+
+
+def test_scan_keeps_only_the_classes_asked_for(tiny_dataset):
+    ds = data_lib.scan(tiny_dataset, ("red_vertical", "blue_checks"))
+    assert ds.classes == ["blue_checks", "red_vertical"]
+    assert {p.parent.name for p in ds.paths} == {"blue_checks", "red_vertical"}
+    with pytest.raises(ConfigError, match="no class folder purple"):
+        data_lib.scan(tiny_dataset, ("red_vertical", "purple"))
+
+
+def test_int8_gate_is_a_ratio_of_labelled_accuracies():
+    assert int8_lib.gate(0.95, 0.95, 0.99) == (1.0, True)
+    ratio, passed = int8_lib.gate(0.95, 0.941, 0.99)  # 99.05 % of FP32
+    assert passed and math.isclose(ratio, 0.941 / 0.95)
+    ratio, passed = int8_lib.gate(0.95, 0.94, 0.99)  # 98.95 %
+    assert not passed and ratio < 0.99
+    assert int8_lib.gate(0.95, 0.93, 0.97)[1]  # configurable
+    assert int8_lib.gate(0.90, 0.95, 0.99) == (pytest.approx(0.95 / 0.90), True)  # INT8 may be better
+    with pytest.raises(ConfigError, match="int8-min-ratio"):
+        int8_lib.gate(0.9, 0.9, 1.5)
+
+
+def test_fewshot_pairs_summary_and_table():
+    assert fewshot.pairs_of(["c", "a", "b"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert len(fewshot.pairs_of([str(i) for i in range(5)])) == 10
+    rows = [{"pair": f"p{i}", "train_images": 160, "val_images": 40, "test_images": 400, "test_accuracy": acc,
+             "seconds": s, "phases": {"features": 1.0, "heads": 2.0}}
+            for i, (acc, s) in enumerate([(0.9, 10.0), (0.97, 30.5), (0.99, 12.0)])]
+    summary = fewshot.summarize(rows)
+    assert summary["median_accuracy"] == 0.97 and summary["min_accuracy"] == 0.9
+    assert summary["max_seconds"] == 30.5 and summary["slowest_pair"] == "p1"
+    table = fewshot.markdown(rows, summary, "title")
+    assert "| p1 | 160 | 40 | 400 | 0.970 | 30.5 |" in table and "median test accuracy 0.97" in table
+
+
+# ---- TensorFlow, tf2onnx, onnxruntime: a tiny base without weights ---------------------------
+SMALL = dict(base="mobilenet_v2", alpha=0.35, image_size=96, weights="none", progress=False)
+
+
+def _need_training_stack():
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+
+
+def test_label_smoothing_changes_the_loss_floor():
+    _need_training_stack()
+    from train import head as head_lib
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    x = (np.repeat(np.eye(3)[y], 6, axis=1) * 4 + rng.normal(0, 0.3, (120, 18))).astype(np.float32)
+    common = dict(classes=3, kinds=("linear",), epochs=25, batch_size=32, progress=False, patience=30)
+    plain = head_lib.train_heads(x, y, x, y, **common)[0]
+    smooth = head_lib.train_heads(x, y, x, y, label_smoothing=0.3, **common)[0]
+    assert plain.val_accuracy >= 0.95 and smooth.val_accuracy >= 0.95
+    assert smooth.options["label_smoothing"] == 0.3
+    # targets (0.8, 0.1, 0.1): cross-entropy cannot fall below their entropy
+    floor = -(0.8 * math.log(0.8) + 2 * 0.1 * math.log(0.1))
+    assert min(smooth.history["loss"]) >= floor
+    assert min(plain.history["loss"]) < floor
+
+
+@pytest.mark.timeout(900)  # train + export + quantize: about a minute alone, much more on a loaded machine
+def test_fewshot_runner_trains_every_pair(tiny_dataset, tmp_path):
+    _need_training_stack()
+    args = fewshot.parser().parse_args([str(tiny_dataset), "--per-class", "5", "--val-split", "0.4",
+                                        "--weights", "none", "--alpha", "0.35", "--image-size", "96",
+                                        "--epochs", "3", "--output", str(tmp_path / "fs"),
+                                        "--cache-dir", str(tmp_path / "cache")])
+    result = fewshot.run(args)
+    assert [r["classes"] for r in result["pairs"]] == [["blue_checks", "green_horizontal"],
+                                                       ["blue_checks", "red_vertical"],
+                                                       ["green_horizontal", "red_vertical"]]
+    for row in result["pairs"]:
+        assert row["train_images"] == 6 and row["val_images"] == 4  # 3 + 2 per class
+        assert row["test_images"] == 6  # 8 decodable per class, 5 used for training
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["seconds"] > 0
+        report = json.loads((tmp_path / "fs" / "pairs" / "__".join(row["classes"]) / "report.json").read_text())
+        assert report["dataset"]["classes"] == row["classes"] and report["test_accuracy"] == row["test_accuracy"]
+    saved = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
+    assert saved["summary"]["pairs"] == 3 and saved["summary"] == fewshot.summarize(saved["pairs"])
+    assert "| blue_checks vs red_vertical |" in (tmp_path / "fs" / "fewshot.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def int8_run(dataset_factory, tmp_path_factory):
+    _need_training_stack()
+    from train.pipeline import TrainOptions, train
+
+    work = tmp_path_factory.mktemp("int8")
+    # 24 decodable images per class: 6 test, 5 validation, 13 training -> 39 calibration images (32 needed)
+    data = dataset_factory(work / "shapes", per_class=24, seed=1)
+    opts = dict(data_dir=data, name="tiny", output=work / "out", cache_dir=work / "cache", epochs=3,
+                test_split=0.25, repository=work / "models", precision="int8", latency_runs=3,
+                calibration_method="minmax", **SMALL)  # percentile histograms fail on random weights' ranges
+    # min_ratio at its floor: with random weights INT8 may lose a test image; the gate's math is tested above
+    result = train(TrainOptions(**opts, int8_min_ratio=1e-6, force=True))
+    return {"work": work, "result": result, "opts": opts}
+
+
+@pytest.mark.timeout(900)  # train + export + quantize: about a minute alone, much more on a loaded machine
+def test_int8_variant_is_written_and_reported(int8_run):
+    report = int8_run["result"].report
+    q = report["int8"]
+    assert report["export"]["name"] == "tiny"  # --precision int8 implies --export
+    assert q["variant"] == "tiny_int8" and q["written"] is True
+    assert q["test_images"] == report["test_images"] == 18
+    assert q["calibration_images"] == report["split"]["train"]["images"]  # the training photos
+    labels = [p["label"] for p in report["test_predictions"]]
+    fp32 = [p["predicted"] for p in report["test_predictions"]]
+    int8 = report["int8_test_predictions"]
+    assert q["int8_accuracy"] == round(float(np.mean([a == b for a, b in zip(labels, int8)])), 4)
+    assert q["fp32_accuracy"] == report["test_accuracy"]  # the exported ONNX answers as the trained model
+    assert set(q["latency"]) >= {"int8_ms", "fp32_ms", "ratio"} and q["latency"]["int8_ms"] > 0
+    folder = int8_run["work"] / "models" / "tiny_int8"
+    assert (folder / "1" / "model.onnx").is_file() and (folder / "labels.txt").is_file()
+    assert json.loads((folder / "accuracy.json").read_text())["int8_accuracy"] == q["int8_accuracy"]
+    assert not [p for p in (int8_run["work"] / "models").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.timeout(900)  # train + export + quantize: about a minute alone, much more on a loaded machine
+def test_served_fp32_and_int8_answer_the_report_labels(int8_run):
+    from serve.hub import ModelHub
+
+    report = int8_run["result"].report
+    hub = ModelHub(int8_run["work"] / "models", models=["tiny", "tiny_int8"], strict=True).load()
+    try:
+        for row, int8_label in zip(report["test_predictions"], report["int8_test_predictions"]):
+            with open(row["path"], "rb") as fh:
+                answer = hub.classify(fh.read(), names=["tiny", "tiny_int8"], top=1)
+            got = {a.model: a.predictions[0][0] for a in answer.models}
+            assert got == {"tiny": row["predicted"], "tiny_int8": int8_label}, row["path"]
+    finally:
+        hub.close()
+
+
+@pytest.mark.timeout(900)  # train + export + quantize: about a minute alone, much more on a loaded machine
+def test_int8_below_the_gate_writes_nothing_and_carries_the_report(int8_run, monkeypatch, tmp_path):
+    import shutil
+
+    from serve.repository import ModelRepository
+
+    repo = ModelRepository(tmp_path / "models")  # the FP32 entry alone, no INT8 variant yet
+    shutil.copytree(int8_run["work"] / "models" / "tiny", repo.root / "tiny")
+    report = int8_run["result"].report
+    test_paths = [p["path"] for p in report["test_predictions"]]
+    pixels = data_lib.decode(test_paths, (96, 96))[0]
+    y = np.array([report["dataset"]["classes"].index(p["label"]) for p in report["test_predictions"]])
+    calibration = [p for p in data_lib.scan(report["dataset"]["root"]).paths if p.name != "corrupt.jpg"]
+    monkeypatch.setattr(int8_lib, "gate", lambda fp32, q, m: (0.5, m <= 0.5))  # INT8 at half of FP32's accuracy
+    from export.quantize import QuantizeOptions
+
+    kwargs = dict(calibration=calibration, test_images=pixels, test_labels=y, latency_runs=0, log=lambda m: None,
+                  quantize_options=QuantizeOptions(method="minmax"))
+    with pytest.raises(int8_lib.Int8GateError, match="below the gate") as info:
+        int8_lib.build_int8(repo.root, "tiny", min_ratio=0.99, **kwargs)
+    assert info.value.report.passed is False and info.value.report.written is False
+    assert info.value.report.test_images == len(y)
+    assert sorted(p.name for p in repo.root.iterdir()) == ["tiny"]  # no variant, no staging folder left
+    forced = int8_lib.build_int8(repo.root, "tiny", min_ratio=0.99, force=True, **kwargs)
+    assert forced.passed is False and forced.written is True and (repo.root / "tiny_int8" / "1" / "model.onnx").is_file()
+    with pytest.raises(ConfigError, match="already exists"):
+        int8_lib.build_int8(repo.root, "tiny", **kwargs)
