@@ -646,3 +646,16 @@ def test_serve_http_has_no_import_cycle_and_its_server_needs_no_hub():
     code = "import sys, serve.http._server, serve.metrics; print('serve.hub' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr
+
+
+def test_responses_do_not_wait_for_delayed_acks(frontend, web):
+    """TCP_NODELAY on every connection: uvicorn writes a response's head and body separately, and with
+    Nagle on the body would wait for the client's delayed ACK (40 ms a request)."""
+    import socket
+
+    good_infer(web)  # the connection is open and has answered
+    protocols = list(frontend.server._server.server_state.connections)
+    assert protocols
+    for protocol in protocols:
+        sock = protocol.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
