@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 RECIPE = ["--augment"]  # train/README.md: the default recipe the table chose
 REACHED_TEST_ACCURACY = 0.87  # 0.900 measured (150 test photos); 4-5 photos below
-FEWSHOT_PAIR_FLOOR = 0.90  # FILLED BELOW
+INT8_RATIO = 0.99  # the gate; measured 0.9067 INT8 vs 0.9000 FP32
+FEWSHOT_PAIR_FLOOR = 0.80  # roses vs tulips, the hardest pair: 0.845 measured on 400 test photos
 TEST_IMAGES = 150  # 10 % of 300 photos per class
 
 
@@ -83,7 +84,7 @@ def test_flower_photos_int8_keeps_99_percent_of_fp32(photos_run):
     print(f"flower_photos INT8: {q}")
     assert q["written"] and q["passed"] and q["test_images"] == TEST_IMAGES
     assert q["fp32_accuracy"] == photos_run["cold"]["test_accuracy"]
-    assert q["int8_accuracy"] >= 0.99 * q["fp32_accuracy"]
+    assert q["int8_accuracy"] >= INT8_RATIO * q["fp32_accuracy"]
 
 
 def test_served_models_answer_the_report_labels(photos_run):
