@@ -548,6 +548,12 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
         variants = [(f, None) for f in fusions] + ([(f, temperatures) for f in fusions] if temperatures else [])
         # temperatures fitted here are cross-fitted: each image fused with those fitted on the other folds
         variants += [(f, CROSS_FIT) for f in fusions] if temperature_folds else []
+        if temperatures and ens.name in repo.ensemble_names():
+            fitted_on = {k: v.string_value for k, v in repo.ensemble(ens.name).config.parameters.items()}.get(
+                "temperatures_fitted_on", "")
+            if fitted_on.startswith(str(Path(data).resolve())):
+                notes.append(f"ensemble {ens.name}: its stored temperatures were fitted on these images "
+                             f"({fitted_on}): the +T (stored) rows are optimistic; the +T (cv) rows are not")
         for j, (fusion, temps) in enumerate(variants):
             try:
                 if temps == CROSS_FIT:
@@ -571,6 +577,13 @@ def evaluate(data: str | Path, repository: str | Path = "models", models: Sequen
                       else {})
             _compare(row, r1, best, right[best], seed=100 + j)
             rows.append(row)
+            if fusion == ens.fusion and not temps:  # the served fusion against every member, not only the best
+                versus = []
+                for n in ens.members:
+                    test = mcnemar_exact(r1, right[n])
+                    versus.append(f"{n} {(r1.mean() - right[n].mean()) * 100:+.2f} points (McNemar p "
+                                  f"{test['p_value']:.2g})")
+                notes.append(f"ensemble {ens.name}: {fusion} (its fusion) vs each member: " + "; ".join(versus))
         oracle = np.any([right[n] for n in ens.members], axis=0)
         top5_oracle = np.any([topk_right(ranked(probs[n]), t, 5) for n in ens.members], axis=0)
         row = Row("oracle", "oracle", len(t), float(oracle.mean()), float(top5_oracle.mean()),

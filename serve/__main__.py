@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default: models)")
     parser.add_argument("--models", help="comma-separated models to load (default: all in the repository)")
     parser.add_argument("--ensemble", action="append", default=[], metavar="NAME=a,b,c[:FUSION]",
-                        help="an ensemble of loaded models; FUSION is mean (default), geometric, max-confidence or majority")
+                        help="an ensemble of loaded models; FUSION is mean (default), geometric, max-confidence or majority. "
+                             "Ensembles defined in the repository (platform \"ensemble\" folders) are served too "
+                             "(with --models: those named there); one given here replaces the repository's")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
     parser.add_argument("--metrics-port", type=int, default=8002,

@@ -36,6 +36,8 @@ from .repository import EnsembleEntry, validate_name
 
 MEAN, GEOMETRIC, MAX_CONFIDENCE, MAJORITY = "mean", "geometric", "max-confidence", "majority"
 FUSIONS = (MEAN, GEOMETRIC, MAX_CONFIDENCE, MAJORITY)
+# Chosen by measurement (docs/ensembles.md): on 1300 ImageNet validation images the mean of the offline
+# trio is never worse than its best member (+0.23 points, McNemar p = 0.82) and needs nothing fitted.
 DEFAULT_FUSION = MEAN
 _EPS = 1e-12  # floor for log-probabilities (a member's exact 0 must not veto a class for ever)
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -200,7 +202,7 @@ class Ensemble:
 
     name: str
     members: tuple[str, ...]
-    fusion: str = MEAN
+    fusion: str = DEFAULT_FUSION
     temperatures: tuple[float, ...] | None = field(default=None)
 
     def __post_init__(self):
@@ -233,7 +235,8 @@ class Ensemble:
         if not sep or not name.strip() or not rest.strip():
             raise ConfigError(f"invalid ensemble {spec!r}; expected NAME=model1,model2[:{'|'.join(FUSIONS)}]")
         members, _, fusion = rest.partition(":")
-        return cls(name.strip(), tuple(m.strip() for m in members.split(",") if m.strip()), fusion.strip() or MEAN)
+        return cls(name.strip(), tuple(m.strip() for m in members.split(",") if m.strip()),
+                   fusion.strip() or DEFAULT_FUSION)
 
     @classmethod
     def from_entry(cls, entry: EnsembleEntry) -> "Ensemble":

@@ -79,6 +79,7 @@ def test_create_fit_show_and_evaluate(tmp_path, python_env):
          "--latency-runs", "0", "--no-plot", "--quiet", "--out", str(tmp_path / "eval")],
         cwd=ROOT, env=python_env, text=True, capture_output=True, timeout=120)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "stored temperatures were fitted on these images" in evaluated.stdout
     for row in ("pair:geometric |", "pair:geometric +T (stored)", "pair:geometric +T (cv)", "pair:mean +T (cv)",
                 "pair:oracle"):
         assert row in evaluated.stdout, row

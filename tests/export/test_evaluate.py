@@ -81,7 +81,7 @@ def repo(tmp_path):
 def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, repo):
     data = _dataset(tmp_path / "data")
     result = ev.evaluate(data, repo, ["alpha", "beta", "gamma"], ["trio=alpha,beta,gamma"], latency_runs=2,
-                         progress=False, log=lambda m: None, temperature_folds=0)
+                         progress=False, log=lambda m: None)
     assert result.images == 24 and result.classes == 4
     assert [s["image"] for s in result.skipped] == [str(data / "cat" / "broken.jpg")]
     expected = {}
@@ -100,8 +100,16 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
     assert not np.allclose(crop_probs, stretch_probs)
 
     truth = np.repeat(np.arange(4), 6)
-    fusion_rows = [r for r in result.rows if r.ensemble == "trio" and r.kind == "fusion"]
+    fusion_rows = [r for r in result.rows if r.ensemble == "trio" and r.kind == "fusion" and "+T" not in r.name]
     assert [r.name for r in fusion_rows] == list(FUSIONS)
+    # and every fusion again with temperatures cross-fitted (2 folds: never fitted on the image scored)
+    from serve.ensemble import cross_fitted
+
+    cv_rows = [r for r in result.rows if r.ensemble == "trio" and r.name.endswith("+T (cv)")]
+    assert [r.name for r in cv_rows] == [f"{f} +T (cv)" for f in FUSIONS]
+    for fusion, row in zip(FUSIONS, cv_rows):
+        _, order, _ = cross_fitted([expected[n][1] for n in ("alpha", "beta", "gamma")], truth, fusion, folds=2)
+        assert row.top1 == pytest.approx(np.mean(order[:, 0] == truth))
     best = max(("alpha", "beta", "gamma"), key=lambda n: expected[n][0].mean())
     for row in fusion_rows:
         _, order = rank([expected[n][1] for n in ("alpha", "beta", "gamma")], row.name)
@@ -112,10 +120,13 @@ def test_every_model_fusion_and_oracle_against_independent_answers(tmp_path, rep
     assert oracle.top1 >= max(r.top1 for r in result.rows if r.kind != "oracle")
     assert set(result.row("mean").latency_ms) == {"1", "8"}
     assert any("ensemble trio" in n and "slowest member" in n for n in result.notes)
+    versus = next(n for n in result.notes if "mean (its fusion) vs each member" in n)
+    mean_right = rank([expected[n][1] for n in ("alpha", "beta", "gamma")], "mean")[1][:, 0] == truth
+    assert f"alpha {(mean_right.mean() - expected['alpha'][0].mean()) * 100:+.2f} points" in versus
 
     files = ev.write_outputs(result, tmp_path / "out")
     doc = json.loads(files["json"].read_text())
-    assert doc["images"] == 24 and len(doc["rows"]) == 3 + len(FUSIONS) + 1
+    assert doc["images"] == 24 and len(doc["rows"]) == 3 + 2 * len(FUSIONS) + 1
     assert doc["cpu"]  # the CPU the latency came from
     assert len(doc["files"]) == 24 and doc["rows"][0]["predictions"][:3] == list(np.argmax(expected["alpha"][1][:3], 1))
     assert doc["truth"]["alpha"] == truth.tolist()
