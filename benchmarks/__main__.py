@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference on keras.applications.NAME + preprocess_input instead of MODEL_keras's file")
     p.add_argument("--no-export", action="store_true", help="do not export missing variants (skip them)")
     p.add_argument("--weights", default="imagenet", help="weights for exports: imagenet or none (default imagenet)")
-    p.add_argument("--calibration", type=Path, help="INT8 calibration images (default ../shared/datasets/flowers, else the image folder)")
+    p.add_argument("--calibration", type=Path, help="INT8 calibration images (default ../shared/datasets/imagenet_val, else the image folder)")
     p.add_argument("--calibration-images", type=int, default=64,
                    help="most INT8 calibration images (default 64; export.optimize holds all their activations "
                         "in memory)")

@@ -72,7 +72,7 @@ class Settings:
     flask_args: list[str] | None = None  # default: --model <repository>/<baseline>/1/model.keras
     export: bool = True
     weights: str = "imagenet"
-    calibration: Path | None = None  # INT8 calibration images; default ../shared/datasets/flowers
+    calibration: Path | None = None  # INT8 calibration images; default ../shared/datasets/imagenet_val
     # export.optimize keeps every calibration image's activations in memory (~75 MB each for
     # MobileNetV2: its default of 300 images needs ~18 GB); 64 keeps the export at a few GB
     calibration_images: int = 64
@@ -96,9 +96,9 @@ class Settings:
             s.baseline = s.variants[0]
         if s.images is None and (SHARED / "photos").is_dir():
             s.images = SHARED / "photos"
-        if s.calibration is None:  # INT8 calibration wants dozens of real photos
-            flowers = SHARED / "datasets" / "flowers"
-            s.calibration = flowers if flowers.is_dir() else s.images
+        if s.calibration is None:  # INT8 calibration wants dozens of real, in-distribution (ImageNet) photos
+            imagenet = SHARED / "datasets" / "imagenet_val"
+            s.calibration = imagenet if imagenet.is_dir() else s.images
         unknown = [a for a in s.apis if a not in APIS]
         if unknown or not s.apis:
             raise KestrelError(f"unknown API(s) {unknown or s.apis}; expected some of {', '.join(APIS)}")

@@ -85,7 +85,9 @@ def parse_with_the_subcommand(words: list[str], monkeypatch) -> argparse.Namespa
         module = "kestrel.cli" if module == "kestrel" else module
         if module == "kestrel.cli":
             return parse_with_the_subcommand(["kestrel", *rest], monkeypatch)
-        module = f"{module}.__main__" if importlib.util.find_spec(f"{module}.__main__") else module
+        spec = importlib.util.find_spec(module)
+        is_package = spec is not None and spec.submodule_search_locations is not None
+        module = f"{module}.__main__" if is_package and importlib.util.find_spec(f"{module}.__main__") else module
     if module == "export.evaluate" and importlib.util.find_spec("export.evaluate") is None:
         pytest.skip("export/evaluate.py comes with the accuracy branch")
     original = argparse.ArgumentParser.parse_args

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.errors import ConfigError
+from serve.images import DEFAULT_RESIZE as TRAIN_RESIZE  # how train decodes every image
 from serve.repository import validate_name
 
 from . import data as data_lib
@@ -460,4 +461,6 @@ def _export(options, model, classes, sample_paths):
             shutil.copyfile(path, Path(folder) / f"{i:03d}{Path(path).suffix.lower()}")
         return export_model(model, name=options.name, weights=None, repository=options.repository,
                             labels=list(classes), parity_images=folder if sample_paths else None,
-                            progress=options.progress)
+                            # train decodes every image with serve.images' default (stretch): the exported
+                            # model must be served the same way, whatever export's own default is
+                            resize=TRAIN_RESIZE, progress=options.progress)

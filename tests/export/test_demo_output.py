@@ -58,7 +58,8 @@ def test_demo_with_fake_models_prints_each_step_once(tmp_path, python_env):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [line for line in result.stdout.splitlines() if line.startswith("[demo] ")]
     expected = [r"alpha: already in .*, skipping export", r"beta: already in .*, skipping export",
-                r"starting the server: -m serve --repository .* --models alpha,beta --ensemble imagenet=alpha,beta .*",
+                r"ensemble imagenet: defining it in .* \(imagenet=alpha,beta:mean\)",  # a repository ensemble
+                r"starting the server: -m serve --repository .* --models alpha,beta,imagenet .*",
                 r"server SERVING on 127\.0\.0\.1:\d+; classifying 2 photos"]
     assert len(steps) == len(expected), steps
     for line, pattern in zip(steps, expected):

@@ -160,11 +160,14 @@ def test_int8_variant_is_written_and_reported(int8_run):
 
 @pytest.mark.timeout(900)  # train + export + quantize: about a minute alone, much more on a loaded machine
 def test_served_fp32_and_int8_answer_the_report_labels(int8_run):
+    from serve import images
     from serve.hub import ModelHub
 
     report = int8_run["result"].report
     hub = ModelHub(int8_run["work"] / "models", models=["tiny", "tiny_int8"], strict=True).load()
     try:
+        # train decodes with serve.images' default resize; both entries must record that mode, not export's
+        assert {hub.models[n].resize for n in ("tiny", "tiny_int8")} == {images.DEFAULT_RESIZE}
         for row, int8_label in zip(report["test_predictions"], report["int8_test_predictions"]):
             with open(row["path"], "rb") as fh:
                 answer = hub.classify(fh.read(), names=["tiny", "tiny_int8"], top=1)
