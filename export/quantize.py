@@ -48,6 +48,8 @@ in-distribution images is what matters; flowers-calibrated INT8 judged by agreem
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from serve import console
 from serve import images as simages
 from serve._optional import require
 from serve.errors import ConfigError, ImageDecodeError
@@ -420,20 +423,24 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         if len(images) > CALIBRATION_CHUNK:
             extra["CalibStridedMinMax"] = chunk_size(len(images))
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        q.quantize_static(
-            str(prepared), str(out_path), _Reader(input_name, images),
-            quant_format=q.QuantFormat.QDQ,
-            activation_type=q.QuantType.QInt8 if symmetric_activations else q.QuantType.QUInt8,
-            weight_type=q.QuantType.QInt8,
-            per_channel=options.per_channel,
-            reduce_range=options.reduce_range,
-            calibrate_method=methods[options.method],
-            nodes_to_exclude=sorted(kept),
-            op_types_to_quantize=list(options.op_types) if options.op_types else None,
-            use_external_data_format=size > EXTERNAL_DATA_BYTES,
-            extra_options=extra,
-            calibration_cache_path=calibration_cache,
-        )
+        # onnxruntime's calibrator print()s its steps ("Collecting tensor data and making histogram ...",
+        # once per chunk): kept off the user's terminal unless --verbose, like TensorFlow's start-up lines
+        chatter = contextlib.nullcontext() if console.is_verbose() else contextlib.redirect_stdout(io.StringIO())
+        with chatter:
+            q.quantize_static(
+                str(prepared), str(out_path), _Reader(input_name, images),
+                quant_format=q.QuantFormat.QDQ,
+                activation_type=q.QuantType.QInt8 if symmetric_activations else q.QuantType.QUInt8,
+                weight_type=q.QuantType.QInt8,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
+                calibrate_method=methods[options.method],
+                nodes_to_exclude=sorted(kept),
+                op_types_to_quantize=list(options.op_types) if options.op_types else None,
+                use_external_data_format=size > EXTERNAL_DATA_BYTES,
+                extra_options=extra,
+                calibration_cache_path=calibration_cache,
+            )
     return _result(onnx, out_path, images, skipped, options, kept)
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from serve.backends.fake import write_fake_model
@@ -25,7 +26,9 @@ def test_smoke_reports_every_member_the_ensemble_and_the_ratio(tmp_path, python_
     # lower bounds only (simulated compute is a sleep): the ensemble waits for its slowest member
     assert data["median_ms"]["fake_slow"] >= 30 and data["median_ms"]["fake_trio"] >= 30
     assert data["member_compute_median_ms_in_ensemble"]["fake_slow"] >= 30
-    assert data["ratio_to_slowest"] == round(data["median_ms"]["fake_trio"] / data["median_ms"]["fake_slow"], 3)
+    # the medians in the JSON are rounded to 0.01 ms and the ratio (of the unrounded ones) to 0.001
+    assert data["ratio_to_slowest"] == pytest.approx(data["median_ms"]["fake_trio"] / data["median_ms"]["fake_slow"],
+                                                     abs=2e-3)
     assert "ensemble / slowest member (fake_slow)" in result.stdout and "CPU:" in result.stdout
 
 

@@ -430,3 +430,17 @@ def test_default_holdout_also_evaluates_the_calibration_images_not_calibrated_on
     assert set(suffixed) == {"tiny_fp16_try"} and (tiny_repo / "tiny_fp16_try" / "config.pbtxt").is_file()
     with pytest.raises(ConfigError, match="invalid model name"):
         opt.optimize(tiny_repo, "tiny", precisions="fp16", suffix="/../x", progress=False, log=lambda *_: None)
+
+
+def test_onnxruntime_calibration_chatter_stays_off_stdout_unless_verbose(tiny_onnx, tmp_path, capsys, monkeypatch):
+    from serve import console
+    from serve.images import synthetic_images
+
+    images = synthetic_images(20, SIZE)
+    options = quant.QuantizeOptions(min_images=16, method="percentile")  # percentile: onnxruntime prints its steps
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    quant.quantize(tiny_onnx, tmp_path / "quiet.onnx", images, options)
+    assert "Collecting tensor data" not in capsys.readouterr().out
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    quant.quantize(tiny_onnx, tmp_path / "verbose.onnx", images, options)
+    assert "Collecting tensor data" in capsys.readouterr().out  # --verbose shows what onnxruntime says

@@ -158,14 +158,15 @@ def test_exported_mobilenet_v2_classifies_real_photos(tmp_path):
     from serve import KestrelClient, ModelRepository, create_runner, create_server, images
 
     server, port = create_server(repo, models=["mobilenet_v2"], port=0)
-    runner = create_runner(ModelRepository(repo).entry("mobilenet_v2")).load()
+    entry = ModelRepository(repo).entry("mobilenet_v2")
+    runner = create_runner(entry).load()
     try:
         with KestrelClient(f"127.0.0.1:{port}", timeout=60) as client:
             for name, label in EXPECTED_TOP1.items():
                 data = (PHOTOS / name).read_bytes()
                 result = client.classify(data, ["mobilenet_v2"], top_k=3).results[0]
                 assert result.predictions[0].label == label, (name, result.predictions)
-                local = runner.infer(images.load(data, runner.image_size)[None])[0]
+                local = runner.infer(images.load(data, runner.image_size, mode=entry.resize)[None])[0]  # as served
                 assert result.predictions[0].index == int(np.argmax(local))
                 np.testing.assert_allclose(result.predictions[0].probability, local.max(), rtol=1e-4)
     finally:
