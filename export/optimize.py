@@ -1,7 +1,7 @@
 """Variants of an exported model: `<name>_int8`, `<name>_fp16` and TensorRT engines `<name>_trt_<precision>`.
 
     python -m export.optimize mobilenet_v2 --repository models --precision int8,fp16 \\
-        --calibration ../shared/datasets/flowers [--accuracy-images DIR] [--engine]
+        --calibration ../shared/datasets/imagenet_val [--accuracy-images DIR] [--engine]
 
 Input: the FP32 export `models/<name>/` (config.pbtxt + 1/model.onnx; uint8
 NHWC "images" in, FP32 "probabilities" out, preprocessing in the graph) and,

@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
                    "an existing one")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
-    return console.add_examples(p, "../shared/datasets/flowers --base mobilenet_v2 --export",
+    return console.add_examples(p, "../shared/datasets/flower_photos --base mobilenet_v2 --augment --precision int8",
                                 "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
 
 
