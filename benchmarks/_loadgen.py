@@ -16,6 +16,7 @@ the test stops.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import sys
@@ -35,6 +36,26 @@ from serve.errors import ImageDecodeError  # noqa: E402
 
 DEFAULT_PHOTOS = ROOT.parent / "shared" / "photos"
 MAX_IMAGES = 64  # bounded: the image set is held in memory by every user
+
+
+# Users of one locust process are numbered from KESTREL_SEED, so each starts at another image and the
+# run is repeatable (every locustfile here uses the same numbering).
+_USER_IDS = itertools.count(int(os.environ.get("KESTREL_SEED", "0")))
+
+
+def next_user() -> int:
+    """This user's number: its offset into the image list."""
+    return next(_USER_IDS)
+
+
+def rotated(items: list, offset: int) -> list:
+    """`items` starting at `offset` (wrapping round): each user cycles through the same images in its own order."""
+    return [items[(offset + i) % len(items)] for i in range(len(items))]
+
+
+def model_names(spec: str) -> list[str]:
+    """'a+b' asks for both models in one request."""
+    return [n for n in spec.split("+") if n]
 
 
 def add_common_arguments(parser) -> None:

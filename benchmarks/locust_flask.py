@@ -16,7 +16,6 @@ Options: --kestrel-images, --kestrel-encode, --kestrel-warmup, --kestrel-record,
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,6 @@ def _arguments(parser):
 
 
 _loadgen.install_recorder()
-_USER_IDS = itertools.count(int(os.environ.get("KESTREL_SEED", "0")))
 
 
 class FlaskPredictUser(FastHttpUser):
@@ -48,8 +46,7 @@ class FlaskPredictUser(FastHttpUser):
     def on_start(self):
         options = self.environment.parsed_options
         files = _loadgen.image_files(options.kestrel_images, options.kestrel_encode)
-        offset = next(_USER_IDS)
-        self._files = itertools.cycle([files[(offset + i) % len(files)] for i in range(len(files))])
+        self._files = itertools.cycle(_loadgen.rotated(files, _loadgen.next_user()))
         self._path = f"/predict?top_k={int(options.kestrel_top_k)}"
 
     @task

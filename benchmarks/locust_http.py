@@ -17,7 +17,6 @@ Options: --kestrel-model, --kestrel-http-body, --kestrel-images, --kestrel-encod
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from pathlib import Path
 from urllib.parse import urlencode
@@ -43,7 +42,6 @@ def _arguments(parser):
 
 
 _loadgen.install_recorder()
-_USER_IDS = itertools.count(int(os.environ.get("KESTREL_SEED", "0")))
 
 
 class KestrelHttpUser(FastHttpUser):
@@ -58,14 +56,12 @@ class KestrelHttpUser(FastHttpUser):
         models = [m.strip() for m in options.kestrel_model.split(",") if m.strip()]
         if not models:
             raise ValueError("--kestrel-model is empty")
-        offset = next(_USER_IDS)
         top_k = int(options.kestrel_top_k)
         self.raw = options.kestrel_http_body == "raw"
         requests = []
-        for i in range(len(files)):
-            name, data = files[(offset + i) % len(files)]
+        for name, data in _loadgen.rotated(files, _loadgen.next_user()):
             for model in models:
-                names = ",".join(n for n in model.split("+") if n)
+                names = ",".join(_loadgen.model_names(model))
                 requests.append((f"http_classify:{model}", name, data, {"models": names, "top_k": str(top_k)}))
         self._cycle = itertools.cycle(requests)
 

@@ -28,7 +28,6 @@ exists): without it each blocking call stalls every other user in the process.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -133,7 +132,7 @@ class KestrelUser(User):
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ])
         grpc.channel_ready_future(self.channel).result(timeout=self.deadline)
-        offset = next(_USER_IDS)
+        offset = _loadgen.next_user()
         if self.api == "infer":
             stub = v2_grpc.GRPCInferenceServiceStub(self.channel)
             self.call = stub.ModelInfer
@@ -145,10 +144,9 @@ class KestrelUser(User):
             self.call = stub.Classify
             files = _loadgen.image_files(self.folder, options_encode(self.environment))
             requests = []
-            for i in range(len(files)):
-                _, data = files[(offset + i) % len(files)]
+            for _, data in _loadgen.rotated(files, offset):
                 for model in self.models:
-                    names = [n for n in model.split("+") if n]
+                    names = _loadgen.model_names(model)
                     requests.append((f"classify:{model}", kestrel_pb2.ClassifyRequest(
                         image=data, models=names, top_k=self.top_k)))
             self._cycle = itertools.cycle(requests)
@@ -194,5 +192,3 @@ def _check_classify(response) -> None:
     if not response.results or not response.results[0].predictions:
         raise RuntimeError("Classify returned no predictions")
 
-
-_USER_IDS = itertools.count(int(os.environ.get("KESTREL_SEED", "0")))

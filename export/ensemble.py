@@ -21,13 +21,13 @@ ImageNet wnid, or a CSV file,label). Fit on images you will not evaluate on:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from serve import console
 from serve import ensemble as ens_lib
 from serve import repository as repo_lib
 from serve.errors import ConfigError, KestrelError
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console.quiet_native_logs()  # TensorFlow/absl start-up lines, unless --verbose (KESTREL_VERBOSE=1)
     try:
         if args.command == "create":
             path = create(args.repository, args.spec)

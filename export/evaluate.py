@@ -51,6 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serve import console
 from serve import images as simages
 from serve.errors import ConfigError, ImageDecodeError, KestrelError
 from serve.repository import ModelRepository
@@ -722,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console.quiet_native_logs()  # TensorFlow/absl start-up lines, unless --verbose (KESTREL_VERBOSE=1)
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")

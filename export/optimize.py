@@ -168,6 +168,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
+def accuracy_ratio(reference_top1: float, variant_top1: float) -> float:
+    """The variant's top-1 as a fraction of the reference's (the labelled gate's measure); a reference
+    that gets nothing right makes any variant at least as good."""
+    if reference_top1 > 0:
+        return float(variant_top1) / float(reference_top1)
+    return 1.0 if variant_top1 <= 0 else float("inf")
+
+
 def make_report(variant: str, precision: str, reference_name: str, reference: np.ndarray, candidate: np.ndarray,
                 image_names: Sequence[str], *, image_source: str, min_agreement: float,
                 labels: Sequence[str] | None = None, worst: int = WORST, truth: np.ndarray | None = None,
@@ -199,7 +207,7 @@ def make_report(variant: str, precision: str, reference_name: str, reference: np
             ref_right = (m["ref_top1"] == truth)[known]
             var_right = (m["cand_top1"] == truth)[known]
             ref_acc, var_acc = float(ref_right.mean()), float(var_right.mean())
-            ratio = var_acc / ref_acc if ref_acc > 0 else (1.0 if var_acc == 0 else float("inf"))
+            ratio = accuracy_ratio(ref_acc, var_acc)
             _, low, high = bootstrap_diff(var_right, ref_right)
             gate.update(gate="accuracy", labelled_images=int(known.sum()), reference_top1=ref_acc,
                         variant_top1=var_acc, accuracy_ratio=float(ratio), min_accuracy_ratio=float(min_accuracy_ratio),

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve import console
 from serve.errors import ConfigError, KestrelError
 
 
@@ -202,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    console.quiet_native_logs()  # TensorFlow/absl start-up lines, unless --verbose (KESTREL_VERBOSE=1)
     if args.per_class < 2:
         print(f"error: --per-class {args.per_class}: expected at least 2", file=sys.stderr)
         return 2

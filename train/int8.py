@@ -81,9 +81,9 @@ def gate(fp32_accuracy: float, int8_accuracy: float, min_ratio: float) -> tuple[
     """(ratio, passed): INT8 passes when its accuracy is at least `min_ratio` of FP32's."""
     if not 0 < min_ratio <= 1:
         raise ConfigError(f"--int8-min-ratio {min_ratio}: expected a fraction in (0, 1], e.g. 0.99")
-    if fp32_accuracy <= 0:
-        return (1.0 if int8_accuracy <= 0 else float("inf")), True
-    ratio = float(int8_accuracy) / float(fp32_accuracy)
+    from export.optimize import accuracy_ratio  # the ratio export.optimize's labelled gate uses
+
+    ratio = accuracy_ratio(fp32_accuracy, int8_accuracy)
     return ratio, bool(ratio >= min_ratio - 1e-12)
 
 
