@@ -17,6 +17,7 @@ import time
 import grpc
 import numpy as np
 
+from ._cancel import CancelOnEnd
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import kestrel_pb2 as kpb
@@ -49,7 +50,7 @@ def _code_name(exc: BaseException) -> str:
     return status_of(exc)[0]
 
 
-class _CancelOnTermination(list):
+class _CancelOnTermination(CancelOnEnd):
     """The request's queued work (batching.Pending); when the RPC ends (done, cancelled by the
     client, or its deadline passed) anything still queued is dropped instead of run.
 
@@ -59,24 +60,8 @@ class _CancelOnTermination(list):
 
     def __init__(self, context):
         super().__init__()
-        self.ended = False
-        if not context.add_callback(self._end):
-            self._end()
-
-    def _end(self) -> None:
-        self.ended = True
-        for pending in list(self):
-            if not pending.done():
-                pending.cancel()
-
-    def append(self, pending) -> None:
-        super().append(pending)
-        if self.ended:
-            pending.cancel()
-
-    def extend(self, items) -> None:
-        for pending in items:
-            self.append(pending)
+        if not context.add_callback(self.end):
+            self.end()
 
 
 def _cancel_on_termination(context) -> list:
@@ -108,11 +93,26 @@ class _Handler:
         return self
 
     def __exit__(self, kind, exc, tb):
+        failed = exc is not None and isinstance(exc, Exception)
+        cancelled = failed and self._cancelled_by_client()
         if self.scope is not None:
+            if cancelled:
+                self.scope.label = lambda _exc: "CANCELLED"
             self.scope.__exit__(kind, exc, tb)
-        if exc is None or not isinstance(exc, Exception):
+        if not failed:
             return False  # success; KeyboardInterrupt, SystemExit & co. go on up
+        if cancelled:  # its queued work was dropped; nobody reads the answer, and it is not the operator's news
+            log.debug("%s: the client cancelled the RPC (%s)", self.api or "rpc", exc)
+            self.context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the request")
         self._abort(exc, (kind, exc, tb))
+
+    def _cancelled_by_client(self) -> bool:
+        """The RPC ended before its answer, and not at its deadline: the client cancelled it."""
+        is_active = getattr(self.context, "is_active", None)  # (deploy/ray's context has none)
+        if is_active is None or is_active():
+            return False
+        remaining = self.context.time_remaining()
+        return remaining is None or remaining > 0
 
     def _abort(self, exc: Exception, exc_info=None):
         code = status_for(exc)

@@ -5,11 +5,17 @@
 Each endpoint reads its body with a cap (Content-Length first, then while it streams), hands
 plain values to the data plane in a worker thread (decoding JSON included: the event loop
 only moves bytes), and turns exceptions into statuses through serve.errors.STATUS.
+
+While infer and classify work, the request's ASGI receive channel is watched: when it says
+http.disconnect (uvicorn: the connection closed), the request's work still queued in a batcher is
+cancelled (never run, as gRPC does for a cancelled RPC), a request not yet handed to the data
+plane is dropped, and a result that arrives anyway is discarded; all of it logged at debug only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -28,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .._cancel import CancelOnEnd
 from ..dataplane import DataPlane, request_size_limit
 from ..errors import InvalidInputError, KestrelError, RequestTooLargeError, ResourceExhaustedError, shown, status_of
 from . import _v2
@@ -75,7 +82,12 @@ class HttpError(Exception):
         self.status, self.headers = status, headers or {}
 
 
+CLIENT_GONE = 499  # nginx's "client closed request": recorded in the metrics, never sent
+
+
 def http_status(exc: BaseException) -> int:
+    if isinstance(exc, ClientDisconnect):
+        return CLIENT_GONE
     if isinstance(exc, HttpError):
         return exc.status
     if isinstance(exc, HTTPException):
@@ -113,8 +125,56 @@ class _Kestrel:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def run_watched(self, request: Request, fn, *args):
+        """fn(*args, submitted=...) in a worker thread while the client's connection is watched:
+        if the client goes away, its queued work is cancelled and ClientDisconnect raised."""
+        watch = _DisconnectWatch(request)
+        try:
+            await asyncio.sleep(0)  # a disconnect already known is seen before any work starts
+            if not watch.gone:
+                try:
+                    result = await self.run(functools.partial(fn, *args, submitted=watch.submitted))
+                except Exception:
+                    if not watch.gone:
+                        raise
+                    # its work was cancelled (or failed): the client is not there to learn why
+                else:
+                    if not watch.gone:
+                        return result
+            raise ClientDisconnect()
+        finally:
+            watch.close()
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _DisconnectWatch:
+    """Once a request's body is read: a task reading its ASGI receive channel until
+    http.disconnect, which ends `submitted` (its queued work is cancelled). Close it before the
+    response is sent."""
+
+    def __init__(self, request: Request):
+        self.submitted = CancelOnEnd()
+        self._where = f"{request.method} {shown(request.url.path)[1:-1]}"
+        self._task = asyncio.get_running_loop().create_task(self._watch(request.receive))
+
+    @property
+    def gone(self) -> bool:
+        return self.submitted.ended
+
+    async def _watch(self, receive) -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass  # the body was read: nothing else is expected before the disconnect
+        except Exception as exc:  # noqa: BLE001 - an ASGI server without one: the request just runs
+            log.debug("http %s: cannot watch for a disconnect: %s", self._where, exc)
+            return
+        log.debug("http %s: the client went away; its queued work is cancelled", self._where)
+        self.submitted.end()
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 # ---- bodies ---------------------------------------------------------------------------------
@@ -182,7 +242,7 @@ def _endpoint(fn):
             return await fn(request, _kestrel(request))
         except ClientDisconnect:
             log.debug("http %s %s: the client went away", request.method, request.url.path)
-            return Response(status_code=499)  # never sent: the connection is gone
+            return Response(status_code=CLIENT_GONE)  # never sent: the connection is gone
         except Exception as exc:  # noqa: BLE001 - the boundary: every error gets its status
             return error_response(exc, request)
 
@@ -287,7 +347,7 @@ async def infer(request, k):
         body = await read_body(request, limit if encoded or budget is None else min(limit, budget), "a V2 infer body")
         body = inflate(body, encoded, limit if budget is None else min(limit, budget))
         header_length = request.headers.get(_v2.HEADER_LENGTH)
-        answer = await k.run(_v2.infer, k.plane, model, version, body, header_length, started)
+        answer = await k.run_watched(request, _v2.infer, k.plane, model, version, body, header_length, started)
     return answer
 
 
@@ -332,7 +392,7 @@ async def classify(request, k):
     top = _int_field(fields, "top_k", 5)
     fusion = (fields.get("fusion") or [""])[-1].strip()
     with k.plane.request("http_classify", names, label=_label):
-        result = await k.run(k.plane.classify, image, names, top, fusion)
+        result = await k.run_watched(request, k.plane.classify, image, names, top, fusion)
     return json_response(_v2.classify_json(result, filename, len(image)))
 
 

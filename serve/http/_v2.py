@@ -124,10 +124,11 @@ def request_from_json(model: str, version: str, body: bytes, header_length: str 
 
 
 def infer(plane: DataPlane, model: str, version: str, body: bytes, header_length: str | None,
-          started: float) -> Response:
-    """One V2 HTTP infer: decode, run through the data plane, encode (JSON, or JSON + binary outputs)."""
+          started: float, submitted: list | None = None) -> Response:
+    """One V2 HTTP infer: decode, run through the data plane, encode (JSON, or JSON + binary outputs).
+    (`submitted`: as for DataPlane.infer, to cancel the queued work when the client goes away.)"""
     request, raw, binary_default = request_from_json(model, version, body, header_length, started)
-    answer = plane.infer(request)
+    answer = plane.infer(request, submitted=submitted)
     outputs, chunks = [], []
     for out in answer.outputs:
         item = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
