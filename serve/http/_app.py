@@ -28,6 +28,7 @@ from typing import Sequence
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.multipart import parse_options_header
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -229,6 +230,64 @@ async def _capped_stream(request: Request, limit: int):
         yield chunk
 
 
+# python-multipart logs a WARNING for each malformed body before raising: a client's mistake, which
+# must not write to the server's log (it becomes the 400's message instead)
+if logging.getLogger("python_multipart.multipart").level == logging.NOTSET:
+    logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
+
+
+class _FormParser(MultiPartParser):
+    """Starlette's multipart/form-data parser (python-multipart underneath) that also refuses a
+    body cut short: python-multipart's finalize() accepts one that ends before its closing
+    boundary, so this one follows the parts and says where the body ended. File parts stay in
+    memory up to `spool_bytes` (the body cap): no temporary file, no thread hop per chunk."""
+
+    def __init__(self, headers, stream, *, spool_bytes: int, **limits):
+        self.received = 0
+        super().__init__(headers, self._counted(stream), **limits)
+        self.spool_max_size = spool_bytes
+        self.where = "before its first boundary"
+        self.complete = False
+
+    async def _counted(self, stream):
+        async for chunk in stream:
+            self.received += len(chunk)
+            yield chunk
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self.where = "in the headers of a part"
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        self.where = f"inside part {shown(self._current_part.field_name)}"
+
+    def on_end(self) -> None:
+        self.complete = True
+
+    async def read(self):
+        """The form; InvalidInputError naming what was wrong with a malformed or truncated body."""
+        limits = f"at most 1 file and {self.max_fields} fields"
+        try:
+            form = await self.parse()
+        except MultiPartException as exc:
+            cause = f" ({shown(str(exc.__cause__))[1:-1]})" if exc.__cause__ is not None else ""
+            raise InvalidInputError(f"received a multipart/form-data upload that cannot be read: {exc.message}"
+                                    f"{cause}; expected a well-formed form ({limits})") from None
+        if not self.complete:
+            await form.close()
+            _, params = parse_options_header(self.headers["Content-Type"])
+            boundary = params.get(b"boundary", b"").decode("latin-1")
+            if not self.received:
+                raise InvalidInputError("received an empty multipart/form-data body; expected a form with an "
+                                        "'image' file field, ending with its closing boundary")
+            raise InvalidInputError(
+                f"received a multipart/form-data body of {self.received} bytes that ends {self.where}, before "
+                f"its closing boundary {shown('--' + boundary + '--')}: the upload was cut short; expected the "
+                "whole form (an 'image' file field) followed by the closing boundary")
+        return form
+
+
 # ---- endpoints ------------------------------------------------------------------------------
 def _kestrel(request: Request) -> _Kestrel:
     return request.app.state.kestrel
@@ -358,13 +417,9 @@ async def classify(request, k):
     fields: dict[str, list[str]] = {}
     filename = None
     if kind == "multipart/form-data":
-        try:
-            form = await MultiPartParser(request.headers, _capped_stream(request, k.options.max_body),
-                                         max_files=1, max_fields=k.options.max_form_fields,
-                                         max_part_size=k.options.max_field_bytes).parse()
-        except MultiPartException as exc:
-            raise InvalidInputError(f"received a multipart/form-data upload that cannot be read: {exc.message} "
-                                    f"(at most 1 file and {k.options.max_form_fields} fields)") from None
+        form = await _FormParser(request.headers, _capped_stream(request, k.options.max_body),
+                                 max_files=1, max_fields=k.options.max_form_fields,
+                                 max_part_size=k.options.max_field_bytes, spool_bytes=k.options.max_body).read()
         try:
             images = [value for key, value in form.multi_items() if key == "image" and not isinstance(value, str)]
             if len(images) != 1:

@@ -377,6 +377,23 @@ def test_multipart_upload_keeps_binary_data_and_utf8_filenames(web):
     assert status == 400 and "boundary" in answer["error"].lower()
 
 
+def test_an_image_over_a_megabyte_stays_in_memory(web, monkeypatch):
+    """Starlette spools file parts to a temporary file past 1 MB; the body is capped already, so
+    Kestrel keeps the image in memory (no disk write, no thread hop per chunk)."""
+    import tempfile
+
+    def to_disk(self):
+        raise AssertionError("the uploaded image was spooled to a temporary file")
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", to_disk)
+    noise = np.random.default_rng(9).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    data = png_bytes(noise, compress_level=0)
+    assert 1024 * 1024 < len(data) < 2 * 1024 * 1024 - 10_000  # over Starlette's spool size, under this max_body
+    status, answer = classify(web, data, models="a")
+    assert status == 200, answer
+    assert answer["image"]["bytes"] == len(data) and answer["image"]["width"] == 700
+
+
 def test_chunked_upload_classifies(frontend):
     data = png_bytes(PICTURE)
 

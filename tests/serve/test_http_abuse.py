@@ -217,6 +217,71 @@ def test_chunked_upload_classifies(target):
     assert answer["image"]["bytes"] == len(data) and answer["models"][0]["model"] == "a"
 
 
+# ---- truncated or malformed multipart ---------------------------------------------------------
+def _cut(body: bytes, boundary: bytes, case: str) -> bytes:
+    closing = b"--" + boundary + b"--\r\n"
+    assert body.endswith(closing)
+    if case == "no closing boundary":
+        return body[:-len(closing)]
+    if case == "delimiter but no closing --":
+        return body[:-len(closing)] + b"--" + boundary + b"\r\n"
+    if case == "cut inside the image part":
+        return body[:body.index(b"\x89PNG") + 200]
+    if case == "cut inside a part's headers":
+        return body[:body.index(b'name="image"') + 8]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("case, where", [
+    ("no closing boundary", "inside part 'image'"),
+    ("delimiter but no closing --", "in the headers of a part"),
+    ("cut inside the image part", "inside part 'image'"),
+    ("cut inside a part's headers", "in the headers of a part"),
+])
+def test_a_multipart_body_cut_short_is_a_clear_400(target, case, where, chunked):
+    import http.client
+
+    body, content_type = classify_form(png_bytes(PICTURE), models="a")
+    boundary = content_type.split("boundary=")[1].encode()
+    cut = _cut(body, boundary, case)
+    before = target["log"].stat().st_size
+    conn = http.client.HTTPConnection("127.0.0.1", target["http"], timeout=10)
+    try:
+        if chunked:
+            conn.request("POST", "/v1/classify", body=iter([cut[i:i + 500] for i in range(0, len(cut), 500)]),
+                         headers={"Content-Type": content_type}, encode_chunked=True)
+        else:
+            conn.request("POST", "/v1/classify", body=cut, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        status, data = response.status, response.read()
+        conn.request("GET", "/v2/health/ready")  # the connection is still in sync: the next request works
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    assert status == 400, data[:300]
+    error = json.loads(data)["error"]
+    assert f"body of {len(cut)} bytes that ends {where}" in error and "cut short" in error, error
+    assert f"'--{boundary.decode()}--'" in error, error
+    added = target["log"].read_text()[before:]
+    assert "Traceback" not in added and "multipart" not in added, added[:2000]
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"", "empty multipart/form-data body"),
+    (b"not a form at all", "Expected boundary character"),
+    (b"--BOUNDARY\r\nContent-Disposition: form-data\r\n\r\nx\r\n--BOUNDARY--\r\n", '"name" must be provided'),
+])
+def test_a_malformed_multipart_body_is_a_clear_400_and_not_logged(target, body, expected):
+    before = target["log"].stat().st_size
+    status, data = request(target["http"], "POST", "/v1/classify", body,
+                           {"Content-Type": "multipart/form-data; boundary=BOUNDARY"})
+    assert status == 400, data[:300]
+    assert expected in json.loads(data)["error"]
+    added = target["log"].read_text()[before:]
+    assert "Traceback" not in added and "boundary" not in added.lower(), added[:2000]
+
+
 # ---- slow clients -------------------------------------------------------------------------------
 def test_a_thousand_slow_sockets_neither_block_others_nor_stay_open(target):
     count = 1000
