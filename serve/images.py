@@ -71,7 +71,7 @@ def decode(
             # draft() picks the smallest libjpeg scale >= the requested size.
             image.draft("RGB", (int(min_size[1]), int(min_size[0])))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every upright image)
         return to_rgb(image)
     except ImageDecodeError:
         raise

@@ -447,8 +447,7 @@ async def classify(request, k):
     top = _int_field(fields, "top_k", 5)
     fusion = (fields.get("fusion") or [""])[-1].strip()
     with k.plane.request("http_classify", names, label=_label):
-        result = await k.run_watched(request, k.plane.classify, image, names, top, fusion)
-    return json_response(_v2.classify_json(result, filename, len(image)))
+        return await k.run_watched(request, _v2.classify, k.plane, image, names, top, fusion, filename)
 
 
 def _int_field(fields: dict[str, list[str]], key: str, default: int) -> int:

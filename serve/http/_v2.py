@@ -25,7 +25,7 @@ def flag(value, what: str) -> bool:
 
 def loads(data: bytes | memoryview, what: str, optional: bool = False):
     """JSON -> Python; a body that is not JSON, or nested too deeply to parse, is InvalidInputError."""
-    text = bytes(data)
+    text = data if isinstance(data, bytes) else bytes(data)
     if not text or text.isspace():
         if optional:
             return None
@@ -60,7 +60,7 @@ def request_from_json(model: str, version: str, body: bytes, header_length: str 
     else:
         split = len(body)
     view = memoryview(body)
-    request = loads(view[:split], "a V2 inference request")
+    request = loads(body if split == len(body) else view[:split], "a V2 inference request")  # JSON alone: no copy
     if not isinstance(request, dict):
         raise InvalidInputError(f"received a JSON {type(request).__name__}; expected a V2 inference request "
                                 "object with \"inputs\"")
@@ -148,11 +148,19 @@ def infer(plane: DataPlane, model: str, version: str, body: bytes, header_length
     header = json.dumps(body_out, separators=(",", ":")).encode()
     if not chunks:
         return Response(header, 200, None, "application/json")
-    return Response(header + b"".join(chunks), 200, {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
+    return Response(b"".join([header, *chunks]), 200, {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
 
 
 def _predictions(items) -> list[dict]:
     return [{"label": label, "index": int(index), "probability": float(p)} for label, index, p in items]
+
+
+def classify(plane: DataPlane, image: bytes, names: list[str], top: int, fusion: str, filename: str | None,
+             submitted: list | None = None) -> Response:
+    """One Classify over HTTP in a worker thread: classify, then encode the JSON answer (once)."""
+    result = plane.classify(image, names, top, fusion, submitted=submitted)
+    body = json.dumps(classify_json(result, filename, len(image)), separators=(",", ":")).encode()
+    return Response(body, 200, None, "application/json")
 
 
 def classify_json(result: ClassifyResult, filename: str | None, size: int) -> dict:
@@ -170,4 +178,4 @@ def classify_json(result: ClassifyResult, filename: str | None, size: int) -> di
     }
 
 
-__all__ = ["HEADER_LENGTH", "classify_json", "flag", "infer", "loads", "request_from_json"]
+__all__ = ["HEADER_LENGTH", "classify", "classify_json", "flag", "infer", "loads", "request_from_json"]
