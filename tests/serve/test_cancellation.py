@@ -105,8 +105,9 @@ def http_request(kind: str) -> bytes:
 
 
 class HttpTransport:
-    def __init__(self, server, kind):
-        self.port, self.kind = server.http_port, kind
+    def __init__(self, server, kind, leave="close"):
+        self.port, self.kind, self.leave = server.http_port, kind, leave
+        self.sockets = []
 
     def good(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -127,7 +128,15 @@ class HttpTransport:
         """Sends a whole request on a raw socket; returns the function that disconnects."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         sock.sendall(http_request(self.kind))
+        self.sockets.append(sock)
+        if self.leave == "shutdown":  # half-close: "I have sent everything" (uvicorn closes the connection)
+            return lambda: sock.shutdown(socket.SHUT_WR)
         return sock.close
+
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
 
 
 class GrpcTransport:
@@ -158,10 +167,10 @@ class GrpcTransport:
         self.channel.close()
 
 
-@pytest.fixture(params=["http-classify", "http-infer", "grpc-classify", "grpc-infer"])
+@pytest.fixture(params=["http-classify", "http-infer", "http-classify-shutdown", "grpc-classify", "grpc-infer"])
 def transport(request, server):
-    name, kind = request.param.split("-")
-    made = (HttpTransport if name == "http" else GrpcTransport)(server, kind)
+    name, kind, *leave = request.param.split("-")
+    made = HttpTransport(server, kind, *leave) if name == "http" else GrpcTransport(server, kind)
     yield made
     if hasattr(made, "close"):
         made.close()
