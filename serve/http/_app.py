@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from python_multipart.multipart import parse_options_header
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -168,7 +168,7 @@ class _DisconnectWatch:
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass  # the body was read: nothing else is expected before the disconnect
-        except Exception as exc:  # noqa: BLE001 - an ASGI server without one: the request just runs
+        except Exception as exc:  # noqa: BLE001 - an ASGI server whose receive() fails here: the request just runs
             log.debug("http %s: cannot watch for a disconnect: %s", self._where, exc)
             return
         log.debug("http %s: the client went away; its queued work is cancelled", self._where)
