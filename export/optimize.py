@@ -641,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric-activations", action="store_true",
                    help="onnxruntime: int8 activations with zero point 0 (default: uint8 asymmetric)")
     q.add_argument("--no-bias-correction", action="store_true", help="nncf: skip its fast bias correction")
+    q.add_argument("--equalize", choices=quant.EQUALIZATION, default=quant.QuantizeOptions.equalize,
+                   help="onnxruntime: equalize channel ranges of Conv -> ReLU -> depthwise pairs before quantizing "
+                        "(all pairs, the first only, or none; export/equalize.py)")
+    q.add_argument("--no-exact-input", action="store_true",
+                   help="onnxruntime: re-quantize the normalised input instead of feeding the uint8 image to the "
+                        "stem as its quantized input (export/exact_input.py)")
     q.add_argument("--calibration-method", choices=quant.METHODS, default=quant.QuantizeOptions.method)
     q.add_argument("--percentile", type=float, default=quant.QuantizeOptions.percentile)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default: per channel)")
@@ -677,7 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
             min_images=args.min_calibration_images, max_images=args.max_calibration_images,
             quantizer=args.quantizer, symmetric_activations=args.symmetric_activations,
-            fast_bias_correction=not args.no_bias_correction)
+            fast_bias_correction=not args.no_bias_correction, exact_input=not args.no_exact_input,
+            equalize=args.equalize)
         optimize(args.repository, args.name, precisions=args.precision, calibration=args.calibration,
                  engine=args.engine, engine_only=args.engine_only, accuracy_images=args.accuracy_images,
                  min_agreement=args.min_agreement, force=args.force, holdout=args.holdout, quantize_options=qoptions,

@@ -108,7 +108,9 @@ def test_quantize_writes_qdq_model_that_agrees(tiny_onnx, tmp_path):
 
     images = synthetic_images(40, SIZE, seed=3)
     out = tmp_path / "int8.onnx"
-    result = quant.quantize(tiny_onnx, out, images, quant.QuantizeOptions(min_images=16, method="minmax"))
+    # the keep-float rules as written (exact_input would lift first_conv/sensitive: test_exact_input.py)
+    result = quant.quantize(tiny_onnx, out, images, quant.QuantizeOptions(min_images=16, method="minmax",
+                                                                          exact_input=False))
     assert result.images_used == 40
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
@@ -139,8 +141,12 @@ def test_float_layers_between_quantized_ones_are_reported(tiny_onnx, tmp_path):
     assert quant.quantize(tiny_onnx, tmp_path / "a.onnx", images, edges).float_between_qdq == []  # input / end only
     # here the stem's output also feeds the (quantized) residual Add, so it is quantized and the float
     # depthwise conv after it reads a DequantizeLinear: the default "sensitive" rule makes such a layer
-    default = quant.quantize(tiny_onnx, tmp_path / "d.onnx", images, quant.QuantizeOptions(min_images=16))
-    assert default.float_between_qdq == ["dw_conv"]
+    old = quant.quantize(tiny_onnx, tmp_path / "d.onnx", images, quant.QuantizeOptions(min_images=16,
+                                                                                       exact_input=False))
+    assert old.float_between_qdq == ["dw_conv"]
+    # the defaults quantize the stem and that depthwise conv (exact input): no float layer in the middle
+    default = quant.quantize(tiny_onnx, tmp_path / "e.onnx", images, quant.QuantizeOptions(min_images=16))
+    assert default.exact_input["applied"] and default.float_between_qdq == []
     middle = quant.quantize(tiny_onnx, tmp_path / "b.onnx", images, quant.QuantizeOptions(
         min_images=16, keep_float=("preprocessing",), exclude_nodes=("project_conv",)))
     assert middle.float_between_qdq == ["project_conv"]
@@ -357,6 +363,15 @@ def test_cli_builds_a_variant(tiny_repo, image_folder, python_env):
     assert proc.returncode == 0, proc.stderr
     assert "calibration: 48 images" in proc.stdout and "top-1 agreement" in proc.stdout
     _entry_ok(tiny_repo, "tiny_int8")
+    saved = json.loads((tiny_repo / "tiny_int8" / "accuracy.json").read_text())["calibration"]
+    assert saved["exact_input"]["applied"] is True and saved["options"]["equalize"] == "none"
+    # the old rules and range equalization, from the command line
+    proc = subprocess.run(cmd + ["--no-exact-input", "--equalize", "all", "--variant-suffix", "_old"],
+                          capture_output=True, text=True, env=python_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tiny_repo / "tiny_int8_old" / "accuracy.json").read_text())["calibration"]
+    assert saved["exact_input"]["applied"] is False and saved["options"]["equalize"] == "all"
+    assert "stem_conv" in saved["kept_float_by_rule"]["first_conv"]
 
 
 def test_evaluation_images_combine_folders_and_holdout_without_overlap(tmp_path, image_folder):

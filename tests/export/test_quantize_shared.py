@@ -1,5 +1,5 @@
 """INT8 on real images from ../shared: the serving decode path on real JPEG/BMP files, and (slow)
-the real MobileNetV2 against its Keras model on held-out flowers + photos."""
+the real MobileNetV2 against its Keras model on held-out labelled ImageNet images."""
 
 from __future__ import annotations
 
@@ -31,22 +31,31 @@ def test_tiny_model_calibrated_on_real_flowers_and_photos(tiny_repo, flowers_dir
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # export + 300-image Percentile calibration + Keras reference: minutes on 2 cores
-def test_mobilenet_v2_int8_against_keras(tmp_path, keras_home, flowers_dir, photos_dir):
+def test_mobilenet_v2_int8_against_keras(tmp_path, keras_home, shared_dir):
+    """The defaults (exact 8-bit input, stem and first depthwise conv quantized) on in-distribution
+    calibration: a labelled gate on 250 held-out ImageNet images.
+    (Calibrated on the 128 px flowers this once asserted >= 85 % top-1 *agreement* on flowers: not an
+    accuracy measure, see export/QUANTIZATION.md; measured there on ImageNet labels instead.)"""
     from export.pipeline import export_model
+    from serve import cpuinfo
 
     root = tmp_path / "models"
     export_model("mobilenet_v2", repository=root, progress=False, parity=False)
-    reports = opt.optimize(root, "mobilenet_v2", precisions="int8", calibration=flowers_dir, holdout=0.2,
-                           accuracy_images=photos_dir, max_eval_images=250, latency_runs=30, min_agreement=0.8,
-                           progress=False, log=lambda *_: None)
+    data = shared_dir / "datasets" / "imagenet_val"
+    reports = opt.optimize(root, "mobilenet_v2", precisions="int8", calibration=data, max_eval_images=250,
+                           latency_runs=30, min_accuracy_ratio=0.97, progress=False, log=lambda *_: None)
     report = reports["mobilenet_v2_int8"]
     assert report.reference == "keras:mobilenet_v2_keras"
-    assert report.images == 263 and report.calibration["images_used"] == 300
-    assert report.top1_agreement >= 0.85 and report.top5_agreement >= 0.98  # measured 0.87 / 1.00
+    assert report.gate == "accuracy" and report.passed and report.labelled_images == report.images == 250
+    assert report.calibration["images_used"] == 300
+    assert report.calibration["exact_input"]["applied"] is True
+    assert report.top5_agreement >= 0.98
     saved = json.loads((root / "mobilenet_v2_int8" / "accuracy.json").read_text())
-    photos = [w for w in saved["worst"] if "photos" in w["image"]]
-    assert all(w["reference_top1"] == w["variant_top1"] for w in photos)
-    assert report.latency["ratio"] < 0.8  # measured 0.50-0.53 on 2 loaded cores
+    assert saved["accuracy_ratio"] >= 0.97
+    # a speed sanity check, not a goal (benchmarks hold those): INT8 batch-1 is faster than FP32,
+    # by more with VNNI (0.50-0.62x measured) than on AVX2 alone (0.74-0.79x)
+    limit = 0.8 if cpuinfo.has_vnni(cpuinfo.instruction_sets()) else 0.95
+    assert report.latency["ratio"] < limit
 
 
 @pytest.mark.slow
