@@ -453,11 +453,12 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         if options.exact_input and options.target == "cpu" and not options.symmetric_activations:
             plan, why_not = exact_input.plan(model)
             exact["why_not"] = why_not
-            if plan is not None and kept.get(plan.conv) == "first_conv":
+            if plan is not None and kept.get(plan.conv) == "first_conv" and plan.conv not in options.exclude_nodes:
                 # first_conv and sensitive guard a stem fed a re-quantized copy of the image (7 bits after
                 # rounding) with 8-bit weights (AVX2's U8S8 pair sums saturate on full-range pixels). Fed
                 # the exact image with 7-bit weights, the stem and the first depthwise conv quantize well.
-                lifted = sorted(n for n, rule in kept.items() if rule in ("first_conv", "sensitive"))
+                lifted = sorted(n for n, rule in kept.items()
+                                if rule in ("first_conv", "sensitive") and n not in options.exclude_nodes)
                 for name in lifted:
                     del kept[name]
                 exact["lifted"] = lifted

@@ -126,6 +126,10 @@ def test_default_rules_quantize_the_stem_only_when_its_input_is_exact(tiny_onnx,
     assert user.exact_input["applied"] is False and "rule user" in user.exact_input["why_not"]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node]
     assert "Cast" in ops and "Mul" in ops  # untouched: the float preprocessing and stem
+    # also when the node the user names is one the default rules would have lifted
+    named = quant.quantize(tiny_onnx, tmp_path / "n.onnx", images,
+                           quant.QuantizeOptions(**opts, exclude_nodes=("stem_conv",)))
+    assert named.exact_input["applied"] is False and named.kept_float["stem_conv"] == "first_conv"
     # a normalisation that cannot be made exact: first_conv keeps the stem float, as before
     model = tiny_classifier()
     scale = next(i for i in model.graph.initializer if i.name == "scale")
