@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the frozen base application (default mobilenet_v2)")
     p.add_argument("--name", help="model name (default: DATA_DIR's folder name)")
     p.add_argument("--output", type=Path, help="output folder (default runs/NAME)")
-    p.add_argument("--epochs", type=int, default=40, help="maximum head epochs (early stopping on validation)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs of the mlp head (early stopping on "
+                   "validation); the linear head is fitted by L-BFGS")
     p.add_argument("--val-split", type=_fraction, default=0.2, help="validation fraction per class (default 0.2)")
     p.add_argument("--test-split", type=_fraction, default=0.1, help="test fraction per class (default 0.1)")
     p.add_argument("--augment", action="store_true",
@@ -55,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="base weights: imagenet (default), none, or an .h5 path")
     p.add_argument("--image-size", type=int, help="square input size (default: the application's, e.g. 224)")
     p.add_argument("--alpha", type=float, help="width multiplier of MobileNet bases (default: the full network)")
-    p.add_argument("--heads", default="linear,mlp", help="head candidates, best validation accuracy wins")
-    p.add_argument("--batch-size", type=int, default=256, help="head training batch size (default 256)")
+    p.add_argument("--heads", default="linear", help="head candidates, comma-separated (linear, mlp): the best "
+                   "validation accuracy wins (default linear)")
+    p.add_argument("--batch-size", type=int, default=256, help="mlp head training batch size (default 256)")
     p.add_argument("--export", action="store_true", help="export the trained model into the repository")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache folder (default .cache)")

@@ -28,7 +28,7 @@ def runs(tiny_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("train_runs")
     cache = work / "cache"
     first = train(TrainOptions(data_dir=tiny_dataset, output=work / "first", cache_dir=cache, epochs=3,
-                               augment=True, **SMALL))
+                               augment=True, heads=("linear", "mlp"), **SMALL))
     second = train(TrainOptions(data_dir=tiny_dataset, output=work / "second", cache_dir=cache, epochs=2,
                                 augment=True, heads=("linear",), batch_size=8, **SMALL))
     return {"first": first, "second": second, "cache": cache, "work": work}
