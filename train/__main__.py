@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-split", type=_fraction, default=0.1, help="test fraction per class (default 0.1)")
     p.add_argument("--augment", action="store_true",
                    help="also train on features of flipped and cropped training images (cached too)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time flip averaging inside the saved model: the base also runs on the mirrored "
+                        "photo and the head sees the mean of both features (twice the inference work); the "
+                        "report's accuracy is that model's")
     p.add_argument("--fine-tune-layers", type=int, default=0, metavar="K",
                    help="afterwards train the base's top K layers with the head at a low learning rate, "
                         "BatchNorm frozen; the cut moves down to the nearest block boundary, preferring a narrow "
@@ -81,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
                    "an existing one")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
-    return console.add_examples(p, "../shared/datasets/flower_photos --base mobilenet_v2 --augment --precision int8",
+    return console.add_examples(p, "../shared/datasets/flower_photos --base mobilenet_v2 --augment --flip-tta "
+                                   "--precision int8",
                                 "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
 
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = TrainOptions(
             data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
-            val_split=args.val_split, test_split=args.test_split, augment=args.augment,
+            val_split=args.val_split, test_split=args.test_split, augment=args.augment, flip_tta=args.flip_tta,
             fine_tune_layers=args.fine_tune_layers, fine_tune_epochs=args.fine_tune_epochs,
             fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
             alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
