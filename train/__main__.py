@@ -28,6 +28,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _base(text: str) -> str:
+    if text in applications.APPLICATIONS or text.lower().endswith(".keras"):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (expected one of "
+                                     f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -36,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
                     "uint8 'images' -> 'probabilities' contract, a report, and optionally export it.",
     )
     p.add_argument("data_dir", metavar="DATA_DIR", type=Path, help="folder with one sub-folder per class")
-    p.add_argument("--base", default="mobilenet_v2", choices=sorted(applications.APPLICATIONS),
-                   help="the frozen base application (default mobilenet_v2)")
+    p.add_argument("--base", default="mobilenet_v2", type=_base,
+                   help="the frozen base: an application (" + ", ".join(sorted(applications.APPLICATIONS))
+                        + "; default mobilenet_v2) or a .keras classifier file cut before its global pooling")
     p.add_argument("--name", help="model name (default: DATA_DIR's folder name)")
     p.add_argument("--output", type=Path, help="output folder (default runs/NAME)")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs of the mlp head (early stopping on "

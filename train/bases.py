@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def build_base(name: str, *, weights: str | None = "imagenet", input_size: tuple
     With `weights=None` the random initialisation is seeded, so the same seed
     gives the same weights (and the feature cache still hits).
     """
+    if is_model_file(name):
+        return build_file_base(Path(name), input_size=input_size, alpha=alpha, weights=weights)
     app = applications.get(name)
     weights = weights_arg(weights)
     keras = _keras()
@@ -125,6 +128,50 @@ def build_base(name: str, *, weights: str | None = "imagenet", input_size: tuple
     network.trainable = False
     return Base(app=app, network=network, input_size=size, weights=weights, weights_sha256=weights_hash(network),
                 alpha=kwargs.get("alpha"))
+
+
+MODEL_SUFFIXES = (".keras",)
+
+
+def is_model_file(name: str) -> bool:
+    return str(name).lower().endswith(MODEL_SUFFIXES)
+
+
+def build_file_base(path: Path, *, input_size=None, alpha=None, weights="imagenet") -> Base:
+    """A user's own classifier (.keras) as the base: cut before its last GlobalAveragePooling2D.
+
+    The file must take float RGB pixels 0..255 with any scaling inside it (as export's
+    `--preprocessing none`; e.g. ../shared/models/efficientnet_lite0); its own weights are used.
+    """
+    if not path.is_file():
+        raise ConfigError(f"--base {path}: no such file; expected an application name or a .keras model file")
+    if alpha is not None:
+        raise ConfigError(f"--alpha applies to MobileNet applications, not to the model file {path.name}")
+    if weights not in ("imagenet", None) and str(weights) != "imagenet":
+        raise ConfigError(f"--weights {weights}: a model file base uses its own weights; leave --weights out")
+    keras = _keras()
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path} as a Keras model: {' '.join(str(exc).split())[:300]}") from None
+    info = contract.inspect(model)
+    if info.channels != 3 or info.input_dtype != "float32":
+        raise ConfigError(f"--base {path.name}: expected a float32 RGB image input (pixels 0..255, scaling inside "
+                          f"the model), got {info.channels} channel(s) of {info.input_dtype}")
+    if input_size is not None and tuple(int(v) for v in input_size) != info.input_size:
+        raise ConfigError(f"--image-size: {path.name} takes {info.input_size[0]}x{info.input_size[1]} images only")
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+    if not pools:
+        raise ConfigError(f"--base {path.name}: no GlobalAveragePooling2D layer to cut at; expected a CNN "
+                          "classifier ending in global average pooling and a Dense layer")
+    name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem) or "model"
+    network = keras.Model(model.inputs[0], pools[-1].input, name=name)
+    network.trainable = False
+    app = applications.Application(name=name, constructor="", module="", input_size=info.input_size,
+                                   preprocessing="none", weights_file=path.name,
+                                   params_millions=round(network.count_params() / 1e6, 2))
+    return Base(app=app, network=network, input_size=info.input_size, weights=str(path),
+                weights_sha256=weights_hash(network))
 
 
 def feature_extractor(base: Base, cut: str | None = None):

@@ -190,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=0.2, help="fraction of those for validation (default 0.2)")
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class (default: all others)")
     p.add_argument("--pair", dest="pairs", action="append", metavar="A,B", help="only this pair (repeatable)")
-    p.add_argument("--base", default="mobilenet_v2", choices=sorted(applications.APPLICATIONS))
+    p.add_argument("--base", default="mobilenet_v2", help="an application of "
+                   f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file (train's --base)")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image-size", type=int)
     p.add_argument("--alpha", type=float)

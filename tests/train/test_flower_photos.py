@@ -23,8 +23,8 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
-RECIPE = ["--augment"]  # train/README.md: the default recipe the table chose
-REACHED_TEST_ACCURACY = 0.87  # 0.900 measured (150 test photos); 4-5 photos below
+RECIPE = ["--augment", "--flip-tta"]  # train/README.md: the recipe the table chose on validation
+REACHED_TEST_ACCURACY = 0.87  # 0.913 measured (150 test photos); 6 photos below
 INT8_RATIO = 0.99  # the gate; measured 0.9067 INT8 vs 0.9000 FP32
 FEWSHOT_PAIR_FLOOR = 0.80  # roses vs tulips, the hardest pair: 0.845 measured on 400 test photos
 TEST_IMAGES = 150  # 10 % of 300 photos per class
