@@ -104,10 +104,12 @@ class TrainOptions:
             raise ConfigError(f"--image-size {self.image_size}: expected at least 32")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: expected at least 1")
-        from .bases import weights_arg
+        from .bases import is_model_file, weights_arg
         from .head import HEADS
 
         object.__setattr__(self, "weights", weights_arg(self.weights))  # before any slow work
+        if is_model_file(self.base) and not Path(self.base).is_file():
+            raise ConfigError(f"--base {self.base}: no such file; expected an application name or a .keras model file")
 
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
