@@ -28,6 +28,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _base(text: str) -> str:
+    if text in applications.APPLICATIONS or text.lower().endswith(".keras"):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (expected one of "
+                                     f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -36,15 +43,21 @@ def parser() -> argparse.ArgumentParser:
                     "uint8 'images' -> 'probabilities' contract, a report, and optionally export it.",
     )
     p.add_argument("data_dir", metavar="DATA_DIR", type=Path, help="folder with one sub-folder per class")
-    p.add_argument("--base", default="mobilenet_v2", choices=sorted(applications.APPLICATIONS),
-                   help="the frozen base application (default mobilenet_v2)")
+    p.add_argument("--base", default="mobilenet_v2", type=_base,
+                   help="the frozen base: an application (" + ", ".join(sorted(applications.APPLICATIONS))
+                        + "; default mobilenet_v2) or a .keras classifier file cut before its global pooling")
     p.add_argument("--name", help="model name (default: DATA_DIR's folder name)")
     p.add_argument("--output", type=Path, help="output folder (default runs/NAME)")
-    p.add_argument("--epochs", type=int, default=40, help="maximum head epochs (early stopping on validation)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs of the mlp head (early stopping on "
+                   "validation); the linear head is fitted by L-BFGS")
     p.add_argument("--val-split", type=_fraction, default=0.2, help="validation fraction per class (default 0.2)")
     p.add_argument("--test-split", type=_fraction, default=0.1, help="test fraction per class (default 0.1)")
     p.add_argument("--augment", action="store_true",
                    help="also train on features of flipped and cropped training images (cached too)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time flip averaging inside the saved model: the base also runs on the mirrored "
+                        "photo and the head sees the mean of both features (twice the inference work); the "
+                        "report's accuracy is that model's")
     p.add_argument("--fine-tune-layers", type=int, default=0, metavar="K",
                    help="afterwards train the base's top K layers with the head at a low learning rate, "
                         "BatchNorm frozen; the cut moves down to the nearest block boundary, preferring a narrow "
@@ -55,8 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="base weights: imagenet (default), none, or an .h5 path")
     p.add_argument("--image-size", type=int, help="square input size (default: the application's, e.g. 224)")
     p.add_argument("--alpha", type=float, help="width multiplier of MobileNet bases (default: the full network)")
-    p.add_argument("--heads", default="linear,mlp", help="head candidates, best validation accuracy wins")
-    p.add_argument("--batch-size", type=int, default=256, help="head training batch size (default 256)")
+    p.add_argument("--heads", default="linear", help="head candidates, comma-separated (linear, mlp): the best "
+                   "validation accuracy wins (default linear)")
+    p.add_argument("--batch-size", type=int, default=256, help="mlp head training batch size (default 256)")
     p.add_argument("--export", action="store_true", help="export the trained model into the repository")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (default models)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache folder (default .cache)")
@@ -79,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
                    "an existing one")
     p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
-    return console.add_examples(p, "../shared/datasets/flower_photos --base mobilenet_v2 --augment --precision int8",
+    return console.add_examples(p, "../shared/datasets/flower_photos --base mobilenet_v2 --augment --flip-tta "
+                                   "--precision int8",
                                 "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
 
 
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = TrainOptions(
             data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
-            val_split=args.val_split, test_split=args.test_split, augment=args.augment,
+            val_split=args.val_split, test_split=args.test_split, augment=args.augment, flip_tta=args.flip_tta,
             fine_tune_layers=args.fine_tune_layers, fine_tune_epochs=args.fine_tune_epochs,
             fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
             alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),

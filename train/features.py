@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,15 @@ class CacheStats:
     decoded_images: int = 0
     extractor_converted: bool = False
     extractor_reused: bool = False
+    seconds: dict = field(default_factory=dict)  # wall time of convert / decode / extract (where the phase goes)
+
+    def add_time(self, part: str, seconds: float) -> None:
+        self.seconds[part] = round(self.seconds.get(part, 0.0) + seconds, 3)
 
     def to_dict(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "extracted_images": self.extracted_images,
                 "decoded_images": self.decoded_images, "extractor_converted": self.extractor_converted,
-                "extractor_reused": self.extractor_reused}
+                "extractor_reused": self.extractor_reused, "seconds": dict(self.seconds)}
 
 
 @dataclass
@@ -138,6 +143,7 @@ class FeatureStore:
             return self._runner
         from serve.backends.onnxruntime import OnnxRuntimeRunner
 
+        started = time.perf_counter()
         path = self.cache_dir / "extractors" / f"{_digest(self._extractor_key())[:32]}.onnx"
         model = None
         if path.is_file():
@@ -156,6 +162,7 @@ class FeatureStore:
             intra_op_threads=self.threads,
         )
         self._runner = runner.load()
+        self.stats.add_time("convert_and_load", time.perf_counter() - started)
         return self._runner
 
     def feature_shape(self, model=None) -> tuple[int, ...]:
@@ -188,6 +195,7 @@ class FeatureStore:
     def _pixels(self, paths: list[Path]):
         """Decoded images (decoding each file once per run), indices kept, [(path, reason)] skipped."""
         todo = [p for p in paths if str(p) not in self._decoded and str(p) not in self._failed]
+        started = time.perf_counter()
         if todo:
             from serve.console import progress as tqdm  # bar on a terminal, lines in logs
 
@@ -197,6 +205,7 @@ class FeatureStore:
                 except image_io.ImageDecodeError as exc:
                     self._failed[str(p)] = str(exc)
             self.stats.decoded_images += len(todo)
+            self.stats.add_time("decode", time.perf_counter() - started)
         kept = [i for i, p in enumerate(paths) if str(p) in self._decoded]
         skipped = [(str(p), self._failed[str(p)]) for p in paths if str(p) in self._failed]
         height, width = self.base.input_size
@@ -210,6 +219,7 @@ class FeatureStore:
         if len(pixels) == 0:
             return np.zeros((0,) + self.feature_shape(), np.float32)
         runner = self.runner()
+        started = time.perf_counter()
         out = []
         with tqdm(total=len(pixels), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
             for start in range(0, len(pixels), self.batch_size):
@@ -219,6 +229,7 @@ class FeatureStore:
                 out.append(values.astype(np.float16) if values.ndim > 2 else values)
                 bar.update(len(chunk))
         self.stats.extracted_images += len(pixels)
+        self.stats.add_time("extract", time.perf_counter() - started)
         return np.concatenate(out)
 
     # ---- the cache files ---------------------------------------------------------------------

@@ -101,6 +101,8 @@ def train_args(data_dir: Path, a: str, b: str, args) -> list[str]:
         out += ["--epochs", str(args.epochs)]
     if args.augment:
         out += ["--augment"]
+    if args.flip_tta:
+        out += ["--flip-tta"]
     return out
 
 
@@ -162,7 +164,8 @@ def _options(ns):
 
     return TrainOptions(
         data_dir=ns.data_dir, base=ns.base, name=ns.name, output=ns.output, epochs=ns.epochs,
-        val_split=ns.val_split, test_split=ns.test_split, augment=ns.augment, seed=ns.seed, weights=ns.weights,
+        val_split=ns.val_split, test_split=ns.test_split, augment=ns.augment, flip_tta=ns.flip_tta, seed=ns.seed,
+        weights=ns.weights,
         image_size=ns.image_size, alpha=ns.alpha, heads=tuple(h for h in ns.heads.split(",") if h),
         batch_size=ns.batch_size, cache_dir=ns.cache_dir, progress=False,
         classes=tuple(ns.classes.split(",")), train_per_class=ns.train_per_class, test_per_class=ns.test_per_class)
@@ -187,13 +190,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=0.2, help="fraction of those for validation (default 0.2)")
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class (default: all others)")
     p.add_argument("--pair", dest="pairs", action="append", metavar="A,B", help="only this pair (repeatable)")
-    p.add_argument("--base", default="mobilenet_v2", choices=sorted(applications.APPLICATIONS))
+    p.add_argument("--base", default="mobilenet_v2", help="an application of "
+                   f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file (train's --base)")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image-size", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--heads", default="linear", help="head candidates (default linear)")
     p.add_argument("--epochs", type=int, default=0, help="maximum head epochs (default: train's)")
     p.add_argument("--augment", action="store_true")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time flip averaging in each model (train's --flip-tta)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("runs") / "fewshot", help="output folder (default runs/fewshot)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache (not used with --cold)")

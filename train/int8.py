@@ -22,6 +22,7 @@ answers FP32 got wrong costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serve._optional import require
 from serve.errors import ConfigError, KestrelError
 
 DEFAULT_MIN_RATIO = 0.99
@@ -94,6 +96,42 @@ def _runner(name: str, path: Path, entry):
                              max_batch_size=entry.max_batch_size)
 
 
+ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish")
+FLIP_LAYERS = ("flip_width_last", "flip_mirror", "flip_width_back")  # train.bases.horizontal_flip's layers
+
+
+def branch_entry_nodes(onnx_path) -> tuple[str, ...]:
+    """Nodes export's keep-float rules would keep in float if each branch were the whole model.
+
+    export.quantize keeps the *first* Conv (rule first_conv) and the *first* depthwise Conv
+    (rule sensitive) in float: in graph order, so in a model running the base twice (`--flip-tta`)
+    only one branch is protected. Here: every Conv with no Conv before it, every depthwise Conv
+    with no depthwise before it (with the activation that follows each), and the mirror layers.
+    For a one-branch model these are the nodes the rules keep already.
+    """
+    onnx = require("onnx", "INT8 quantization")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    before: dict[str, tuple[int, int]] = {}  # tensor -> (Convs, depthwise Convs) on the longest path to it
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep: list[str] = []
+    for node in graph.node:
+        convs = max((before.get(t, (0, 0))[0] for t in node.input), default=0)
+        depthwise = max((before.get(t, (0, 0))[1] for t in node.input), default=0)
+        is_conv = node.op_type == "Conv"
+        is_depthwise = is_conv and any(a.name == "group" and a.i > 1 for a in node.attribute)
+        if (is_conv and convs == 0) or (is_depthwise and depthwise == 0):
+            keep.append(node.name)
+            keep.extend(user.name for user in consumers.get(node.output[0], []) if user.op_type in ACTIVATIONS)
+        elif any(f"/{layer}" in node.name for layer in FLIP_LAYERS):
+            keep.append(node.name)
+        for out in node.output:
+            before[out] = (convs + is_conv, depthwise + is_depthwise)
+    return tuple(dict.fromkeys(keep))
+
+
 def build_int8(repository: str | Path, name: str, *, calibration: Sequence[Path], test_images: np.ndarray,
                test_labels: np.ndarray, min_ratio: float = DEFAULT_MIN_RATIO, force: bool = False,
                latency_runs: int = DEFAULT_LATENCY_RUNS, quantize_options=None, progress: bool = False,
@@ -112,6 +150,9 @@ def build_int8(repository: str | Path, name: str, *, calibration: Sequence[Path]
     if repo.folder(variant).exists() and not force:
         raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
     options = quantize_options or quant.QuantizeOptions()
+    extra = tuple(n for n in branch_entry_nodes(base.artifact()) if n not in options.exclude_nodes)
+    if extra:  # every copy of the base gets the keep-float rules, not only the first (a --flip-tta model)
+        options = dataclasses.replace(options, exclude_nodes=tuple(options.exclude_nodes) + extra)
     size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
     cal = quant.load_calibration(list(calibration), size, options, source="the training split", progress=progress)
     staging = optimize.stage_entry(repo, base, variant, PLATFORM_ONNX,

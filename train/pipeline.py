@@ -42,7 +42,8 @@ from . import features as features_lib
 
 OUTPUT_FILES = ("model.keras", "labels.txt", "report.json", "confusion_matrix.txt", "confusion_matrix.png",
                 "training_curves.png")
-PARITY_IMAGES = 16
+PARITY_IMAGES = 16  # held-out photos for export's parity check
+JOINED_CHECK_IMAGES = 8  # ... and for the joined Keras model vs the feature path (a MobileNetV2 pass each)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainOptions:
     val_split: float = 0.2
     test_split: float = 0.1
     augment: bool = False
+    flip_tta: bool = False  # the saved model averages the features of the photo and its mirror image
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 6
     fine_tune_lr: float = 1e-4
@@ -62,7 +64,7 @@ class TrainOptions:
     weights: str | None = "imagenet"
     image_size: int | None = None
     alpha: float | None = None
-    heads: tuple[str, ...] = ("linear", "mlp")
+    heads: tuple[str, ...] = ("linear",)
     batch_size: int = 256
     export: bool = False
     repository: Path = Path("models")
@@ -102,10 +104,12 @@ class TrainOptions:
             raise ConfigError(f"--image-size {self.image_size}: expected at least 32")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: expected at least 1")
-        from .bases import weights_arg
+        from .bases import is_model_file, weights_arg
         from .head import HEADS
 
         object.__setattr__(self, "weights", weights_arg(self.weights))  # before any slow work
+        if is_model_file(self.base) and not Path(self.base).is_file():
+            raise ConfigError(f"--base {self.base}: no such file; expected an application name or a .keras model file")
 
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
@@ -131,6 +135,9 @@ class TrainOptions:
             if self.test_split == 0 and self.train_per_class is None:
                 raise ConfigError("--precision int8 --test-split 0: the INT8 gate needs a labelled test split")
             object.__setattr__(self, "export", True)  # the INT8 variant is made from the FP32 export
+        if self.flip_tta and self.fine_tune_layers:
+            raise ConfigError("--flip-tta with --fine-tune-layers: not supported (the fine-tuned top is trained on "
+                              "single views); use one of them")
         if self.calibration_method not in ("percentile", "minmax", "entropy"):
             raise ConfigError(f"--calibration-method {self.calibration_method}: expected percentile, minmax or "
                               "entropy")
@@ -203,7 +210,9 @@ def train(options: TrainOptions) -> TrainResult:
         if options.fine_tune_layers:
             cut, top, top_layers = bases.split_top(base, options.fine_tune_layers)
     report["base"] = {**base.key(), "description": base.description, "weights": base.weights,
-                      "fine_tune_cut": cut}
+                      "fine_tune_cut": cut, "flip_tta": options.flip_tta,
+                      # the saved / exported model runs the base this many times per photo
+                      "base_passes_per_image": 2 if options.flip_tta else 1}
     say(f"base: {base.description}" + (f"; fine-tuning from {cut} ({len(top_layers)} layers)" if cut else ""))
 
     store = features_lib.FeatureStore(base, cache_dir=options.cache_dir, cut=cut, progress=options.progress)
@@ -225,11 +234,21 @@ def train(options: TrainOptions) -> TrainResult:
                 split = data_lib.stratified_split(labels, val=options.val_split, test=options.test_split,
                                                   seed=options.seed)
             views = {"plain": plain.values[split["train"]]}
+            evaluated = plain.values  # what the saved model computes for each photo (val / test / checks)
+            if options.flip_tta:  # the mirror image of every photo: averaged for evaluation, a training view
+                mirrored = store.get(dataset.paths, dataset.fingerprint(), "flip")
+                if not np.array_equal(mirrored.kept, plain.kept):
+                    raise ConfigError("the photos decoded differently for the flipped view; were files modified "
+                                      "during training?")
+                views["flip"] = mirrored.values[split["train"]]
+                evaluated = (plain.values + mirrored.values) / 2
             if options.augment:
                 train_files = plain.kept[split["train"]]
                 train_paths = [dataset.paths[i] for i in train_files]
                 fingerprint = dataset.fingerprint(train_files)
                 for view in features_lib.AUGMENT_VIEWS:
+                    if view in views:
+                        continue
                     got = store.get(train_paths, fingerprint, view)
                     if len(got.kept) != len(train_paths):  # a file changed between the two reads
                         raise ConfigError(f"{len(train_paths) - len(got.kept)} training image(s) could not be "
@@ -244,8 +263,8 @@ def train(options: TrainOptions) -> TrainResult:
     y_train_one = labels[split["train"]]
     y_train = np.concatenate([y_train_one] * len(views))
     maps_train = np.concatenate(list(views.values()))
-    maps_val, y_val = plain.values[split["val"]], labels[split["val"]]
-    maps_test, y_test = plain.values[split["test"]], labels[split["test"]]
+    maps_val, y_val = evaluated[split["val"]], labels[split["val"]]
+    maps_test, y_test = evaluated[split["test"]], labels[split["test"]]
 
     from . import head as head_lib
 
@@ -299,14 +318,14 @@ def train(options: TrainOptions) -> TrainResult:
     if report["test_accuracy"] is not None:
         say(f"test accuracy {report['test_accuracy']:.4f} on {len(y_test)} images")
 
-    model = bases.classifier(base, best.model)
+    model = bases.classifier(base, best.model, flip_tta=options.flip_tta)
     test_files = plain.kept[split["test"]] if len(split["test"]) else plain.kept[split["val"]]
     sample_paths = [dataset.paths[i] for i in test_files[:PARITY_IMAGES]]
     save_started = time.perf_counter()
     with phases.run("save"):
         # plain.values are the cut's feature maps whenever fine-tuning was asked for: through the top
-        report["joined_model_check"] = _check_joined(model, base, sample_paths, plain, test_files[:PARITY_IMAGES],
-                                                     best.model, top)
+        report["joined_model_check"] = _check_joined(model, base, sample_paths[:JOINED_CHECK_IMAGES], plain.kept,
+                                                     evaluated, test_files[:JOINED_CHECK_IMAGES], best.model, top)
         result = _write_outputs(options, model, dataset.classes, report, evaluation, curves, phases,
                                 save_started)
 
@@ -394,16 +413,16 @@ def _evaluate(classes: list[str], head, top, x_test, y_test) -> dict:
     }
 
 
-def _check_joined(model, base, paths, plain, kept_indices, head, top) -> dict:
+def _check_joined(model, base, paths, kept, evaluated, kept_indices, head, top) -> dict:
     """The saved model (uint8 images in) must agree with the feature path it was trained on."""
     from serve import images as image_io
 
     if not paths:
         return {"images": 0}
     batch = np.stack([image_io.load(p, base.input_size) for p in paths])
-    joined = np.asarray(model.predict(batch, verbose=0))
-    index = {int(k): i for i, k in enumerate(plain.kept)}
-    feats = plain.values[[index[int(k)] for k in kept_indices]]
+    joined = np.asarray(model(batch, training=False))  # a direct call: predict() would trace the graph first
+    index = {int(k): i for i, k in enumerate(kept)}
+    feats = evaluated[[index[int(k)] for k in kept_indices]]
     via_features = _predict_probabilities(head, top, feats)
     diff = float(np.abs(joined - via_features).max())
     agree = float((joined.argmax(1) == via_features.argmax(1)).mean())

@@ -72,3 +72,28 @@ def test_fine_tuning_reports_and_reverts_when_not_better(tiny_dataset, tmp_path)
     assert fine["kept"] == (fine["val_accuracy"] > report["heads"][0]["val_accuracy"])
     check = report["joined_model_check"]
     assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+
+
+def test_a_keras_model_file_is_a_base(tiny_dataset, tmp_path):
+    """--base PATH.keras (a user's classifier, e.g. EfficientNet-Lite0): cut before its global pooling."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = keras.Input(shape=(64, 64, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(images)
+    x = keras.layers.Conv2D(12, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    own = keras.Model(images, keras.layers.Dense(10, activation="softmax")(x))
+    path = tmp_path / "my-net.keras"
+    own.save(path)
+    result = train(TrainOptions(data_dir=tiny_dataset, base=str(path), output=tmp_path / "out",
+                                cache_dir=tmp_path / "cache", progress=False))
+    report = result.report
+    assert report["base"]["base"] == "my_net" and report["base"]["preprocessing"] == "none"
+    assert report["base"]["input_size"] == [64, 64] and report["features"]["feature_shape"] == [12]
+    check = report["joined_model_check"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+    with pytest.raises(ConfigError, match="takes 64x64"):
+        bases.build_base(str(path), input_size=(96, 96))
+    with pytest.raises(ConfigError, match="no such file"):
+        bases.build_base(str(tmp_path / "absent.keras"))

@@ -24,6 +24,8 @@ def _run(args, env, cwd):
         (["{data}", "--heads", "linear,forest"], "--heads"),
         (["{data}", "--epochs", "0"], "--epochs 0"),
         (["{data}", "--weights", "{tmp}/no_such.h5"], "weights file"),
+        (["{data}", "--flip-tta", "--fine-tune-layers", "3"], "--flip-tta with --fine-tune-layers"),
+        (["{data}", "--base", "{tmp}/no_such.keras"], "no such file"),
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(args, message, tiny_dataset, tmp_path, python_env):

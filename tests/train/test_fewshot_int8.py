@@ -204,3 +204,34 @@ def test_int8_below_the_gate_writes_nothing_and_carries_the_report(int8_run, mon
     assert forced.passed is False and forced.written is True and (repo.root / "tiny_int8" / "1" / "model.onnx").is_file()
     with pytest.raises(ConfigError, match="already exists"):
         int8_lib.build_int8(repo.root, "tiny", **kwargs)
+
+
+def test_int8_keeps_the_entry_layers_of_every_branch_in_float(tmp_path):
+    """A --flip-tta model runs the base twice: both copies' first Conv and first depthwise Conv stay float."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def weight(name, shape):
+        return helper.make_tensor(name, TensorProto.FLOAT, shape, [0.1] * int(np.prod(shape)))
+
+    nodes, inits = [helper.make_node("Transpose", ["x"], ["xt"], name="m/flip_width_last_1/transpose")], []
+    for branch, source in (("a", "x"), ("b", "xt")):
+        inits += [weight(f"{branch}_w1", [4, 3, 3, 3]), weight(f"{branch}_wd", [4, 1, 3, 3]),
+                  weight(f"{branch}_w2", [4, 4, 1, 1])]
+        nodes += [
+            helper.make_node("Conv", [source, f"{branch}_w1"], [f"{branch}1"], name=f"{branch}/conv1"),
+            helper.make_node("Relu", [f"{branch}1"], [f"{branch}1r"], name=f"{branch}/relu1"),
+            helper.make_node("Conv", [f"{branch}1r", f"{branch}_wd"], [f"{branch}2"], name=f"{branch}/depthwise",
+                             group=4),
+            helper.make_node("Relu", [f"{branch}2"], [f"{branch}2r"], name=f"{branch}/relu2"),
+            helper.make_node("Conv", [f"{branch}2r", f"{branch}_w2"], [f"{branch}3"], name=f"{branch}/project"),
+        ]
+    nodes.append(helper.make_node("Add", ["a3", "b3"], ["y"], name="mean"))
+    graph = helper.make_graph(nodes, "two_branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                    [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    kept = int8_lib.branch_entry_nodes(path)
+    assert set(kept) == {"m/flip_width_last_1/transpose", "a/conv1", "a/relu1", "a/depthwise", "a/relu2",
+                         "b/conv1", "b/relu1", "b/depthwise", "b/relu2"}

@@ -21,10 +21,12 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+# the module fixture (cold run with export and INT8, then a re-run) outlasts the suite's 300 s default on a
+# loaded machine; nothing here asserts a time
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data, pytest.mark.timeout(2400)]
 
-RECIPE = ["--augment"]  # train/README.md: the default recipe the table chose
-REACHED_TEST_ACCURACY = 0.87  # 0.900 measured (150 test photos); 4-5 photos below
+RECIPE = ["--augment", "--flip-tta"]  # train/README.md: the recipe the table chose on validation
+REACHED_TEST_ACCURACY = 0.87  # 0.913 measured (150 test photos); 6 photos below
 INT8_RATIO = 0.99  # the gate; measured 0.9067 INT8 vs 0.9000 FP32
 FEWSHOT_PAIR_FLOOR = 0.80  # roses vs tulips, the hardest pair: 0.845 measured on 400 test photos
 TEST_IMAGES = 150  # 10 % of 300 photos per class

@@ -28,7 +28,7 @@ def runs(tiny_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("train_runs")
     cache = work / "cache"
     first = train(TrainOptions(data_dir=tiny_dataset, output=work / "first", cache_dir=cache, epochs=3,
-                               augment=True, **SMALL))
+                               augment=True, heads=("linear", "mlp"), **SMALL))
     second = train(TrainOptions(data_dir=tiny_dataset, output=work / "second", cache_dir=cache, epochs=2,
                                 augment=True, heads=("linear",), batch_size=8, **SMALL))
     return {"first": first, "second": second, "cache": cache, "work": work}
@@ -135,3 +135,34 @@ def test_interrupt_leaves_no_half_written_model(runs, tiny_dataset, tmp_path, mo
                            heads=("linear",), **SMALL))
     assert (output / "model.keras").read_bytes() == b"previous model"
     assert sorted(p.name for p in output.iterdir()) == ["model.keras"]
+
+
+def test_flip_tta_model_averages_both_views_as_the_report_says(runs, tiny_dataset, tmp_path):
+    """--flip-tta: the saved model mirrors the photo itself; the feature path averaged the cached flip view."""
+    import keras
+
+    result = train(TrainOptions(data_dir=tiny_dataset, output=tmp_path / "tta", cache_dir=runs["cache"], epochs=1,
+                                flip_tta=True, **SMALL))
+    report = result.report
+    assert report["base"]["flip_tta"] is True and report["base"]["base_passes_per_image"] == 2
+    features = report["features"]
+    assert features["hits"] == ["plain"] and features["misses"] == ["flip"]
+    assert features["extracted_images"] == 24  # the mirror image of every decodable photo
+    assert features["views"] == ["plain", "flip"]  # the flipped training photos are a training view for free
+    check = report["joined_model_check"]
+    assert check["images"] == 3 and check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+    model = keras.saving.load_model(result.model_path, compile=False, safe_mode=True)
+    batch = np.random.default_rng(1).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(batch[:, :, ::-1])
+    np.testing.assert_allclose(np.asarray(model(batch)), np.asarray(model(mirrored)), atol=1e-5)  # flip-invariant
+
+
+def test_horizontal_flip_layers_mirror_exactly():
+    import keras
+
+    from train import bases
+
+    x = keras.Input(shape=(5, 7, 3))
+    model = keras.Model(x, bases.horizontal_flip(x))
+    images = np.random.default_rng(0).normal(0, 50, (2, 5, 7, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(images)), images[:, :, ::-1])
