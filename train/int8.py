@@ -150,7 +150,11 @@ def build_int8(repository: str | Path, name: str, *, calibration: Sequence[Path]
     if repo.folder(variant).exists() and not force:
         raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
     options = quantize_options or quant.QuantizeOptions()
-    extra = tuple(n for n in branch_entry_nodes(base.artifact()) if n not in options.exclude_nodes)
+    onnx = require("onnx", "INT8 quantization")
+    ruled = quant.keep_float_nodes(onnx.load(str(base.artifact()), load_external_data=False),
+                                   options.keep_float, options.float_prefix)
+    # only what the rules miss: a one-branch model keeps export's defaults (exact 8-bit input lifts its stem)
+    extra = tuple(n for n in branch_entry_nodes(base.artifact()) if n not in options.exclude_nodes and n not in ruled)
     if extra:  # every copy of the base gets the keep-float rules, not only the first (a --flip-tta model)
         options = dataclasses.replace(options, exclude_nodes=tuple(options.exclude_nodes) + extra)
     size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
