@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= export,bench,dev
+EXTRAS ?= export,train,bench,dev
 # offline: two Keras applications (weights in $(SHARED)/keras_home) and a user's .keras file;
 # with internet the seeds' trio: make demo MODELS=vgg16,resnet50,xception
 MODELS ?= mobilenet_v2,mobilenet,$(SHARED)/models/efficientnet_lite0/efficientnet_lite0.keras
@@ -27,7 +27,7 @@ endif
 
 install: $(VENV)/.installed $(GENERATED)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
