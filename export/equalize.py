@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _graph
+
 MARGIN = 2.0  # the scaled channel's calibration maximum stays at most clip / MARGIN
 MAX_SCALE = 64.0
 
@@ -48,20 +50,6 @@ class Pair:
                 "scales": [round(float(v), 6) for v in k]}
 
 
-def _consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
-def _attr(node, name, default=None):
-    from onnx import helper
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _clip_bounds(node, inits) -> tuple[float, float] | None:
@@ -70,8 +58,8 @@ def _clip_bounds(node, inits) -> tuple[float, float] | None:
         lo = float(numpy_helper.to_array(inits[node.input[1]]))
         hi = float(numpy_helper.to_array(inits[node.input[2]]))
         return lo, hi
-    if _attr(node, "min") is not None:  # opset < 11
-        return float(_attr(node, "min")), float(_attr(node, "max"))
+    if _graph.attribute(node, "min") is not None:  # opset < 11
+        return float(_graph.attribute(node, "min")), float(_graph.attribute(node, "max"))
     return None
 
 
@@ -79,7 +67,7 @@ def find_pairs(model, first_only: bool = False) -> list[Pair]:
     """Conv -> Clip(0, c)/Relu -> depthwise Conv chains whose tensors feed nothing else."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     pairs = []
     for node in graph.node:
         if node.op_type != "Conv" or node.input[1] not in inits:
@@ -99,7 +87,7 @@ def find_pairs(model, first_only: bool = False) -> list[Pair]:
             continue
         dw = nxt[0]
         out_channels = inits[node.input[1]].dims[0]
-        if int(_attr(dw, "group", 1)) != out_channels or inits[dw.input[1]].dims[1] != 1:
+        if int(_graph.attribute(dw, "group", 1)) != out_channels or inits[dw.input[1]].dims[1] != 1:
             continue
         pairs.append(Pair(node.name, act.name, dw.name, clip))
         if first_only:
@@ -126,18 +114,20 @@ def channel_max(model, tensors: list[str], images: np.ndarray, input_name: str, 
     return best
 
 
-def equalize(model, images: np.ndarray, *, input_name: str = "images", first_only: bool = False) -> list[Pair]:
-    """Rescale each pair's channels (in place); returns the pairs with their scales."""
+def equalize(model, images: np.ndarray, *, input_name: str = "images", first_only: bool = False,
+             pairs: list[Pair] | None = None) -> list[Pair]:
+    """Rescale each pair's channels (in place; `pairs`: find_pairs()'s answer if the caller has it);
+    returns the pairs with their scales."""
     from onnx import numpy_helper
 
-    pairs = find_pairs(model, first_only)
+    pairs = find_pairs(model, first_only) if pairs is None else pairs
     if not pairs:
         return []
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     maxima = channel_max(model, [nodes[p.activation].output[0] for p in pairs], images, input_name)
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
 
     def replace(name: str, value: np.ndarray) -> None:
         if len(consumers.get(name, [])) > 1:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _graph
+
 FLOAT = 1  # onnx.TensorProto.FLOAT
 UINT8 = 2  # onnx.TensorProto.UINT8
 _AFFINE = ("Mul", "Div", "Add", "Sub")
@@ -68,20 +70,6 @@ class InputPlan:
                 "conv": self.conv, "offset_shift": self.offset_shift, "max_padding_shift": self.max_padding_shift}
 
 
-def _consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            from onnx import helper
-            return helper.get_attribute_value(a)
-    return default
 
 
 def plan(model) -> tuple[InputPlan | None, str]:
@@ -98,7 +86,7 @@ def plan(model) -> tuple[InputPlan | None, str]:
     if len(shape) != 4 or shape[3] <= 0:
         return None, "the input is not an NHWC image batch"
     channels = shape[3]
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     a, b = np.ones(channels), np.zeros(channels)
     chain, perm, tensor, cast = [], None, source.name, False
     while True:
@@ -109,7 +97,7 @@ def plan(model) -> tuple[InputPlan | None, str]:
         if node.op_type == "Conv":
             break
         if node.op_type == "Cast":
-            if cast or _attr(node, "to") != FLOAT:
+            if cast or _graph.attribute(node, "to") != FLOAT:
                 return None, f"{node.name}: a Cast other than the one uint8 -> float"
             cast = True
         elif node.op_type in _AFFINE:
@@ -132,7 +120,7 @@ def plan(model) -> tuple[InputPlan | None, str]:
         elif node.op_type == "Transpose":
             if perm is not None:
                 return None, f"{node.name}: a second Transpose"
-            perm = list(_attr(node, "perm", []))
+            perm = list(_graph.attribute(node, "perm", []))
             if perm != [0, 3, 1, 2]:
                 return None, f"{node.name}: Transpose perm {perm} (expected NHWC -> NCHW [0, 3, 1, 2])"
         else:
@@ -142,7 +130,7 @@ def plan(model) -> tuple[InputPlan | None, str]:
     conv = node
     if not cast:
         return None, "no uint8 -> float Cast before the first Conv"
-    if int(_attr(conv, "group", 1)) != 1 or conv.input[1] not in inits:
+    if int(_graph.attribute(conv, "group", 1)) != 1 or conv.input[1] not in inits:
         return None, f"{conv.name}: not a plain convolution with constant weights"
     if not np.allclose(a, a[0], rtol=1e-6) or a[0] <= 0:
         return None, f"per-channel input scales {a.tolist()} (one positive scale is needed)"
@@ -152,8 +140,8 @@ def plan(model) -> tuple[InputPlan | None, str]:
     weights = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)  # (O, C, kh, kw)
     if weights.ndim != 4 or weights.shape[1] != channels:
         return None, f"{conv.name}: weights of shape {list(weights.shape)} for {channels} input channels"
-    pads = list(_attr(conv, "pads", [0, 0, 0, 0]))
-    padded = any(pads) or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+    pads = list(_graph.attribute(conv, "pads", [0, 0, 0, 0]))
+    padded = any(pads) or _graph.attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
     border = float(np.max(np.sum(np.abs(weights) * np.abs(shift)[None, :, None, None], axis=(1, 2, 3)))) if padded else 0.0
     return InputPlan(input_name=source.name, tensor=tensor, scale=scale, zero_point=z, chain=chain, perm=perm,
                      conv=conv.name, weight=conv.input[1], offset_shift=shift.tolist(), max_padding_shift=border), ""
@@ -169,7 +157,7 @@ def apply(model, p: InputPlan) -> None:
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     conv = nodes[p.conv]
     # a new Add of the shift right before the Conv: p' = p + shift (channel axis 1 after the Transpose)
     channel_shape = (1, -1, 1, 1) if p.perm is not None else (-1,)
@@ -212,7 +200,7 @@ def strip(model, p: InputPlan) -> bool:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     users = consumers.get(p.tensor, [])
     if len(users) != 1 or users[0].op_type != "QuantizeLinear":
         return False

@@ -82,6 +82,7 @@ from serve._optional import require
 from serve.errors import ConfigError, ImageDecodeError
 
 from . import equalize, exact_input
+from . import _graph
 
 METHODS = ("minmax", "percentile", "entropy")
 QUANTIZERS = ("onnxruntime", "nncf")  # nncf: NNCF's ONNX post-training quantization (extra "nncf")
@@ -284,18 +285,6 @@ def chunk_size(n: int, limit: int = CALIBRATION_CHUNK) -> int:
 _COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 
 
-def _consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            out[name].append(node)
-    return out
-
-
-def _is_depthwise(node) -> bool:
-    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
-
-
 def _with_activation(node, consumers) -> list[str]:
     """A Conv and the Clip/Relu that follows it (they quantize as one unit)."""
     names = [node.name]
@@ -313,7 +302,7 @@ def keep_float_nodes(model, rules: Iterable[str], float_prefix: int = 0) -> dict
     """
     graph = model.graph
     nodes = list(graph.node)
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     compute = [i for i, n in enumerate(nodes) if n.op_type in _COMPUTE_OPS]
     keep: dict[str, str] = {}
     rules = tuple(rules)
@@ -335,7 +324,7 @@ def keep_float_nodes(model, rules: Iterable[str], float_prefix: int = 0) -> dict
             for node in nodes[last_dense:]:
                 keep.setdefault(node.name, "classifier")
     if "sensitive" in rules:
-        depthwise = [nodes[i] for i in compute if _is_depthwise(nodes[i])]
+        depthwise = [nodes[i] for i in compute if _graph.is_depthwise(nodes[i])]
         if depthwise:
             for name in _with_activation(depthwise[0], consumers):
                 keep.setdefault(name, "sensitive")
@@ -397,7 +386,7 @@ def float_layers_between_qdq(model) -> list[str]:
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consumers = _consumers(graph)
+    consumers = _graph.consumers(graph)
     found = []
     for node in graph.node:
         if node.op_type not in _COMPUTE_OPS or len(node.input) < 2 or node.input[1] not in initializers:
@@ -436,23 +425,22 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         if options.quantizer == "nncf":
             _quantize_nncf(prepared, out_path, images, options, input_name=input_name, kept=sorted(kept))
             return _result(onnx, out_path, images, skipped, options, kept)
+        exact = {"applied": False, "why_not": "off (exact_input=False)"}
+        use_exact = options.exact_input and options.target == "cpu" and not options.symmetric_activations
+        if options.exact_input and not use_exact:
+            exact["why_not"] = "needs the CPU target's asymmetric uint8 activations"
+        # the prepared model with its weights, read once and written once, when a transform may change it
+        full = onnx.load(str(prepared)) if use_exact or options.equalize != "none" else None
         equalized: list[dict] = []
         if options.equalize != "none":
-            full = onnx.load(str(prepared))
-            pairs = [pair for pair in equalize.find_pairs(full, options.equalize == "first")
-                     if pair.depthwise not in kept and pair.conv not in kept]
-            if pairs:
-                done = equalize.equalize(full, images[:EQUALIZE_IMAGES], input_name=input_name,
-                                         first_only=options.equalize == "first")
+            first = options.equalize == "first"
+            pairs = equalize.find_pairs(full, first)
+            if any(p.depthwise not in kept and p.conv not in kept for p in pairs):
+                done = equalize.equalize(full, images[:EQUALIZE_IMAGES], input_name=input_name, pairs=pairs)
                 equalized = [pair.as_dict() for pair in done]
-                prepared = Path(tmp) / "prepared_equalized.onnx"
-                onnx.save(full, str(prepared))
-                model = onnx.load(str(prepared), load_external_data=False)
-        exact = {"applied": False, "why_not": "off (exact_input=False)"}
         plan = None
-        if options.exact_input and options.target == "cpu" and not options.symmetric_activations:
-            plan, why_not = exact_input.plan(model)
-            exact["why_not"] = why_not
+        if use_exact:
+            plan, exact["why_not"] = exact_input.plan(full)
             if plan is not None and kept.get(plan.conv) == "first_conv" and plan.conv not in options.exclude_nodes:
                 # first_conv and sensitive guard a stem fed a re-quantized copy of the image (7 bits after
                 # rounding) with 8-bit weights (AVX2's U8S8 pair sums saturate on full-range pixels). Fed
@@ -466,14 +454,12 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
                 exact["why_not"] = f"the stem {plan.conv} stays float (keep-float rule {kept[plan.conv]})"
                 plan = None
             if plan is not None:
-                model = onnx.load(str(prepared))
-                exact_input.apply(model, plan)
-                prepared = Path(tmp) / "prepared_exact_input.onnx"
-                onnx.save(model, str(prepared))
+                exact_input.apply(full, plan)
                 for name in plan.chain:
                     kept.setdefault(name, "preprocessing")
-        elif options.exact_input:
-            exact["why_not"] = "needs the CPU target's asymmetric uint8 activations"
+        if equalized or plan is not None:
+            prepared = Path(tmp) / "prepared_transformed.onnx"
+            onnx.save(full, str(prepared))
         methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                    "entropy": q.CalibrationMethod.Entropy}
         symmetric_activations = options.target == "tensorrt" or options.symmetric_activations

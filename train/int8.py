@@ -100,8 +100,9 @@ ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish")
 FLIP_LAYERS = ("flip_width_last", "flip_mirror", "flip_width_back")  # train.bases.horizontal_flip's layers
 
 
-def branch_entry_nodes(onnx_path) -> tuple[str, ...]:
-    """Nodes export's keep-float rules would keep in float if each branch were the whole model.
+def branch_entry_nodes(model) -> tuple[str, ...]:
+    """Nodes export's keep-float rules would keep in float if each branch were the whole model
+    (`model`: an onnx.ModelProto or the path of one).
 
     export.quantize keeps the *first* Conv (rule first_conv) and the *first* depthwise Conv
     (rule sensitive) in float: in graph order, so in a model running the base twice (`--flip-tta`)
@@ -109,19 +110,19 @@ def branch_entry_nodes(onnx_path) -> tuple[str, ...]:
     with no depthwise before it (with the activation that follows each), and the mirror layers.
     For a one-branch model these are the nodes the rules keep already.
     """
-    onnx = require("onnx", "INT8 quantization")
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    from export import _graph
+
+    if not hasattr(model, "graph"):  # a path
+        model = require("onnx", "INT8 quantization").load(str(model), load_external_data=False)
+    graph = model.graph
     before: dict[str, tuple[int, int]] = {}  # tensor -> (Convs, depthwise Convs) on the longest path to it
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _graph.consumers(graph)
     keep: list[str] = []
     for node in graph.node:
         convs = max((before.get(t, (0, 0))[0] for t in node.input), default=0)
         depthwise = max((before.get(t, (0, 0))[1] for t in node.input), default=0)
         is_conv = node.op_type == "Conv"
-        is_depthwise = is_conv and any(a.name == "group" and a.i > 1 for a in node.attribute)
+        is_depthwise = _graph.is_depthwise(node)
         if (is_conv and convs == 0) or (is_depthwise and depthwise == 0):
             keep.append(node.name)
             keep.extend(user.name for user in consumers.get(node.output[0], []) if user.op_type in ACTIVATIONS)
@@ -150,11 +151,10 @@ def build_int8(repository: str | Path, name: str, *, calibration: Sequence[Path]
     if repo.folder(variant).exists() and not force:
         raise ConfigError(f"{repo.folder(variant)} already exists; pass --force to replace it")
     options = quantize_options or quant.QuantizeOptions()
-    onnx = require("onnx", "INT8 quantization")
-    ruled = quant.keep_float_nodes(onnx.load(str(base.artifact()), load_external_data=False),
-                                   options.keep_float, options.float_prefix)
+    model = require("onnx", "INT8 quantization").load(str(base.artifact()), load_external_data=False)
+    ruled = quant.keep_float_nodes(model, options.keep_float, options.float_prefix)
     # only what the rules miss: a one-branch model keeps export's defaults (exact 8-bit input lifts its stem)
-    extra = tuple(n for n in branch_entry_nodes(base.artifact()) if n not in options.exclude_nodes and n not in ruled)
+    extra = tuple(n for n in branch_entry_nodes(model) if n not in options.exclude_nodes and n not in ruled)
     if extra:  # every copy of the base gets the keep-float rules, not only the first (a --flip-tta model)
         options = dataclasses.replace(options, exclude_nodes=tuple(options.exclude_nodes) + extra)
     size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
