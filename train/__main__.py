@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
                    help="afterwards train the base's top K layers with the head at a low learning rate, "
                         "BatchNorm frozen; the cut moves down to the nearest block boundary, preferring a narrow "
                         "tensor (mobilenet_v2: 10 -> block_15_add); kept only if validation improves (default 0)")
+    p.add_argument("--pool-stages", type=int, metavar="N",
+                   help="features = the global averages of the base's last layer at each of its N coarsest "
+                        "resolutions, concatenated (MobileNetV2: out_relu, block_13_expand_relu, "
+                        "block_6_expand_relu); default 3, 1 = the base's output only (and with --fine-tune-layers)")
     p.add_argument("--fine-tune-epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
     p.add_argument("--fine-tune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TrainOptions(
             data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
             val_split=args.val_split, test_split=args.test_split, augment=args.augment, flip_tta=args.flip_tta,
-            fine_tune_layers=args.fine_tune_layers, fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_layers=args.fine_tune_layers, pool_stages=args.pool_stages, fine_tune_epochs=args.fine_tune_epochs,
             fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
             alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
             batch_size=args.batch_size, export=args.export, repository=args.repository,

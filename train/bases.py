@@ -35,6 +35,9 @@ class Base:
     weights: str | None  # "imagenet", None or a path
     weights_sha256: str
     alpha: float | None = None
+    # multi-scale pooling: the layers whose global-average-pooled outputs, concatenated in this order,
+    # are the features (`stage_layers`); empty = the network's output only
+    pooled_layers: tuple[str, ...] = ()
 
     @property
     def preprocessing(self) -> str:
@@ -47,8 +50,11 @@ class Base:
 
     def key(self) -> dict:
         """What identifies the features this base produces (for the cache)."""
-        return {"base": self.app.name, "alpha": self.alpha, "input_size": list(self.input_size),
-                "preprocessing": self.preprocessing, "weights_sha256": self.weights_sha256}
+        key = {"base": self.app.name, "alpha": self.alpha, "input_size": list(self.input_size),
+               "preprocessing": self.preprocessing, "weights_sha256": self.weights_sha256}
+        if len(self.pooled_layers) > 1:  # one pooled layer (the output) keeps the key features always had
+            key["pooled_layers"] = list(self.pooled_layers)
+        return key
 
 
 def _keras():
@@ -174,6 +180,68 @@ def build_file_base(path: Path, *, input_size=None, alpha=None, weights="imagene
                 weights_sha256=weights_hash(network))
 
 
+def stage_layers(base: Base, stages: int) -> tuple[str, ...]:
+    """The last layer of each of the network's `stages` coarsest resolutions, deepest first.
+
+    Stage 1 is the network's output (what `--pool-stages 1` pools); stage 2 the
+    last layer before the downsampling into it, and so on (MobileNetV2 at 224:
+    out_relu 7x7, block_13_expand_relu 14x14, block_6_expand_relu 28x28). Sizes
+    come from one pass of a zero image (an ImageNet base is built size-free);
+    padding layers and the input's own size (preprocessing) are not a resolution
+    of their own. A network with fewer resolutions gives fewer layers.
+    """
+    keras = _keras()
+    import numpy as np
+
+    if stages < 1:
+        raise ConfigError(f"--pool-stages {stages}: expected 1 (the base's output) or more")
+    network = base.network
+    output_layer = network.output._keras_history[0]  # the layer that produces the network's output
+    if stages == 1:
+        return (output_layer.name,)
+    candidates = [layer for layer in network.layers
+                  if not isinstance(layer, (keras.layers.InputLayer, keras.layers.ZeroPadding2D))
+                  and len(getattr(layer, "output", ()).shape) == 4]
+    probe = keras.Model(network.input, [layer.output for layer in candidates])
+    height, width = base.input_size
+    outputs = probe(np.zeros((1, height, width, 3), np.float32), training=False)
+    last_at: dict[tuple[int, int], str] = {}  # spatial size -> the last layer (graph order) with it
+    for layer, out in zip(candidates, outputs):
+        size = (int(out.shape[1]), int(out.shape[2]))
+        if size[0] * size[1] < height * width:  # the image's own size (its preprocessing) is not a stage
+            last_at[size] = layer.name
+    sizes = sorted(last_at, key=lambda hw: hw[0] * hw[1])  # coarsest first
+    names = [output_layer.name]
+    for hw in sizes[1:]:
+        if len(names) == stages:
+            break
+        if last_at[hw] not in names:
+            names.append(last_at[hw])
+    return tuple(names)
+
+
+def with_stages(base: Base, stages: int) -> Base:
+    """`base` pooling its `stages` coarsest resolutions (`stage_layers`)."""
+    import dataclasses
+
+    layers = stage_layers(base, stages)
+    return dataclasses.replace(base, pooled_layers=layers if len(layers) > 1 else ())
+
+
+def pooled_model(base: Base):
+    """Preprocessed float images -> the pooled features: the global average of the network's output, or,
+    with `base.pooled_layers`, those layers' global averages concatenated (one pass of the network)."""
+    keras = _keras()
+    network = base.network
+    if len(base.pooled_layers) <= 1:
+        pooled = keras.layers.GlobalAveragePooling2D(name="features")(network.output)
+    else:
+        pooled = keras.layers.Concatenate(name="features")([
+            keras.layers.GlobalAveragePooling2D(name=f"pool_{name}")(network.get_layer(name).output)
+            for name in base.pooled_layers])
+    return keras.Model(network.input, pooled, name=f"{network.name}_pooled")
+
+
 def feature_extractor(base: Base, cut: str | None = None):
     """uint8 "images" -> features: the global-average-pooled output, or the raw output of layer `cut`.
 
@@ -184,8 +252,7 @@ def feature_extractor(base: Base, cut: str | None = None):
     keras = _keras()
     network = base.network
     if cut is None:
-        inner = keras.Model(network.input, keras.layers.GlobalAveragePooling2D(name="features")(network.output),
-                            name=f"{network.name}_pooled")
+        inner = pooled_model(base)
     else:
         inner = bottom_model(base, cut)
     return contract.wrap(inner, input_size=base.input_size, mode=base.preprocessing, softmax=False,
@@ -201,14 +268,13 @@ def classifier(base: Base, head, *, flip_tta: bool = False):
     keras = _keras()
     network = base.network
     if not flip_tta:
-        x = keras.layers.GlobalAveragePooling2D(name="features")(network.output)
-        inner = keras.Model(network.input, head(x), name=f"{base.app.name}_classifier")
+        pooled = pooled_model(base)
+        inner = keras.Model(network.input, head(pooled.output), name=f"{base.app.name}_classifier")
     else:
         height, width = base.input_size
         images = keras.Input(shape=(height, width, 3), name="preprocessed")
-        plain = keras.layers.GlobalAveragePooling2D(name="features_plain")(network(images))
-        mirrored = keras.layers.GlobalAveragePooling2D(name="features_flip")(network(horizontal_flip(images)))
-        x = keras.layers.Average(name="features")([plain, mirrored])
+        pooled = pooled_model(base)
+        x = keras.layers.Average(name="features")([pooled(images), pooled(horizontal_flip(images))])
         inner = keras.Model(images, head(x), name=f"{base.app.name}_classifier_flip_tta")
     return contract.wrap(inner, input_size=base.input_size, mode=base.preprocessing, softmax=False,
                          name=f"{base.app.name}_transfer")

@@ -103,6 +103,8 @@ def train_args(data_dir: Path, a: str, b: str, args) -> list[str]:
         out += ["--augment"]
     if args.flip_tta:
         out += ["--flip-tta"]
+    if args.pool_stages is not None:
+        out += ["--pool-stages", str(args.pool_stages)]
     return out
 
 
@@ -165,6 +167,7 @@ def _options(ns):
     return TrainOptions(
         data_dir=ns.data_dir, base=ns.base, name=ns.name, output=ns.output, epochs=ns.epochs,
         val_split=ns.val_split, test_split=ns.test_split, augment=ns.augment, flip_tta=ns.flip_tta, seed=ns.seed,
+        pool_stages=ns.pool_stages,
         weights=ns.weights,
         image_size=ns.image_size, alpha=ns.alpha, heads=tuple(h for h in ns.heads.split(",") if h),
         batch_size=ns.batch_size, cache_dir=ns.cache_dir, progress=False,
@@ -200,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true")
     p.add_argument("--flip-tta", action="store_true",
                    help="test-time flip averaging in each model (train's --flip-tta)")
+    p.add_argument("--pool-stages", type=int, metavar="N", help="as train's --pool-stages (default: train's, 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("runs") / "fewshot", help="output folder (default runs/fewshot)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache (not used with --cold)")

@@ -42,6 +42,7 @@ from . import features as features_lib
 
 OUTPUT_FILES = ("model.keras", "labels.txt", "report.json", "confusion_matrix.txt", "confusion_matrix.png",
                 "training_curves.png")
+DEFAULT_POOL_STAGES = 3  # chosen by 5-fold cross-validation on flower_photos (train/README.md)
 PARITY_IMAGES = 16  # held-out photos for export's parity check
 JOINED_CHECK_IMAGES = 8  # ... and for the joined Keras model vs the feature path (a MobileNetV2 pass each)
 
@@ -58,6 +59,9 @@ class TrainOptions:
     augment: bool = False
     flip_tta: bool = False  # the saved model averages the features of the photo and its mirror image
     fine_tune_layers: int = 0
+    # multi-scale features: pool the last layer of the base's N coarsest resolutions (bases.stage_layers);
+    # None = DEFAULT_POOL_STAGES, or 1 with fine_tune_layers (the fine-tuned top pools its own output)
+    pool_stages: int | None = None
     fine_tune_epochs: int = 6
     fine_tune_lr: float = 1e-4
     seed: int = 0
@@ -135,6 +139,13 @@ class TrainOptions:
             if self.test_split == 0 and self.train_per_class is None:
                 raise ConfigError("--precision int8 --test-split 0: the INT8 gate needs a labelled test split")
             object.__setattr__(self, "export", True)  # the INT8 variant is made from the FP32 export
+        if self.pool_stages is None:
+            object.__setattr__(self, "pool_stages", 1 if self.fine_tune_layers else DEFAULT_POOL_STAGES)
+        if self.pool_stages < 1:
+            raise ConfigError(f"--pool-stages {self.pool_stages}: expected 1 (the base's output only) or more")
+        if self.pool_stages > 1 and self.fine_tune_layers:
+            raise ConfigError(f"--pool-stages {self.pool_stages} with --fine-tune-layers: not supported (the "
+                              "fine-tuned top pools its own output); use --pool-stages 1 or no fine-tuning")
         if self.flip_tta and self.fine_tune_layers:
             raise ConfigError("--flip-tta with --fine-tune-layers: not supported (the fine-tuned top is trained on "
                               "single views); use one of them")
@@ -206,14 +217,19 @@ def train(options: TrainOptions) -> TrainResult:
         size = (options.image_size, options.image_size) if options.image_size else None
         base = bases.build_base(options.base, weights=options.weights, input_size=size, alpha=options.alpha,
                                  seed=options.seed)
+        if options.pool_stages > 1:
+            base = bases.with_stages(base, options.pool_stages)
         cut, top, top_layers = None, None, []
         if options.fine_tune_layers:
             cut, top, top_layers = bases.split_top(base, options.fine_tune_layers)
     report["base"] = {**base.key(), "description": base.description, "weights": base.weights,
                       "fine_tune_cut": cut, "flip_tta": options.flip_tta,
+                      # the features: these layers' global averages, concatenated
+                      "pooled_layers": list(base.pooled_layers) or [base.network.output._keras_history[0].name],
                       # the saved / exported model runs the base this many times per photo
                       "base_passes_per_image": 2 if options.flip_tta else 1}
-    say(f"base: {base.description}" + (f"; fine-tuning from {cut} ({len(top_layers)} layers)" if cut else ""))
+    say(f"base: {base.description}" + (f"; fine-tuning from {cut} ({len(top_layers)} layers)" if cut else "")
+        + (f"; features pooled from {', '.join(base.pooled_layers)}" if base.pooled_layers else ""))
 
     store = features_lib.FeatureStore(base, cache_dir=options.cache_dir, cut=cut, progress=options.progress)
     try:

@@ -25,10 +25,10 @@ import pytest
 # loaded machine; nothing here asserts a time
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data, pytest.mark.timeout(2400)]
 
-RECIPE = ["--augment", "--flip-tta"]  # train/README.md: the recipe the table chose on validation
-REACHED_TEST_ACCURACY = 0.87  # 0.913 measured (150 test photos); 6 photos below
-INT8_RATIO = 0.99  # the gate; measured 0.9067 INT8 vs 0.9000 FP32
-FEWSHOT_PAIR_FLOOR = 0.80  # roses vs tulips, the hardest pair: 0.845 measured on 400 test photos
+RECIPE = ["--augment", "--flip-tta"]  # train/README.md: the recipe chosen on validation (+ default --pool-stages 3)
+REACHED_TEST_ACCURACY = 0.88  # 0.920 measured with multi-scale features (150 test photos); 6 photos below
+INT8_RATIO = 0.99  # the gate; measured 0.920 INT8 vs 0.920 FP32
+FEWSHOT_PAIR_FLOOR = 0.83  # roses vs tulips, the hardest pair: 0.880 measured on 400 test photos
 TEST_IMAGES = 150  # 10 % of 300 photos per class
 
 

@@ -58,6 +58,11 @@ def test_report_has_metrics_split_and_timings(runs):
     assert report["dataset"]["imbalance"]["largest"] == "red_vertical"  # 9 files listed, one corrupt
     for phase in ("scan", "base", "features", "heads", "evaluate", "save", "total"):
         assert report["seconds"][phase] >= 0
+    # the default multi-scale features: three stages' averages, and the saved model computes the same
+    assert report["base"]["pooled_layers"] == ["out_relu", "block_13_expand_relu", "block_6_expand_relu"]
+    assert report["features"]["feature_shape"] == [1280 + 192 + 96]
+    check = report["joined_model_check"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
     split = report["split"]
     assert [split[k]["images"] for k in ("train", "val", "test")] == [15, 6, 3]  # 8 decodable per class
     assert all(n == 2 for n in split["val"]["per_class"].values())
