@@ -196,9 +196,8 @@ def stage_layers(base: Base, stages: int) -> tuple[str, ...]:
     if stages < 1:
         raise ConfigError(f"--pool-stages {stages}: expected 1 (the base's output) or more")
     network = base.network
-    output_layer = network.output._keras_history[0]  # the layer that produces the network's output
     if stages == 1:
-        return (output_layer.name,)
+        return (output_layer_name(base),)
     candidates = [layer for layer in network.layers
                   if not isinstance(layer, (keras.layers.InputLayer, keras.layers.ZeroPadding2D))
                   and len(getattr(layer, "output", ()).shape) == 4]
@@ -211,13 +210,27 @@ def stage_layers(base: Base, stages: int) -> tuple[str, ...]:
         if size[0] * size[1] < height * width:  # the image's own size (its preprocessing) is not a stage
             last_at[size] = layer.name
     sizes = sorted(last_at, key=lambda hw: hw[0] * hw[1])  # coarsest first
-    names = [output_layer.name]
+    names = [output_layer_name(base)]
     for hw in sizes[1:]:
         if len(names) == stages:
             break
         if last_at[hw] not in names:
             names.append(last_at[hw])
     return tuple(names)
+
+
+def output_layer_name(base: Base) -> str:
+    """The layer that produces the network's output (what a one-stage base pools)."""
+    network = base.network
+    for layer in reversed(network.layers):
+        if layer.output is network.output:
+            return layer.name
+    return network.layers[-1].name
+
+
+def pooled_layer_names(base: Base) -> list[str]:
+    """The layers whose pooled outputs are the features, deepest first."""
+    return list(base.pooled_layers) or [output_layer_name(base)]
 
 
 def with_stages(base: Base, stages: int) -> Base:

@@ -225,7 +225,7 @@ def train(options: TrainOptions) -> TrainResult:
     report["base"] = {**base.key(), "description": base.description, "weights": base.weights,
                       "fine_tune_cut": cut, "flip_tta": options.flip_tta,
                       # the features: these layers' global averages, concatenated
-                      "pooled_layers": list(base.pooled_layers) or [base.network.output._keras_history[0].name],
+                      "pooled_layers": bases.pooled_layer_names(base),
                       # the saved / exported model runs the base this many times per photo
                       "base_passes_per_image": 2 if options.flip_tta else 1}
     say(f"base: {base.description}" + (f"; fine-tuning from {cut} ({len(top_layers)} layers)" if cut else "")
