@@ -204,19 +204,20 @@ def stage_layers(base: Base, stages: int) -> tuple[str, ...]:
     probe = keras.Model(network.input, [layer.output for layer in candidates])
     height, width = base.input_size
     outputs = probe(np.zeros((1, height, width, 3), np.float32), training=False)
+    output_name = output_layer_name(base)
     last_at: dict[tuple[int, int], str] = {}  # spatial size -> the last layer (graph order) with it
+    output_area = None
     for layer, out in zip(candidates, outputs):
         size = (int(out.shape[1]), int(out.shape[2]))
+        if layer.name == output_name:
+            output_area = size[0] * size[1]
         if size[0] * size[1] < height * width:  # the image's own size (its preprocessing) is not a stage
             last_at[size] = layer.name
     sizes = sorted(last_at, key=lambda hw: hw[0] * hw[1])  # coarsest first
-    names = [output_layer_name(base)]
-    for hw in sizes[1:]:
-        if len(names) == stages:
-            break
-        if last_at[hw] not in names:
-            names.append(last_at[hw])
-    return tuple(names)
+    if output_area is None:  # an output that is not a feature map: take its resolution to be the coarsest
+        output_area = sizes[0][0] * sizes[0][1] if sizes else 0
+    finer = [last_at[hw] for hw in sizes if hw[0] * hw[1] > output_area]  # the stages below the output's
+    return (output_name, *[name for name in finer if name != output_name][:stages - 1])
 
 
 def output_layer_name(base: Base) -> str:
