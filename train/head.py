@@ -5,7 +5,7 @@ Head candidates (each trained, the best validation accuracy wins; `--heads`, def
     linear   Normalization (training-feature statistics) -> Dense(classes, softmax): a multinomial
              logistic regression fitted by full-batch L-BFGS (scipy) for each L2 strength of L2_GRID,
              warm-started from the stronger one; the best validation accuracy (ties: validation
-             log-loss) is kept. About a second on 3150 x 1280 features (Keras' Adam needed ~10 s).
+             log-loss) is kept. About 1.5-2 s on 3150 x 2048 features (Keras' Adam needed ~10 s on 1280).
     mlp      Normalization -> Dense(256, relu), L2 -> Dropout(0.6) -> Dense(classes, softmax), L2 1e-3,
              trained by Keras (Adam), early stopping on validation accuracy (ties broken by validation
              loss), the best epoch's weights kept. From a sweep on the old 128 px flowers features.
@@ -204,7 +204,7 @@ def fit_linear(x_train, y_train, x_val, y_val, *, classes: int, sample_weight=No
 
     Best = highest validation accuracy, ties broken by validation log-loss. Full-batch L-BFGS (scipy) on
     the cached features: a few hundred iterations of two (N, dim) x (dim, classes) products, about a second
-    for 3150 x 1280 features, where mini-batch Adam needed tens of epochs.
+    for 3150 x 2048 features, where mini-batch Adam needed tens of epochs.
     """
     try:
         from scipy.optimize import minimize
@@ -267,8 +267,9 @@ def linear_head_model(fit: LinearFit, name: str = "head"):
 
 
 class _one_blas_thread:
-    """numpy's BLAS on one thread: (N, 1280) x (1280, 5) products are too small to split, and a second
-    thread spinning on a shared 2-core machine doubles the CPU time of the fit (threadpoolctl, scikit-learn's)."""
+    """numpy's BLAS on one thread: (N, 2048) x (2048, 5) products are too small to split (two threads made
+    the fit 2.5x slower on an idle 2-core EPYC), and a second thread spinning on a shared 2-core machine
+    doubles the CPU time of the fit (threadpoolctl, scikit-learn's)."""
 
     def __enter__(self):
         try:
