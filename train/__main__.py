@@ -102,6 +102,25 @@ def parser() -> argparse.ArgumentParser:
                                 "photos/by_class --augment --fine-tune-layers 10 --output runs/mine")
 
 
+def options_from_args(args):
+    """TrainOptions from parsed command-line arguments (also what `python -m train.fewshot` runs in process)."""
+    from .pipeline import TrainOptions
+
+    return TrainOptions(
+        data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
+        val_split=args.val_split, test_split=args.test_split, augment=args.augment, flip_tta=args.flip_tta,
+        fine_tune_layers=args.fine_tune_layers, pool_stages=args.pool_stages, fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
+        alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
+        batch_size=args.batch_size, export=args.export, repository=args.repository,
+        cache_dir=args.cache_dir, progress=not args.no_progress,
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
+        train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+        label_smoothing=args.label_smoothing, precision=args.precision, int8_min_ratio=args.int8_min_ratio,
+        latency_runs=args.latency_runs, force=args.force, calibration_method=args.calibration_method,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
@@ -109,22 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     from .int8 import Int8GateError
 
     try:
-        from .pipeline import TrainOptions, train
+        from .pipeline import train
 
-        options = TrainOptions(
-            data_dir=args.data_dir, base=args.base, name=args.name, output=args.output, epochs=args.epochs,
-            val_split=args.val_split, test_split=args.test_split, augment=args.augment, flip_tta=args.flip_tta,
-            fine_tune_layers=args.fine_tune_layers, pool_stages=args.pool_stages, fine_tune_epochs=args.fine_tune_epochs,
-            fine_tune_lr=args.fine_tune_lr, seed=args.seed, weights=args.weights, image_size=args.image_size,
-            alpha=args.alpha, heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
-            batch_size=args.batch_size, export=args.export, repository=args.repository,
-            cache_dir=args.cache_dir, progress=not args.no_progress,
-            classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
-            train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-            label_smoothing=args.label_smoothing, precision=args.precision, int8_min_ratio=args.int8_min_ratio,
-            latency_runs=args.latency_runs, force=args.force, calibration_method=args.calibration_method,
-        )
-        result = train(options)
+        result = train(options_from_args(args))
     except Int8GateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -143,7 +143,8 @@ def run(args) -> dict:
             from . import __main__ as cli_main
             from .pipeline import train
 
-            options = _options(cli_main.parser().parse_args(cli + ["--cache-dir", str(args.cache_dir)]))
+            parsed = cli_main.parser().parse_args(cli + ["--cache-dir", str(args.cache_dir)])
+            options = cli_main.options_from_args(parsed)
             started = time.perf_counter()
             report = train(options).report
             seconds = time.perf_counter() - started
@@ -159,19 +160,6 @@ def run(args) -> dict:
               f"({args.val_split:.0%} of them validation), base {args.base}; timing {mode}")
     _write(output / "fewshot.md", markdown(rows, summary, header))
     return result
-
-
-def _options(ns):
-    from .pipeline import TrainOptions
-
-    return TrainOptions(
-        data_dir=ns.data_dir, base=ns.base, name=ns.name, output=ns.output, epochs=ns.epochs,
-        val_split=ns.val_split, test_split=ns.test_split, augment=ns.augment, flip_tta=ns.flip_tta, seed=ns.seed,
-        pool_stages=ns.pool_stages,
-        weights=ns.weights,
-        image_size=ns.image_size, alpha=ns.alpha, heads=tuple(h for h in ns.heads.split(",") if h),
-        batch_size=ns.batch_size, cache_dir=ns.cache_dir, progress=False,
-        classes=tuple(ns.classes.split(",")), train_per_class=ns.train_per_class, test_per_class=ns.test_per_class)
 
 
 def _write(path: Path, text: str) -> None:
