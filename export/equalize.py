@@ -50,8 +50,6 @@ class Pair:
                 "scales": [round(float(v), 6) for v in k]}
 
 
-
-
 def _clip_bounds(node, inits) -> tuple[float, float] | None:
     from onnx import numpy_helper
     if len(node.input) >= 3 and node.input[1] in inits and node.input[2] in inits:

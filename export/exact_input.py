@@ -70,8 +70,6 @@ class InputPlan:
                 "conv": self.conv, "offset_shift": self.offset_shift, "max_padding_shift": self.max_padding_shift}
 
 
-
-
 def plan(model) -> tuple[InputPlan | None, str]:
     """(plan, "") when the model's input normalisation can be made exact, else (None, why not)."""
     from onnx import numpy_helper

@@ -81,8 +81,7 @@ from serve import images as simages
 from serve._optional import require
 from serve.errors import ConfigError, ImageDecodeError
 
-from . import equalize, exact_input
-from . import _graph
+from . import _graph, equalize, exact_input
 
 METHODS = ("minmax", "percentile", "entropy")
 QUANTIZERS = ("onnxruntime", "nncf")  # nncf: NNCF's ONNX post-training quantization (extra "nncf")

@@ -204,6 +204,7 @@ def stage_layers(base: Base, stages: int) -> tuple[str, ...]:
     probe = keras.Model(network.input, [layer.output for layer in candidates])
     height, width = base.input_size
     outputs = probe(np.zeros((1, height, width, 3), np.float32), training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]  # one candidate: one tensor back
     output_name = output_layer_name(base)
     last_at: dict[tuple[int, int], str] = {}  # spatial size -> the last layer (graph order) with it
     output_area = None
