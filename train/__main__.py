@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, metavar="N", help="with --train-per-class: at most N test images "
                    "per class")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default 0)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="keep the linear head fitted on the training photos only (default: once validation has "
+                        "chosen its L2 strength, it is fitted again on training + validation photos)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
                    help="int8: also export <name>_int8, calibrated on the training photos and written only if its "
                         "test accuracy is at least --int8-min-ratio of FP32's (implies --export)")
@@ -118,6 +121,7 @@ def options_from_args(args):
         train_per_class=args.train_per_class, test_per_class=args.test_per_class,
         label_smoothing=args.label_smoothing, precision=args.precision, int8_min_ratio=args.int8_min_ratio,
         latency_runs=args.latency_runs, force=args.force, calibration_method=args.calibration_method,
+        refit=args.refit,
     )
 
 
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {result.report_path}")
     if accuracy is not None:
         print(f"test accuracy: {accuracy:.4f} ({report.get('test_images')} images); "
-              f"validation accuracy {report.get('val_accuracy')}; head {report.get('chosen_head')}")
+              f"validation accuracy {report.get('val_accuracy')}; head {report.get('chosen_head')}"
+              + (", refit on training + validation" if (report.get("refit") or {}).get("done") else ""))
     if report.get("skipped_images"):
         print(f"skipped {len(report['skipped_images'])} undecodable image(s): "
               + ", ".join(s["path"] for s in report["skipped_images"]))

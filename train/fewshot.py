@@ -81,7 +81,9 @@ def _row(a: str, b: str, report: dict, seconds: float, mode: str) -> dict:
     return {"pair": f"{a} vs {b}", "classes": [a, b], "train_images": split["train"]["images"],
             "val_images": split["val"]["images"], "test_images": split["test"]["images"],
             "test_accuracy": report.get("test_accuracy"), "val_accuracy": report.get("val_accuracy"),
-            "chosen_head": report.get("chosen_head"), "seconds": round(seconds, 2), "timing": mode,
+            "chosen_head": report.get("chosen_head"),
+            # the linear head's final fit: training + validation photos (train's refit), when it was made
+            "refit_photos": (report.get("refit") or {}).get("photos"), "seconds": round(seconds, 2), "timing": mode,
             "phases": report.get("seconds", {}), "extracted_images": report["features"]["extracted_images"]}
 
 
@@ -105,6 +107,8 @@ def train_args(data_dir: Path, a: str, b: str, args) -> list[str]:
         out += ["--flip-tta"]
     if args.pool_stages is not None:
         out += ["--pool-stages", str(args.pool_stages)]
+    if not args.refit:
+        out += ["--no-refit"]
     return out
 
 
@@ -192,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-tta", action="store_true",
                    help="test-time flip averaging in each model (train's --flip-tta)")
     p.add_argument("--pool-stages", type=int, metavar="N", help="as train's --pool-stages (default: train's, 3)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="as train's --no-refit: each pair's head fitted on its training photos only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("runs") / "fewshot", help="output folder (default runs/fewshot)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="feature cache (not used with --cold)")

@@ -20,6 +20,9 @@ layers stay frozen, i.e. in inference mode (Keras runs a non-trainable
 BatchNormalization with its moving statistics). The result is kept only when
 it beats the head alone on validation accuracy.
 
+`refit_linear` fits the linear head's chosen L2 strength again on training +
+validation features (the pipeline's refit, once validation has made its choice).
+
 `label_smoothing` > 0 trains against smoothed one-hot targets (the linear fit's
 cross-entropy, Keras' CategoricalCrossentropy(label_smoothing=...) elsewhere).
 """
@@ -49,6 +52,7 @@ class HeadResult:
     history: dict = field(default_factory=dict)
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
+    fit: LinearFit | None = None  # the linear head's L-BFGS fit (what refit_linear starts from)
 
 
 def _keras():
@@ -198,6 +202,33 @@ def _metrics(x, y, kernel, bias):
     return float((log_probs.argmax(axis=1) == y).mean()), float(-log_probs[np.arange(len(y)), y].mean())
 
 
+def _standardized(x_train, standardize: bool):
+    dim = x_train.shape[1]
+    if standardize:
+        mean = x_train.mean(axis=0, dtype=np.float64)
+        scale = np.sqrt(np.maximum(x_train.var(axis=0, dtype=np.float64), 1e-6))
+    else:
+        mean, scale = np.zeros(dim), np.ones(dim)
+    return mean, scale
+
+
+def _targets(y, classes: int, sample_weight, label_smoothing: float):
+    targets = np.eye(classes, dtype=np.float32)[y]
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / classes
+    weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    return targets, (weight / weight.sum()).astype(np.float32)
+
+
+def _lbfgs(params, xs, targets, weight, l2, classes, max_iterations, callback=None):
+    try:
+        from scipy.optimize import minimize
+    except ImportError as exc:
+        raise MissingDependencyError("scipy", "train", "the linear head's L-BFGS fit") from exc
+    return minimize(_softmax_loss, params, args=(xs, targets, weight, l2, xs.shape[1], classes), jac=True,
+                    method="L-BFGS-B", callback=callback, options={"maxiter": max_iterations, "ftol": 1e-7})
+
+
 def fit_linear(x_train, y_train, x_val, y_val, *, classes: int, sample_weight=None, label_smoothing: float = 0.0,
                l2_grid=L2_GRID, standardize: bool = True, max_iterations: int = MAX_ITERATIONS) -> LinearFit:
     """Fit the linear head for every L2 strength (strongest first, warm-started); keep the best on validation.
@@ -206,27 +237,14 @@ def fit_linear(x_train, y_train, x_val, y_val, *, classes: int, sample_weight=No
     the cached features: a few hundred iterations of two (N, dim) x (dim, classes) products, 1.5-2 s
     for 3150 x 2048 features, where mini-batch Adam needed tens of epochs.
     """
-    try:
-        from scipy.optimize import minimize
-    except ImportError as exc:
-        raise MissingDependencyError("scipy", "train", "the linear head's L-BFGS fit") from exc
-
     x_train = np.asarray(x_train, np.float32)
     x_val = np.asarray(x_val, np.float32)
     y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
     dim = x_train.shape[1]
-    if standardize:
-        mean = x_train.mean(axis=0, dtype=np.float64)
-        scale = np.sqrt(np.maximum(x_train.var(axis=0, dtype=np.float64), 1e-6))
-    else:
-        mean, scale = np.zeros(dim), np.ones(dim)
+    mean, scale = _standardized(x_train, standardize)
     xs = ((x_train - mean) / scale).astype(np.float32)
     xv = ((x_val - mean) / scale).astype(np.float32)
-    targets = np.eye(classes, dtype=np.float32)[y_train]
-    if label_smoothing:
-        targets = targets * (1 - label_smoothing) + label_smoothing / classes
-    weight = np.ones(len(y_train)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    weight = (weight / weight.sum()).astype(np.float32)
+    targets, weight = _targets(y_train, classes, sample_weight, label_smoothing)
     params = np.zeros(dim * classes + classes)
     best, path = None, []
     for l2 in sorted(l2_grid, reverse=True):
@@ -239,8 +257,7 @@ def fit_linear(x_train, y_train, x_val, y_val, *, classes: int, sample_weight=No
                                ("val_accuracy", val_acc)):
                 history[key].append(value)
 
-        result = minimize(_softmax_loss, params, args=(xs, targets, weight, l2, dim, classes), jac=True,
-                          method="L-BFGS-B", callback=record, options={"maxiter": max_iterations, "ftol": 1e-7})
+        result = _lbfgs(params, xs, targets, weight, l2, classes, max_iterations, record)
         params = result.x
         kernel, bias = params[:dim * classes].reshape(dim, classes), params[dim * classes:]
         val_acc, val_loss = _metrics(xv, y_val, kernel, bias)
@@ -251,6 +268,40 @@ def fit_linear(x_train, y_train, x_val, y_val, *, classes: int, sample_weight=No
                              val_accuracy=val_acc, val_loss=val_loss, iterations=int(result.nit), history=history,
                              path=path)
     return best
+
+
+def rebased(fit: LinearFit, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) giving `fit`'s logits on features standardised by `mean` and `scale` instead of its own."""
+    kernel = fit.kernel * (scale / fit.scale)[:, None]
+    return kernel, fit.bias + ((mean - fit.mean) / fit.scale) @ fit.kernel
+
+
+def refit_linear(chosen: LinearFit, x, y, *, classes: int, sample_weight=None, label_smoothing: float = 0.0,
+                 standardize: bool = True, max_iterations: int = MAX_ITERATIONS) -> LinearFit:
+    """`chosen`'s L2 strength fitted again on more photos (training + validation), its own standardisation.
+
+    What scikit-learn's GridSearchCV(refit=True) does: validation chose the strength, the final weights use
+    every labelled photo outside the test split. No photo is left to score the result, so the returned
+    fit keeps `chosen`'s validation numbers and path (they describe the choice, not these weights).
+    """
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    dim = x.shape[1]
+    mean, scale = _standardized(x, standardize)
+    xs = ((x - mean) / scale).astype(np.float32)
+    targets, weight = _targets(y, classes, sample_weight, label_smoothing)
+    history = {"loss": []}
+
+    def record(intermediate_result):  # scipy passes the OptimizeResult to a parameter of this name
+        history["loss"].append(float(intermediate_result.fun))
+
+    start_kernel, start_bias = rebased(chosen, mean, scale)  # warm start: the chosen head's function
+    result = _lbfgs(np.concatenate([start_kernel.ravel(), start_bias]), xs, targets, weight, chosen.l2, classes,
+                    max_iterations, record)
+    kernel, bias = result.x[:dim * classes].reshape(dim, classes), result.x[dim * classes:]
+    return LinearFit(kernel=kernel.copy(), bias=bias.copy(), mean=mean, scale=scale, l2=chosen.l2,
+                     val_accuracy=chosen.val_accuracy, val_loss=chosen.val_loss, iterations=int(result.nit),
+                     history=history, path=chosen.path)
 
 
 def linear_head_model(fit: LinearFit, name: str = "head"):
@@ -266,7 +317,7 @@ def linear_head_model(fit: LinearFit, name: str = "head"):
     return model
 
 
-class _one_blas_thread:
+class one_blas_thread:
     """numpy's BLAS on one thread: (N, 2048) x (2048, 5) products are too small to split (two threads made
     the fit 2.5x slower on an idle 2-core EPYC), and a second thread spinning on a shared 2-core machine
     doubles the CPU time of the fit (threadpoolctl, scikit-learn's)."""
@@ -297,7 +348,7 @@ def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, ep
         started = time.perf_counter()
         if kind == "linear":  # full-batch L-BFGS on standardised features, L2 chosen on validation
             sample_weight = None if weights is None else np.asarray([weights[int(c)] for c in y_train])
-            with _one_blas_thread():
+            with one_blas_thread():
                 fit = fit_linear(x_train, y_train, x_val, y_val, classes=classes, sample_weight=sample_weight,
                                  label_smoothing=label_smoothing)
             model = linear_head_model(fit)
@@ -306,7 +357,7 @@ def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, ep
                 best_epoch=fit.iterations, history=fit.history, seconds=time.perf_counter() - started,
                 options={"solver": "L-BFGS (full batch)", "standardized": True, "l2": fit.l2,
                          "l2_path": fit.path, "balanced_class_weights": balance,
-                         "label_smoothing": label_smoothing}))
+                         "label_smoothing": label_smoothing}, fit=fit))
             continue
         keras = _keras()
         keras.utils.set_random_seed(seed)

@@ -10,6 +10,7 @@ Phases (each timed in report.json):
                 undecodable files are listed in the report and left out
     heads       train each head candidate on the cached features; the best validation accuracy wins
     fine_tune   (--fine-tune-layers K) train the top layers with the head on cached feature maps
+    refit       the linear head's chosen L2 strength fitted again on training + validation photos
     evaluate    test-set accuracy, per-class precision/recall, confusion matrix
     save        the joined uint8 -> probabilities .keras model, labels.txt, report.json, PNGs
     export      (--export) export.pipeline.export_model: ONNX + Keras entries, parity checked
@@ -78,6 +79,9 @@ class TrainOptions:
     train_per_class: int | None = None  # few-shot: this many images per class for training (incl. validation)
     test_per_class: int | None = None  # with train_per_class: at most this many test images per class
     label_smoothing: float = 0.0
+    # after validation chose the linear head's L2 strength, fit it again on training + validation photos
+    # (not with fine_tune_layers: fine-tuning is kept or reverted on validation)
+    refit: bool = True
     precision: str = "fp32"  # "int8": also the gated INT8 variant (implies export)
     int8_min_ratio: float = 0.99
     calibration_method: str = "percentile"  # export.quantize's: percentile, minmax, entropy
@@ -270,6 +274,21 @@ def train(options: TrainOptions) -> TrainResult:
                         raise ConfigError(f"{len(train_paths) - len(got.kept)} training image(s) could not be "
                                           "decoded a second time; were files modified during training?")
                     views[view] = got.values
+            refit_views = {}  # the same views of the validation photos, for the refit
+            if options.refit and not options.fine_tune_layers and len(split["val"]):
+                refit_views = {"plain": plain.values[split["val"]]}
+                if options.flip_tta:
+                    refit_views["flip"] = mirrored.values[split["val"]]
+                val_files = plain.kept[split["val"]]
+                val_paths = [dataset.paths[i] for i in val_files]
+                for view in views:
+                    if view in refit_views:
+                        continue
+                    got = store.get(val_paths, dataset.fingerprint(val_files), view)
+                    if len(got.kept) != len(val_paths):
+                        raise ConfigError(f"{len(val_paths) - len(got.kept)} validation image(s) could not be "
+                                          "decoded a second time; were files modified during training?")
+                    refit_views[view] = got.values
     finally:
         store.close()
     report["split"] = {name: {"images": int(len(idx)), "per_class": dataset.counts(labels[idx])}
@@ -320,6 +339,8 @@ def train(options: TrainOptions) -> TrainResult:
         if fine.kept:
             val_accuracy = fine.val_accuracy
     report["val_accuracy"] = round(val_accuracy, 4)
+    report["refit"] = _refit(options, best, views, refit_views, x_train, y_train, labels[split["val"]],
+                             len(dataset.classes), balance=not info["balanced"], phases=phases)
 
     with phases.run("evaluate"):
         evaluation = _evaluate(dataset.classes, best.model, top if (fine and fine.kept) else None,
@@ -384,6 +405,43 @@ def train(options: TrainOptions) -> TrainResult:
         if failure is not None:
             raise failure
     return result
+
+
+def _refit(options, best, views, refit_views, x_train, y_train, y_val_one, classes, *, balance, phases) -> dict:
+    """Fit the chosen linear head's L2 strength again on training + validation views; replaces best.model.
+
+    Validation has done its job (it chose the strength; GridSearchCV's refit): the final weights see its
+    photos too, 29 % more on flower_photos' 70/20/10 split. Cross-validated on flower_photos' training and
+    validation photos (test untouched, train/README.md): +0.6 points. Skipped for the MLP head (early
+    stopping needs validation) and with --fine-tune-layers.
+    """
+    if not options.refit:
+        return {"done": False, "why": "--no-refit"}
+    if options.fine_tune_layers:
+        return {"done": False, "why": "--fine-tune-layers (kept or reverted on validation)"}
+    if best.kind != "linear" or best.fit is None:
+        return {"done": False, "why": f"the {best.kind} head stops early on validation"}
+    if not refit_views:
+        return {"done": False, "why": "no validation photos"}
+    from . import head as head_lib
+
+    started = time.perf_counter()
+    with phases.run("refit"):
+        x_all = np.concatenate([x_train] + [refit_views[v] for v in views])
+        y_all = np.concatenate([y_train] + [y_val_one] * len(views))
+        sample_weight = None
+        if balance:
+            weights = head_lib.class_weights(y_all, classes)
+            sample_weight = np.asarray([weights[int(c)] for c in y_all])
+        with head_lib.one_blas_thread():
+            fit = head_lib.refit_linear(best.fit, x_all, y_all, classes=classes, sample_weight=sample_weight,
+                                        label_smoothing=options.label_smoothing)
+        best.model, best.fit = head_lib.linear_head_model(fit), fit
+    photos = len(y_all) // len(views)
+    say(f"refit: the linear head (L2 {fit.l2:g}) fitted again on training + validation, {photos} photos x "
+        f"{len(views)} view(s)")
+    return {"done": True, "photos": int(photos), "views": list(views), "feature_vectors": int(len(y_all)),
+            "l2": fit.l2, "iterations": fit.iterations, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _options_dict(options: TrainOptions) -> dict:

@@ -108,6 +108,9 @@ def test_fine_tuning_reports_and_reverts_when_not_better(tiny_dataset, tmp_path)
     assert fine["batchnorm"] == "frozen (inference mode)" and fine["trainable_parameters"] > 0
     assert report["features"]["feature_shape"][-1] == 56  # block_15_add of alpha 0.35: 3x3x56 at 96x96
     assert fine["kept"] == (fine["val_accuracy"] > report["heads"][0]["val_accuracy"])
+    # fine-tuning is kept or reverted on validation: the head is not refit on those photos
+    assert report["refit"] == {"done": False, "why": "--fine-tune-layers (kept or reverted on validation)"}
+    assert report["features"]["misses"] == ["plain"]  # nor are validation views extracted for it
     check = report["joined_model_check"]
     assert check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
 

@@ -51,5 +51,5 @@ def test_help_lists_the_issue_options(python_env, tmp_path):
     proc = _run(["--help"], python_env, tmp_path)
     assert proc.returncode == 0
     for option in ("--base", "--name", "--output", "--epochs", "--val-split", "--test-split", "--augment",
-                   "--fine-tune-layers", "--pool-stages", "--seed", "--weights", "--export", "--repository"):
+                   "--fine-tune-layers", "--pool-stages", "--no-refit", "--seed", "--weights", "--export", "--repository"):
         assert option in proc.stdout

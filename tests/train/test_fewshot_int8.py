@@ -72,6 +72,22 @@ def test_fewshot_pairs_summary_and_table():
     assert "| p1 | 160 | 40 | 400 | 0.970 | 30.5 |" in table and "median test accuracy 0.97" in table
 
 
+
+def test_fewshot_passes_its_training_options_to_every_pair(tmp_path):
+    from train.__main__ import options_from_args
+    from train.__main__ import parser as train_parser
+
+    def pair_options(*extra):
+        args = fewshot.parser().parse_args([str(tmp_path), *extra])
+        return options_from_args(train_parser().parse_args(fewshot.train_args(tmp_path, "a", "b", args)))
+
+    default = pair_options()
+    assert default.classes == ("a", "b") and default.train_per_class == 100 and default.refit is True
+    assert default.pool_stages == 3 and default.flip_tta is False
+    chosen = pair_options("--no-refit", "--pool-stages", "1", "--flip-tta", "--per-class", "50")
+    assert chosen.refit is False and chosen.pool_stages == 1 and chosen.flip_tta is True
+    assert chosen.train_per_class == 50
+
 # ---- TensorFlow, tf2onnx, onnxruntime: a tiny base without weights ---------------------------
 SMALL = dict(base="mobilenet_v2", alpha=0.35, image_size=96, weights="none", progress=False)
 
@@ -113,6 +129,7 @@ def test_fewshot_runner_trains_every_pair(tiny_dataset, tmp_path):
                                                        ["green_horizontal", "red_vertical"]]
     for row in result["pairs"]:
         assert row["train_images"] == 6 and row["val_images"] == 4  # 3 + 2 per class
+        assert row["refit_photos"] == 10  # the linear head's final fit sees training + validation photos
         assert row["test_images"] == 6  # 8 decodable per class, 5 used for training
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["seconds"] > 0
         report = json.loads((tmp_path / "fs" / "pairs" / "__".join(row["classes"]) / "report.json").read_text())

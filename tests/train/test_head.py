@@ -58,3 +58,34 @@ def test_class_weights_move_the_boundary_towards_the_rare_class():
         return int((logits.argmax(axis=1) == 1).sum())
 
     assert predicted_rare(balanced) > predicted_rare(plain)
+
+
+def test_rebased_head_gives_the_same_logits_under_other_statistics():
+    pytest.importorskip("scipy")
+    x, y = _blobs(seed=3)
+    fit = head_lib.fit_linear(x[:200], y[:200], x[200:], y[200:], classes=3)
+    mean, scale = x.mean(axis=0) + 0.7, x.std(axis=0) * 1.9  # any other statistics
+    kernel, bias = head_lib.rebased(fit, mean, scale)
+    np.testing.assert_allclose(((x - mean) / scale) @ kernel + bias, ((x - fit.mean) / fit.scale) @ fit.kernel + fit.bias,
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_refit_keeps_the_chosen_strength_and_learns_from_every_photo():
+    """Validation chooses L2, the refit uses training + validation: the optimum of that data at that strength."""
+    pytest.importorskip("scipy")
+    x, y = _blobs(seed=4, n=400)
+    chosen = head_lib.fit_linear(x[:200], y[:200], x[200:300], y[200:300], classes=3)
+    refit = head_lib.refit_linear(chosen, x[:300], y[:300], classes=3)
+    assert refit.l2 == chosen.l2 and refit.val_accuracy == chosen.val_accuracy and refit.path == chosen.path
+    np.testing.assert_allclose(refit.mean, x[:300].mean(axis=0), rtol=1e-5)  # its own standardisation
+    assert refit.iterations == len(refit.history["loss"]) > 0
+    # the same weights as a cold fit of all 300 photos at that strength (a convex loss: one optimum) ...
+    cold = head_lib.fit_linear(x[:300], y[:300], x[300:], y[300:], classes=3, l2_grid=(chosen.l2,))
+    logits = lambda f: ((x[300:] - f.mean) / f.scale) @ f.kernel + f.bias  # noqa: E731
+    np.testing.assert_allclose(logits(refit), logits(cold), atol=2e-2)
+    # ... and not the chosen head's, which never saw photos 200-299
+    assert np.abs(logits(refit) - logits(chosen)).max() > 10 * np.abs(logits(refit) - logits(cold)).max()
+    # the warm start begins at the chosen head: refitting its own training photos needs (almost) no step
+    again = head_lib.refit_linear(chosen, x[:200], y[:200], classes=3)
+    assert again.iterations <= 3
+    np.testing.assert_allclose(logits(again), logits(chosen), atol=2e-2)

@@ -95,11 +95,12 @@ def test_saved_model_follows_the_serving_contract(runs):
 
 def test_first_run_extracts_and_rerun_hits_the_cache(runs):
     cold = runs["first"].report["features"]
-    assert cold["misses"] == ["plain", "flip", "zoom"] and cold["hits"] == []
-    assert cold["extracted_images"] == 24 + 2 * 15  # every decodable image, then the training images per view
+    # plain: every photo; flip and zoom of the training photos, then of the validation photos (for the refit)
+    assert cold["misses"] == ["plain", "flip", "zoom", "flip", "zoom"] and cold["hits"] == []
+    assert cold["extracted_images"] == 24 + 2 * 15 + 2 * 6
     assert cold["extractor_converted"] is True
     warm = runs["second"].report["features"]
-    assert warm["hits"] == ["plain", "flip", "zoom"] and warm["misses"] == []
+    assert warm["hits"] == ["plain", "flip", "zoom", "flip", "zoom"] and warm["misses"] == []
     assert warm["extracted_images"] == 0 and warm["decoded_images"] == 0
     assert warm["extractor_converted"] is False
     assert runs["second"].report["skipped_images"] == runs["first"].report["skipped_images"]
@@ -171,3 +172,44 @@ def test_horizontal_flip_layers_mirror_exactly():
     model = keras.Model(x, bases.horizontal_flip(x))
     images = np.random.default_rng(0).normal(0, 50, (2, 5, 7, 3)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(model(images)), images[:, :, ::-1])
+
+
+def _head_mean(model_path):
+    import keras
+
+    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    layer = next(l for l in model._flatten_layers() if l.name == "head_normalize")  # noqa: E741
+    return np.asarray(layer.mean).ravel()
+
+
+def test_linear_head_is_refit_on_training_and_validation_photos(runs, tiny_dataset, tmp_path):
+    """After validation chose the L2 strength the head is fitted again on train + val views; --no-refit keeps
+    the training-only head (the standardisation statistics tell which photos each head was fitted on)."""
+    from train import head as head_lib
+
+    refit = runs["second"].report["refit"]
+    assert refit["done"] is True and refit["photos"] == 15 + 6 and refit["views"] == ["plain", "flip", "zoom"]
+    assert refit["feature_vectors"] == 3 * 21 and refit["l2"] in head_lib.L2_GRID
+    assert refit["l2"] == runs["second"].report["heads"][0]["l2"]  # the strength validation chose
+    assert runs["second"].report["seconds"]["refit"] >= 0
+    kept = train(TrainOptions(data_dir=tiny_dataset, output=tmp_path / "no_refit", cache_dir=runs["cache"],
+                              augment=True, refit=False, **SMALL))
+    assert kept.report["refit"] == {"done": False, "why": "--no-refit"}
+    assert kept.report["features"]["hits"] == ["plain", "flip", "zoom"]  # no validation views needed
+    drop_time = lambda heads: [{k: v for k, v in h.items() if k != "seconds"} for h in heads]  # noqa: E731
+    assert drop_time(kept.report["heads"]) == drop_time(runs["second"].report["heads"])  # the same choice ...
+    # ... then different weights: the refit head standardises with train + val statistics
+    train_only, train_val = _head_mean(kept.model_path), _head_mean(runs["second"].model_path)
+    assert np.abs(train_only - train_val).max() > 1e-3 * np.abs(train_only).max()  # (random weights: small values)
+    # the report's accuracy is the saved model's (joined check) in both
+    for result in (kept, runs["second"]):
+        assert result.report["joined_model_check"]["top1_agreement"] == 1.0
+
+
+def test_refit_is_skipped_where_validation_still_decides(runs):
+    first = runs["first"].report  # linear and mlp heads: the mlp stops early on validation, it is not refit
+    if first["chosen_head"] == "mlp":
+        assert first["refit"] == {"done": False, "why": "the mlp head stops early on validation"}
+    else:
+        assert first["refit"]["done"] is True
+    assert TrainOptions(data_dir="d").refit is True
