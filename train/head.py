@@ -110,6 +110,12 @@ def class_weights(labels: np.ndarray, classes: int) -> dict[int, float]:
     return {i: float(len(labels) / (classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
+def balanced_sample_weights(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Each sample's balanced class weight (`class_weights`), for the linear fit's weighted loss."""
+    weights = class_weights(labels, classes)
+    return np.asarray([weights[int(c)] for c in labels])
+
+
 def _fit(keras, model, x, y, val, *, epochs, lr, batch_size, patience, weights, desc, progress, seed,
          label_smoothing=0.0):
     if label_smoothing:  # smoothing needs one-hot targets; the metric keeps the name "accuracy"
@@ -347,7 +353,7 @@ def train_heads(x_train, y_train, x_val, y_val, *, classes: int, kinds=HEADS, ep
     for kind in kinds:
         started = time.perf_counter()
         if kind == "linear":  # full-batch L-BFGS on standardised features, L2 chosen on validation
-            sample_weight = None if weights is None else np.asarray([weights[int(c)] for c in y_train])
+            sample_weight = balanced_sample_weights(y_train, classes) if balance else None
             with one_blas_thread():
                 fit = fit_linear(x_train, y_train, x_val, y_val, classes=classes, sample_weight=sample_weight,
                                  label_smoothing=label_smoothing)

@@ -263,32 +263,15 @@ def train(options: TrainOptions) -> TrainResult:
                 views["flip"] = mirrored.values[split["train"]]
                 evaluated = (plain.values + mirrored.values) / 2
             if options.augment:
-                train_files = plain.kept[split["train"]]
-                train_paths = [dataset.paths[i] for i in train_files]
-                fingerprint = dataset.fingerprint(train_files)
-                for view in features_lib.AUGMENT_VIEWS:
-                    if view in views:
-                        continue
-                    got = store.get(train_paths, fingerprint, view)
-                    if len(got.kept) != len(train_paths):  # a file changed between the two reads
-                        raise ConfigError(f"{len(train_paths) - len(got.kept)} training image(s) could not be "
-                                          "decoded a second time; were files modified during training?")
-                    views[view] = got.values
+                views.update(_more_views(store, dataset, plain.kept[split["train"]],
+                                         [v for v in features_lib.AUGMENT_VIEWS if v not in views], "training"))
             refit_views = {}  # the same views of the validation photos, for the refit
             if options.refit and not options.fine_tune_layers and len(split["val"]):
                 refit_views = {"plain": plain.values[split["val"]]}
                 if options.flip_tta:
                     refit_views["flip"] = mirrored.values[split["val"]]
-                val_files = plain.kept[split["val"]]
-                val_paths = [dataset.paths[i] for i in val_files]
-                for view in views:
-                    if view in refit_views:
-                        continue
-                    got = store.get(val_paths, dataset.fingerprint(val_files), view)
-                    if len(got.kept) != len(val_paths):
-                        raise ConfigError(f"{len(val_paths) - len(got.kept)} validation image(s) could not be "
-                                          "decoded a second time; were files modified during training?")
-                    refit_views[view] = got.values
+                refit_views.update(_more_views(store, dataset, plain.kept[split["val"]],
+                                               [v for v in views if v not in refit_views], "validation"))
     finally:
         store.close()
     report["split"] = {name: {"images": int(len(idx)), "per_class": dataset.counts(labels[idx])}
@@ -407,6 +390,20 @@ def train(options: TrainOptions) -> TrainResult:
     return result
 
 
+def _more_views(store, dataset, files, names, what: str) -> dict:
+    """Views `names` of the photos `files` (indices into dataset.paths), from the store's cache or extracted."""
+    paths = [dataset.paths[int(i)] for i in files]
+    fingerprint = dataset.fingerprint(files)
+    out = {}
+    for view in names:
+        got = store.get(paths, fingerprint, view)
+        if len(got.kept) != len(paths):  # a file changed between the two reads
+            raise ConfigError(f"{len(paths) - len(got.kept)} {what} image(s) could not be decoded a second time; "
+                              "were files modified during training?")
+        out[view] = got.values
+    return out
+
+
 def _refit(options, best, views, refit_views, x_train, y_train, y_val_one, classes, *, balance, phases) -> dict:
     """Fit the chosen linear head's L2 strength again on training + validation views; replaces best.model.
 
@@ -425,14 +422,10 @@ def _refit(options, best, views, refit_views, x_train, y_train, y_val_one, class
         return {"done": False, "why": "no validation photos"}
     from . import head as head_lib
 
-    started = time.perf_counter()
     with phases.run("refit"):
         x_all = np.concatenate([x_train] + [refit_views[v] for v in views])
         y_all = np.concatenate([y_train] + [y_val_one] * len(views))
-        sample_weight = None
-        if balance:
-            weights = head_lib.class_weights(y_all, classes)
-            sample_weight = np.asarray([weights[int(c)] for c in y_all])
+        sample_weight = head_lib.balanced_sample_weights(y_all, classes) if balance else None
         with head_lib.one_blas_thread():
             fit = head_lib.refit_linear(best.fit, x_all, y_all, classes=classes, sample_weight=sample_weight,
                                         label_smoothing=options.label_smoothing)
@@ -441,7 +434,7 @@ def _refit(options, best, views, refit_views, x_train, y_train, y_val_one, class
     say(f"refit: the linear head (L2 {fit.l2:g}) fitted again on training + validation, {photos} photos x "
         f"{len(views)} view(s)")
     return {"done": True, "photos": int(photos), "views": list(views), "feature_vectors": int(len(y_all)),
-            "l2": fit.l2, "iterations": fit.iterations, "seconds": round(time.perf_counter() - started, 2)}
+            "l2": fit.l2, "iterations": fit.iterations, "seconds": round(phases.seconds["refit"], 2)}
 
 
 def _options_dict(options: TrainOptions) -> dict:
