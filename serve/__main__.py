@@ -62,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a request's body may take in total (default 60)")
     http.add_argument("--http-idle-timeout", type=float, default=30.0, metavar="S",
                       help="seconds an idle keep-alive connection stays open (default 30)")
-    http.add_argument("--http-max-inflight", type=int, default=256, metavar="N",
-                      help="POST requests handled at once; more are answered 503 with Retry-After (default 256)")
+    http.add_argument("--http-max-inflight", type=int, default=None, metavar="N",
+                      help="POST requests handled at once; more are answered 503 with Retry-After at once "
+                           "(default: --threads, one worker thread each)")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
-    parser.add_argument("--threads", type=int, default=64, help="gRPC worker threads (default 64)")
+    parser.add_argument("--threads", type=int, default=64,
+                        help="gRPC handler threads, and HTTP worker threads (default 64)")
+    parser.add_argument("--max-inflight", type=int, default=None, metavar="N",
+                        help="inference and Classify RPCs at once on the gRPC port; more are refused with "
+                             "RESOURCE_EXHAUSTED at once (default: --threads minus an eighth, kept for health checks, "
+                             "metadata and control: 56)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
     parser.add_argument("--drain-delay", type=float, default=0.0,
@@ -89,8 +95,9 @@ def main(argv=None) -> int:
 
     http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
     runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
-    for flag in ("http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_inflight"):
-        if getattr(args, flag) <= 0:
+    for flag in ("http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_inflight",
+                 "max_inflight", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             print(f"error: received --{flag.replace('_', '-')} {getattr(args, flag)}; expected a positive number",
                   file=sys.stderr)
             return 1
@@ -105,6 +112,7 @@ def main(argv=None) -> int:
             args.repository, models=_names(args.models), ensembles=args.ensemble, host=args.host, port=args.port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_mb=args.max_message_mb,
             strict=args.strict, tls_cert=args.tls_cert, tls_key=args.tls_key, threads=args.threads,
+            max_inflight=args.max_inflight,
             runner_options=runner_options, http_port=None if http_port < 0 else http_port,
             http_options=http_options, http_limits=http_limits)
     except KestrelError as exc:

@@ -6,7 +6,13 @@ and MLServer's handlers/dataplane.py).
     response = plane.infer(InferRequest("a", inputs=[InferInput("images", "UINT8", [1, 32, 32, 3], raw=data)]))
     response.outputs[0].data                     # -> np.ndarray (FP32), or object array of bytes (BYTES)
     plane.classify(jpeg_bytes, ["trio"], top_k=3)          # -> serve.hub.ClassifyResult
-    with plane.request("infer", ["a"], label=lambda exc: status_of(exc)[0]): ...   # metrics + drain
+    with plane.request("infer") as scope:        # a transport's request: in flight, metrics, its handles
+        plane.infer(request, scope)
+
+One request, one lookup: the scope acquires the request's target once (a registry handle that keeps the
+model version alive until the request ends), counts its metrics against what answers (the model versions
+and ensembles it ran on), and at its end cancels whatever of its work is still queued. The input tensor,
+the fusion and top-k are checked once, here.
 
 Everything here takes and returns plain values (str, int, lists, dicts, numpy arrays, the
 repository's ModelConfig message); the gRPC servicers (serve/servicers.py) and the HTTP app
@@ -27,9 +33,13 @@ import numpy as np
 
 from . import datatypes
 from ._proto import model_config_pb2
-from .ensemble import FUSIONS
-from .errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, shown, status_of
-from .hub import READY, UNAVAILABLE, ClassifyResult, ModelHub, ServedEnsemble, ServedModel
+from ._cancel import CancelOnEnd
+from .ensemble import FUSIONS, check_top_k, top_k
+from .errors import (InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError, ServerUnavailableError,
+                     shown, status_of)
+from .hub import ENSEMBLE_PLATFORM, ClassifyResult, ModelHub, Targets
+from .metrics import RequestRecord
+from .registry import ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, not_loaded
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +106,14 @@ class InferResponse:
     outputs: list[OutputTensor]
 
 
-def check_fusion(fusion: str) -> str:
-    """A fusion name from a request, its echo bounded."""
-    if fusion not in FUSIONS:
-        raise InvalidInputError(f"unknown fusion {shown(fusion)}; expected one of {', '.join(FUSIONS)}")
-    return fusion
-
-
 # ---- tensors --------------------------------------------------------------------------------
 def tensor_metadata(spec) -> dict:
     return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.shape]}
 
 
-def input_array(model: str, spec, inputs: Sequence[InferInput]) -> np.ndarray:
-    """The request's one input tensor as a numpy array, checked against the model's input spec."""
+def input_array(model: str, spec, inputs: Sequence[InferInput], max_batch_size: int = 0) -> np.ndarray:
+    """The request's one input tensor as a numpy array, checked against the model's input spec (and its
+    max_batch_size): the one check a request's tensor gets."""
     if len(inputs) != 1:
         raise InvalidInputError(
             f"model '{model}': received {len(inputs)} input tensors, expected exactly 1 ('{spec.name}')"
@@ -137,6 +141,14 @@ def input_array(model: str, spec, inputs: Sequence[InferInput]) -> np.ndarray:
         raise InvalidInputError(
             f"model '{model}' input '{spec.name}': received shape {shown(list(shape))}, expected {expected} (-1 = any)"
         )
+    if shape[0] == 0:
+        raise InvalidInputError(f"model '{model}': received an empty batch, expected at least one image")
+    if any(d == 0 for d in shape[1:]):
+        raise InvalidInputError(f"model '{model}' input '{spec.name}': received shape {list(shape)}, expected "
+                                "images of at least one pixel")
+    if max_batch_size and shape[0] > max_batch_size:
+        raise InvalidInputError(f"model '{model}': received a batch of {shape[0]}, expected at most "
+                                f"max_batch_size={max_batch_size}")
     count = int(np.prod(shape))
     if tensor.raw is not None:
         want = count * dtype.itemsize
@@ -182,16 +194,11 @@ def input_array(model: str, spec, inputs: Sequence[InferInput]) -> np.ndarray:
 
 def classification(probs: np.ndarray, count: int, labels) -> np.ndarray:
     """Triton's classification extension: per row the top `count` classes as b"probability:index[:label]"."""
-    count = min(count, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :count]
     rows = []
-    for row, indices in enumerate(order):
-        items = []
-        for i in indices:
-            label = labels[i] if labels and i < len(labels) else ""
-            items.append((f"{probs[row, i]:f}:{int(i)}" + (f":{label}" if label else "")).encode())
-        rows.append(items)
-    return np.array(rows, dtype=object).reshape(probs.shape[0], count)
+    for picks in top_k(probs, None, count):
+        rows.append([(f"{p:f}:{i}" + (f":{labels[i]}" if labels and i < len(labels) and labels[i] else "")).encode()
+                     for i, p in picks])
+    return np.array(rows, dtype=object).reshape(probs.shape[0], len(rows[0]) if rows else 0)
 
 
 def bytes_tensor(values) -> bytes:
@@ -210,24 +217,46 @@ def _value_chars(dtype: np.dtype) -> int:
     return 28  # "-1.2345678901234567e-308, "
 
 
-def request_size_limit(target: ServedModel | ServedEnsemble, binary: bool) -> int | None:
+def target_spec(target: Handle):
+    """The input spec a V2 request to `target` must match (an ensemble's members must share one)."""
+    specs = {v.input_spec for v in target.versions}
+    if len(specs) != 1:
+        raise InvalidInputError(
+            f"ensemble '{target.name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
+            "send images through Classify, or infer each member"
+        )
+    return next(iter(specs))
+
+
+def target_max_batch(target: Handle) -> int:
+    return min(max(1, v.max_batch_size) for v in target.versions)
+
+
+def request_size_limit(target: Handle, binary: bool) -> int | None:
     """The most bytes a V2 infer request for `target` can need: max_batch_size images of its input,
     as JSON numbers or (binary) raw bytes after a JSON header. None when the input has dynamic dims."""
-    spec = target.input_spec
+    spec = target_spec(target)
     if any(d < 0 for d in spec.shape):
         return None
-    values = max(1, target.max_batch_size) * int(np.prod(spec.shape))
+    values = target_max_batch(target) * int(np.prod(spec.shape))
     per_value = np.dtype(spec.dtype).itemsize if binary else _value_chars(np.dtype(spec.dtype))
     return JSON_OVERHEAD_BYTES + values * per_value
 
 
 # ---- the data plane -------------------------------------------------------------------------
 class RequestScope:
-    """One work-carrying request: counted in flight (shutdown waits for it) and in the metrics."""
+    """One work-carrying request: counted in flight (shutdown waits for it), its target acquired once and held
+    until it ends, its metrics counted against what answered, its queued work cancelled when it ends.
 
-    def __init__(self, plane: "DataPlane", api: str, names: Sequence[str], label: Callable[[BaseException], str]):
-        self.plane, self.label = plane, label
-        self.record = plane.hub.record_request(api, names)
+    `label` turns the exception a request failed with into the status code name its metrics record;
+    `submitted` collects its queued work (a transport ends it early when the client goes away)."""
+
+    def __init__(self, plane: "DataPlane", api: str, label: Callable[[BaseException], str],
+                 submitted: CancelOnEnd | None = None):
+        self.plane, self.api, self.label = plane, api, label
+        self.record = RequestRecord(api)
+        self.targets: list[Handle] = []
+        self.submitted = submitted if submitted is not None else CancelOnEnd()
         self.ended = False
         plane._begin()
 
@@ -242,12 +271,42 @@ class RequestScope:
         self._end(exc)
         return False
 
+    @property
+    def target(self) -> Handle | None:
+        """The request's one target, once acquired (V2 infer)."""
+        return self.targets[0] if len(self.targets) == 1 else None
+
+    def acquire(self, name: str, version: str = "") -> Handle:
+        """The request's target: a registry handle, held until the request ends (one lookup per request)."""
+        if self.target is not None and self.target.name == name:
+            return self.target
+        handle = self.plane.hub.acquire(name, version or "")
+        self._hold([handle])
+        return handle
+
+    def acquire_targets(self, names: Sequence[str]) -> Targets:
+        """Classify's targets (the server's default ones when no names are given), held until the request ends."""
+        targets = self.plane.hub.acquire_targets(names)
+        self._hold(targets)
+        return targets
+
+    def _hold(self, handles) -> None:
+        for handle in handles:
+            self.targets.append(handle)
+            stats = [handle.ensemble.stats] if handle.is_ensemble else []
+            self.record.add(stats + [v.stats for v in handle.versions if v.stats is not None])
+
     def _end(self, exc: BaseException | None) -> None:
         if self.ended:
             return
         self.ended = True
-        self.record.finish(None if exc is None else self.label(exc))
-        self.plane._end()
+        try:
+            self.submitted.end()  # siblings of a failed member, work of a request that failed: never run
+            self.record.finish(None if exc is None else self.label(exc))
+        finally:
+            for handle in self.targets:
+                handle.release()
+            self.plane._end()
 
 
 class DataPlane:
@@ -269,10 +328,10 @@ class DataPlane:
     def serving(self) -> bool:
         return bool(self._serving())
 
-    def request(self, api: str, names: Sequence[str] = (),
-                label: Callable[[BaseException], str] = lambda exc: status_of(exc)[0]) -> RequestScope:
+    def request(self, api: str, label: Callable[[BaseException], str] = lambda exc: status_of(exc)[0],
+                submitted: CancelOnEnd | None = None) -> RequestScope:
         """Context manager around one request's work (`label`: the failure code its metrics record)."""
-        return RequestScope(self, api, list(names), label)
+        return RequestScope(self, api, label, submitted)
 
     @property
     def inflight(self) -> int:
@@ -311,63 +370,106 @@ class DataPlane:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        return self.serving and not self.draining and self.hub.model_ready(name, version or "")
+        return self.serving and not self.draining and self.hub.registry.ready(name, version or "")
 
-    def target(self, name: str, version: str = "") -> ServedModel | ServedEnsemble:
-        """The model or ensemble `name` (any state), its version checked."""
-        target = self.hub.find(name)
-        target.check_version(version or "")
-        return target
+    def _entries(self, name: str, version: str = "") -> tuple[ModelRecord | EnsembleRecord, list]:
+        """The record of `name` (any state) and the configurations that describe it: the model's (the version
+        asked for, else the latest loaded, else config.pbtxt), or each member's for an ensemble."""
+        record = self.hub.find(name)
+        if isinstance(record, EnsembleRecord):
+            if version not in ("", None, ENSEMBLE_VERSION):
+                raise ModelNotFoundError(not_loaded(name, version, [ENSEMBLE_VERSION]))
+            return record, [e for e in (self._model_entry(m) for m in record.ensemble.members) if e is not None]
+        if version not in ("", None):
+            text = str(version)
+            chosen = record.versions.get(int(text)) if text.isdigit() else None
+            if chosen is None:
+                raise ModelNotFoundError(not_loaded(name, text, [v.label for v in record.serving()]))
+            return record, [chosen.entry]
+        entry = self._model_entry(name)
+        if entry is None:
+            raise ModelLoadError(f"model '{name}' has no valid configuration: {record.reason}")
+        return record, [entry]
+
+    def _model_entry(self, name: str):
+        record = self.hub.registry.records.get(name)
+        if record is not None and record.latest is not None:
+            return record.latest.entry
+        if record is not None and record.entry is not None:
+            return record.entry
+        try:
+            return self.hub.repository.entry(name)
+        except KestrelError:
+            return None
+
+    def _versions(self, record) -> list[str]:
+        if isinstance(record, EnsembleRecord):
+            return [ENSEMBLE_VERSION]
+        serving = [v.label for v in record.serving()]
+        if serving:
+            return serving
+        entry = self._model_entry(record.name)
+        return [str(v) for v in entry.versions] if entry is not None else []
 
     def model_metadata(self, name: str, version: str = "") -> dict:
-        target = self.target(name, version)
-        if isinstance(target, ServedEnsemble):
-            inputs = outputs = []
-            if any(m.entry is not None for m in target.members):
-                inputs, outputs = [tensor_metadata(target.input_spec)], [tensor_metadata(target.output_spec)]
-            return {"name": name, "versions": target.versions, "platform": target.platform,
-                    "inputs": inputs, "outputs": outputs}
-        return {"name": name, "versions": target.versions, "platform": target.platform,
-                "inputs": [tensor_metadata(target.input_spec)], "outputs": [tensor_metadata(target.output_spec)]}
+        record, entries = self._entries(name, version)
+        platform = ENSEMBLE_PLATFORM if isinstance(record, EnsembleRecord) else entries[0].platform
+        inputs = outputs = []
+        if entries:
+            specs = {e.input_spec for e in entries}
+            if len(specs) != 1:
+                raise InvalidInputError(
+                    f"ensemble '{name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
+                    "send images through Classify, or infer each member")
+            inputs, outputs = [tensor_metadata(entries[0].input_spec)], [tensor_metadata(entries[0].output_spec)]
+        return {"name": name, "versions": self._versions(record), "platform": platform, "inputs": inputs,
+                "outputs": outputs}
 
     def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
         """The model's configuration (config.pbtxt); for an ensemble, one Kestrel writes."""
-        target = self.target(name, version)
-        if isinstance(target, ServedModel):
-            return target._entry().config
-        config = model_config_pb2.ModelConfig(name=name, platform=target.platform)
-        entries = [m.entry for m in target.members if m.entry is not None]
+        record, entries = self._entries(name, version)
+        if isinstance(record, ModelRecord):
+            return entries[0].config
+        config = model_config_pb2.ModelConfig(name=name, platform=ENSEMBLE_PLATFORM)
         if entries:
-            config.max_batch_size = target.max_batch_size
+            config.max_batch_size = min(max(1, e.max_batch_size) for e in entries)
             config.input.extend([entries[0].config.input[0]])
             config.output.extend([entries[0].config.output[0]])
-        config.parameters["members"].string_value = ",".join(target.ensemble.members)
-        config.parameters["fusion"].string_value = target.ensemble.fusion
+        config.parameters["members"].string_value = ",".join(record.ensemble.members)
+        config.parameters["fusion"].string_value = record.ensemble.fusion
         return config
 
     def model_statistics(self, name: str = "", version: str = "") -> list[dict]:
-        """V2 statistics per model: durations as {"count", "ns"}, batch_stats per batch size."""
-        if name:
-            self.target(name, version)
-            names = [name]
-        else:
-            names = self.hub.names()
-        out = []
+        """V2 statistics per model version: durations as {"count", "ns"}, batch_stats per batch size."""
+        rows = []
+        names = [name] if name else self.hub.names()
         for item in names:
-            target = self.hub.find(item)
-            snap = self.hub.metrics.model(item).snapshot()
-            out.append({
-                "name": item,
-                "version": target.version_label or "1",
-                "last_inference": snap["last_inference"],
-                "inference_count": snap["inference_count"],
-                "execution_count": snap["execution_count"],
-                "inference_stats": {key: {"count": snap[key][0], "ns": snap[key][1]}
-                                    for key in ("success", "fail", "queue", "compute_infer")},
-                "batch_stats": [{"batch_size": size, "compute_infer": {"count": count, "ns": ns}}
-                                for size, (count, ns) in snap["batches"].items()],
-            })
-        return out
+            record = self.hub.find(item)
+            if isinstance(record, EnsembleRecord):
+                if version not in ("", None, ENSEMBLE_VERSION):
+                    self._entries(item, version)  # raises not found
+                stats = [record.stats]
+            else:
+                if version not in ("", None):
+                    self._entries(item, version)  # raises when not loaded
+                    stats = [self.hub.metrics.model(item, str(version))]
+                else:
+                    serving = [v.stats for v in record.serving() if v.stats is not None]
+                    stats = serving or [s for s in self.hub.metrics.versions(item) if s.version]
+            for one in stats:
+                snap = one.snapshot()
+                rows.append({
+                    "name": item,
+                    "version": one.version or "1",
+                    "last_inference": snap["last_inference"],
+                    "inference_count": snap["inference_count"],
+                    "execution_count": snap["execution_count"],
+                    "inference_stats": {key: {"count": snap[key][0], "ns": snap[key][1]}
+                                        for key in ("success", "fail", "queue", "compute_infer")},
+                    "batch_stats": [{"batch_size": size, "compute_infer": {"count": count, "ns": ns}}
+                                    for size, (count, ns) in snap["batches"].items()],
+                })
+        return rows
 
     def repository_index(self, repository: str = "", ready_only: bool = False) -> list[dict]:
         root = self.hub.repository.root.name
@@ -376,44 +478,38 @@ class DataPlane:
                 f"received repository name {shown(repository)}; this server has one repository, {root!r} "
                 "(or send an empty name)"
             )
-        items = []
-        for name in self.hub.repository.names():
-            served = self.hub.models.get(name)
-            if served is None:
-                item = {"name": name, "version": "", "state": UNAVAILABLE, "reason": "not loaded (not named in --models)"}
-            else:
-                item = {"name": name, "version": served.version_label, "state": served.state, "reason": served.reason}
-            items.append(item)
-        for served in self.hub.ensembles.values():
-            items.append({"name": served.name, "version": served.version_label, "state": served.state,
-                          "reason": served.reason})
-        return [item for item in items if not ready_only or item["state"] == READY]
+        return self.hub.registry.index(ready_only)
 
     def list_models(self) -> dict:
         """Models and ensembles with what a client needs to pick one (the web page's list)."""
         models = []
-        for served in self.hub.models.values():
-            info = {"name": served.name, "state": served.state, "reason": served.reason,
-                    "version": served.version_label or None}
-            if served.entry is not None:
-                info.update(platform=served.platform, num_classes=int(served.output_spec.shape[0]),
-                            input_size=[int(d) for d in served.input_spec.shape[:2]])
+        for name, record in self.hub.models.items():
+            info = {"name": name, "state": record.state, "reason": record.reason,
+                    "version": str(record.version) if record.version is not None else None}
+            entry = self._model_entry(name)
+            if entry is not None:
+                info.update(platform=entry.platform, num_classes=int(entry.output_spec.shape[0]),
+                            input_size=[int(d) for d in entry.input_spec.shape[:2]])
             models.append(info)
-        ensembles = [{"name": s.name, "state": s.state, "reason": s.reason, "members": list(s.ensemble.members),
-                      "fusion": s.ensemble.fusion} for s in self.hub.ensembles.values()]
+        ensembles = []
+        for record in self.hub.ensembles.values():
+            state, reason = self.hub.registry.ensemble_state(record)
+            ensembles.append({"name": record.name, "state": state, "reason": reason,
+                              "members": list(record.ensemble.members), "fusion": record.ensemble.fusion})
         return {"models": models, "ensembles": ensembles, "fusions": list(FUSIONS)}
 
     # ---- inference ---------------------------------------------------------------------------
-    def ready_target(self, name: str, version: str = "") -> ServedModel | ServedEnsemble:
-        return self.hub.ready_model(name, version or "")
-
-    def infer(self, request: InferRequest, submitted: list | None = None) -> InferResponse:
-        """Validate the request against the model, run it (batched), answer scores or top-k strings.
-        (`submitted`: collects the queued work, for a transport that cancels it when the client leaves.)"""
+    def infer(self, request: InferRequest, scope: RequestScope | None = None) -> InferResponse:
+        """Validate the request against its target (once), run it (batched), answer scores or top-k strings.
+        `scope`: the transport's request scope (one is made when None); its target may already be acquired."""
+        if scope is None:
+            with self.request("infer") as scope:
+                return self.infer(request, scope)
         name = request.model
-        target = self.ready_target(name, request.version)
-        spec, output_spec = target.input_spec, target.output_spec
-        batch = input_array(name, spec, request.inputs)
+        target = scope.acquire(name, request.version or "")
+        spec = target_spec(target)
+        output_spec = target.versions[0].output_spec
+        batch = input_array(name, spec, request.inputs, target_max_batch(target))
         wanted = list(request.outputs) or [RequestedOutput(output_spec.name)]
         for out in wanted:
             if out.name != output_spec.name:
@@ -426,21 +522,12 @@ class DataPlane:
                     f"model '{name}': received classification={shown(out.classification)}; expected a number of "
                     "classes >= 0"
                 )
-        fusion = request.fusion
-        if fusion is not None:
-            if not isinstance(fusion, str):
-                raise InvalidInputError(f"received fusion={shown(fusion)}; expected one of {', '.join(FUSIONS)}")
-            check_fusion(fusion)
-            if isinstance(target, ServedModel):
-                raise InvalidInputError(
-                    f"received fusion {fusion!r} for the single model '{name}'; a fusion applies to an ensemble")
-        result = self.hub.infer(name, request.version or "", batch, request.deadline, fusion=fusion,
-                                submitted=submitted)
+        result = self.hub.run(target, batch, request.deadline, request.fusion, scope.submitted)
         probs = np.ascontiguousarray(result.probabilities, dtype="<f4")
         outputs = []
         for out in wanted:
             if out.classification:
-                top = classification(probs, out.classification, target.labels)
+                top = classification(probs, out.classification, target.versions[0].labels)
                 outputs.append(OutputTensor(output_spec.name, "BYTES", [int(probs.shape[0]), int(top.shape[1])],
                                             top, out.parameters))
             else:
@@ -448,22 +535,18 @@ class DataPlane:
                                             out.parameters))
         return InferResponse(name, result.version, request.id or "", outputs)
 
-    def classify(self, image: bytes, names: Sequence[str] = (), top_k: int = 5, fusion: str = "",
-                 deadline: float | None = None, submitted: list | None = None) -> ClassifyResult:
+    def classify(self, image: bytes, names: Sequence[str] = (), top_k: int = 0, fusion: str = "",
+                 deadline: float | None = None, scope: RequestScope | None = None) -> ClassifyResult:
         """Image bytes in, labels out, from each named model / ensemble (default: the first ready
         ensemble, else every ready model); fused per ensemble, or across several models."""
-        names = [n for n in names if n]
-        if fusion:
-            check_fusion(fusion)
-            unique = list(dict.fromkeys(names))
-            if len(unique) == 1 and isinstance(self.hub.find(unique[0]), ServedModel):
-                raise InvalidInputError(
-                    f"received fusion {fusion!r} for the single model {unique[0]!r}; a fusion applies to an "
-                    "ensemble or to several models"
-                )
-        return self.hub.classify(image, names, top_k, fusion, deadline, submitted=submitted)
+        if scope is None:
+            with self.request("classify") as scope:
+                return self.classify(image, names, top_k, fusion, deadline, scope)
+        top = check_top_k(top_k)  # before any model is acquired
+        targets = scope.acquire_targets([n for n in names if n])
+        return self.hub.classify_targets(image, targets, top, fusion, deadline, scope.submitted)
 
 
 __all__ = ["DataPlane", "EXTENSIONS", "InferInput", "InferRequest", "InferResponse", "OutputTensor",
            "RequestScope", "RequestedOutput", "SERVER_NAME", "bytes_tensor", "classification", "input_array",
-           "request_size_limit", "server_version", "tensor_metadata"]
+           "request_size_limit", "server_version", "target_max_batch", "target_spec", "tensor_metadata"]

@@ -11,6 +11,10 @@
     │   └── RequestTooLargeError      a request body over its limit (HTTP 413)
     ├── DeadlineExceededError         the request's deadline passed before it ran
     ├── ServerUnavailableError        the server is shutting down
+    ├── BackendError                  a model's runtime failed on a batch (the model stays loaded)
+    ├── SupersededError               a load/unload replaced by a newer one on the same model
+    ├── UnauthenticatedError          no valid token for an endpoint that needs one
+    ├── PermissionDeniedError         a valid token without the role an endpoint needs
     └── EngineMismatchError           a TensorRT engine built for another GPU / TensorRT version
 
 STATUS (below) is the one table that maps them to a gRPC status code and an HTTP
@@ -74,6 +78,23 @@ class ServerUnavailableError(KestrelError):
     """The server is shutting down (or not serving yet): retry elsewhere."""
 
 
+class BackendError(KestrelError):
+    """A loaded model's runtime (or the batch around it) failed: the requests in that batch get
+    INTERNAL with this one-line reason; the model stays loaded and serves the next batch."""
+
+
+class SupersededError(KestrelError):
+    """A model load or unload that a newer operation on the same model replaced before it finished."""
+
+
+class UnauthenticatedError(KestrelError):
+    """The request carries no token, or one the server does not know (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(KestrelError):
+    """The request's token is valid but lacks the role the endpoint needs (HTTP 403, gRPC PERMISSION_DENIED)."""
+
+
 class EngineMismatchError(ModelLoadError):
     """A TensorRT engine was built for a different GPU or TensorRT version."""
 
@@ -88,6 +109,10 @@ STATUS: list[tuple[type[BaseException], str, int]] = [
     (DeadlineExceededError, "DEADLINE_EXCEEDED", 504),
     (ServerUnavailableError, "UNAVAILABLE", 503),
     (ModelLoadError, "UNAVAILABLE", 503),  # EngineMismatchError too: the model is not ready
+    (BackendError, "INTERNAL", 500),
+    (SupersededError, "ABORTED", 409),
+    (UnauthenticatedError, "UNAUTHENTICATED", 401),
+    (PermissionDeniedError, "PERMISSION_DENIED", 403),  # logged once per distinct message by the batcher, not per request
     (MissingDependencyError, "FAILED_PRECONDITION", 500),
     (ConfigError, "FAILED_PRECONDITION", 500),
 ]
@@ -100,6 +125,20 @@ def status_of(exc: BaseException) -> tuple[str, int]:
         if isinstance(exc, cls):
             return code, http_status
     return INTERNAL
+
+
+# Triton's failure reasons (nv_inference_request_failure{reason}), from the status code: the one mapping
+# both transports' metrics use
+_TRITON_REASONS = {
+    "RESOURCE_EXHAUSTED": "REJECTED", "UNAVAILABLE": "REJECTED",
+    "CANCELLED": "CANCELED", "DEADLINE_EXCEEDED": "CANCELED",
+    "INTERNAL": "BACKEND", "UNKNOWN": "BACKEND",
+}
+
+
+def triton_reason(code: str) -> str:
+    """Triton's `reason` label (REJECTED, CANCELED, BACKEND, OTHER) for a failed request's status code name."""
+    return _TRITON_REASONS.get(code, "OTHER")
 
 
 def expected(exc: BaseException) -> bool:

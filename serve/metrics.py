@@ -11,6 +11,8 @@ Prometheus names (label `model`; request metrics also `api`: "infer" or "classif
     kestrel_expired_requests_total           queued requests dropped unrun because their deadline passed
     kestrel_model_ready                      1 when the model is loaded and serving
     kestrel_queue_depth                      requests waiting for a batch now
+    kestrel_requests_refused_total           requests refused before reaching a model: the server was busy
+                                             (label `transport`: grpc or http; no `model`)
 
 Triton-compatible names, beside Kestrel's own, so Triton's Grafana dashboards and HPA rules work
 unchanged (labels `model` and `version`; the same counters as the V2 ModelStatistics message; durations
@@ -38,24 +40,13 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 
+from .errors import triton_reason
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-# Triton's failure reasons; a status code (gRPC name, or HTTP status) maps to one of them.
-_TRITON_REASONS = {
-    "RESOURCE_EXHAUSTED": "REJECTED", "429": "REJECTED",
-    "CANCELLED": "CANCELED", "DEADLINE_EXCEEDED": "CANCELED", "499": "CANCELED", "504": "CANCELED",
-    "INTERNAL": "BACKEND", "UNKNOWN": "BACKEND", "500": "BACKEND",
-}
-
-
 # prometheus_client renames a counter's samples to <name>_total; Triton's names have no suffix.
 _COUNTER = "unknown"
-
-
-def triton_reason(code: str) -> str:
-    """Triton's `reason` label for a failed request's status code."""
-    return _TRITON_REASONS.get(code, "OTHER")
 
 
 class Metrics:
@@ -80,16 +71,32 @@ class Metrics:
         self.model_ready = Gauge("kestrel_model_ready", "1 when the model is loaded and serving", ["model"],
                                  registry=r)
         self.queue_depth = Gauge("kestrel_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.refused = Counter("kestrel_requests_refused", "Requests refused before reaching a model (server busy)",
+                               ["transport"], registry=r)
         self._models: dict[str, ModelStats] = {}
         self._lock = threading.Lock()
         self._http = None
         r.register(_TritonCollector(self))
 
-    def model(self, name: str) -> "ModelStats":
+    def model(self, name: str, version: str = "") -> "ModelStats":
+        """The statistics of one model version (Triton's `model` and `version` labels); made on first use."""
+        key = (name, str(version))
         with self._lock:
-            if name not in self._models:
-                self._models[name] = ModelStats(name, self)
-            return self._models[name]
+            if key not in self._models:
+                self._models[key] = ModelStats(name, self, str(version))
+            return self._models[key]
+
+    def versions(self, name: str) -> list["ModelStats"]:
+        """Every version's statistics of `name`, by version."""
+        with self._lock:
+            found = [stats for (model, _), stats in self._models.items() if model == name]
+        return sorted(found, key=lambda s: int(s.version) if s.version.isdigit() else -1)
+
+    def watch_model(self, name: str, ready, depth) -> None:
+        """kestrel_model_ready and kestrel_queue_depth of model `name`, read from `ready()` and `depth()`
+        at each scrape (over all its versions)."""
+        self.model_ready.labels(name).set_function(lambda: 1.0 if ready() else 0.0)
+        self.queue_depth.labels(name).set_function(lambda: float(depth()))
 
     def serve_http(self, port: int, host: str = "127.0.0.1", limits=None) -> int:
         """Expose /metrics on host:port (0 = any free port); returns the bound port. Served like the
@@ -175,7 +182,7 @@ class _Duration:
 class ModelStats:
     """Cumulative counters of one model (the V2 ModelStatistics message), mirrored into Prometheus."""
 
-    def __init__(self, name: str, metrics: Metrics):
+    def __init__(self, name: str, metrics: Metrics, version: str = ""):
         self.name = name
         self._m = metrics
         self._lock = threading.Lock()
@@ -188,16 +195,18 @@ class ModelStats:
         self.batches: dict[int, _Duration] = {}
         self.last_inference_ms = 0
         self.fail_reasons: dict[str, int] = {}  # Triton's failure reasons -> requests
-        self.version = ""  # the served version (the hub sets it on load); Triton's `version` label
-        self._depth = None
+        self.version = version  # Triton's `version` label
+        self._depth = self._depth_owner = None
 
-    def set_ready(self, ready: bool) -> None:
-        self._m.model_ready.labels(self.name).set(1 if ready else 0)
+    def watch_queue(self, depth, owner=None) -> None:
+        """Report `depth()` (this version's requests waiting) as Triton's pending count at each scrape;
+        `owner` (its batcher) lets unwatch_queue drop it without touching a newer owner's."""
+        self._depth, self._depth_owner = depth, owner
 
-    def watch_queue(self, depth) -> None:
-        """Report `depth()` (requests waiting) as kestrel_queue_depth (and Triton's pending count) at each scrape."""
-        self._depth = depth
-        self._m.queue_depth.labels(self.name).set_function(depth)
+    def unwatch_queue(self, owner) -> None:
+        """Stop reading the queue of `owner` (a closed batcher: nothing keeps it alive from here)."""
+        if getattr(self, "_depth_owner", None) is owner:
+            self._depth = self._depth_owner = None
 
     def pending(self) -> int:
         """Requests queued for a batch now (0 for an ensemble: its members queue)."""
@@ -259,17 +268,23 @@ class ModelStats:
 
 
 class RequestRecord:
-    """One request's metrics for each model it names: received now, finished with a status code later.
+    """One request's metrics, for each model version and ensemble that answers it: counted once the request
+    knows what answers it (its names resolved), finished with a status code name later.
 
-    The gRPC servicers and the HTTP front end both record through this, each
-    with its own api label and status codes.
-    """
+    The gRPC servicers and the HTTP front end both record through this (serve.dataplane.RequestScope), with
+    their own api label and the same status code names (serve.errors.status_of)."""
 
-    def __init__(self, stats: list[ModelStats], api: str):
-        self.stats, self.api = stats, api
+    def __init__(self, api: str, stats: list[ModelStats] = ()):
+        self.api = api
         self.t0 = time.perf_counter()
+        self.stats: list[ModelStats] = []
+        self.add(stats)
+
+    def add(self, stats) -> None:
         for model in stats:
-            model.received(api)
+            if not any(model is known for known in self.stats):
+                self.stats.append(model)
+                model.received(self.api)
 
     def finish(self, code: str | None = None) -> None:
         seconds = time.perf_counter() - self.t0

@@ -207,6 +207,31 @@ class ModelEntry:
                 found.append(int(child.name))
         return sorted(found)
 
+    def policy_versions(self) -> list[int]:
+        """The versions its version_policy serves (Triton's rules): the latest `num_versions` (default 1)
+        of those on disk, all of them, or the `specific` ones (each must be on disk)."""
+        available = self.versions
+        policy = self.config.version_policy
+        kind = policy.WhichOneof("policy_choice")
+        if kind == "all":
+            return available
+        if kind == "specific":
+            wanted = sorted(set(int(v) for v in policy.specific.versions))
+            missing = [v for v in wanted if v not in available]
+            if not wanted:
+                raise ConfigError(f"model '{self.name}': version_policy specific names no versions")
+            if missing:
+                raise ConfigError(f"model '{self.name}': version_policy names version(s) {missing}, which have no "
+                                  f"{self.artifact_name} in {self.path} (on disk: {available or 'none'})")
+            return wanted
+        count = int(policy.latest.num_versions) if kind == "latest" else 1
+        return available[-max(1, count):]
+
+    def version_files(self, version: int) -> list[Path]:
+        """Every file of one version folder (what decides whether a version changed), sorted."""
+        folder = self.path / str(version)
+        return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
     @property
     def artifact_name(self) -> str:
         return self.config.default_model_filename or ARTIFACTS[self.platform]
@@ -237,10 +262,25 @@ class ModelEntry:
         return [line.rstrip("\n") for line in path.read_text().splitlines()]
 
 
-def load_entry(folder: Path) -> ModelEntry:
-    """Parse and check one model folder."""
+def config_from_json(text: str, name: str):
+    """A ModelConfig from its JSON form (the repository load API's "config" parameter, as Triton takes it)."""
+    from google.protobuf import json_format
+
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"model '{name}': received an empty \"config\" parameter; expected a JSON model "
+                          "configuration (ModelConfig)")
+    try:
+        return json_format.Parse(text, _pb().ModelConfig())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"model '{name}': the \"config\" parameter is not a valid model configuration: "
+                          f"{str(exc)[:300]}") from None
+
+
+def load_entry(folder: Path, config=None) -> ModelEntry:
+    """Parse and check one model folder (`config`: a ModelConfig that replaces its config.pbtxt)."""
     folder = Path(folder)
-    config = read_config(folder / CONFIG_FILE)
+    if config is None:
+        config = read_config(folder / CONFIG_FILE)
     name = config.name or folder.name
     if name != folder.name:
         raise ConfigError(f"{folder / CONFIG_FILE}: name {name!r} does not match its folder {folder.name!r}")
@@ -296,12 +336,13 @@ class ModelRepository:
         """The folder a model of this name lives (or would live) in; rejects names escaping the root."""
         return self.root / validate_name(name)
 
-    def entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str, config=None) -> ModelEntry:
+        """The model `name`, parsed and checked (`config`: a ModelConfig used instead of its config.pbtxt)."""
         folder = self.folder(name)
-        if not (folder / CONFIG_FILE).is_file():
+        if not (folder / CONFIG_FILE).is_file() and config is None:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFoundError(f"model '{name}' is not in repository {self.root} (models there: {known})")
-        return load_entry(folder)
+        return load_entry(folder, config)
 
     def entries(self) -> list[ModelEntry]:
         return [self.entry(name) for name in self.names()]

@@ -33,13 +33,24 @@ from .http import HttpFrontend, HttpLimits, HttpOptions
 from .hub import ModelHub
 from .metrics import Metrics
 from .repository import ModelRepository
-from .servicers import ClassifyServicer, InferenceServicer
+from .servicers import Admission, ClassifyServicer, InferenceServicer
 
 log = logging.getLogger(__name__)
 
 # 32 float32 224x224x3 images are 19.3 MB; leave room for bigger inputs.
 DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_THREADS = 64
+
+
+def reserved_threads(threads: int) -> int:
+    """Handler threads kept free of inference for health checks, metadata and control calls."""
+    return max(2, threads // 8)
+
+
+def admission_limit(threads: int) -> int:
+    """Inference and Classify RPCs that may run at once on `threads` gRPC handler threads (more are refused
+    with RESOURCE_EXHAUSTED at once): 56 of the default 64."""
+    return max(1, threads - reserved_threads(threads))
 V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CLASSIFY_SERVICE = kestrel_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 
@@ -93,20 +104,28 @@ class Server:
             self.health.enter_graceful_shutdown()
             log.info("shutting down: finishing in-flight requests (grace %.1f s)", grace or 0)
             t0 = time.monotonic()
+            deadline = None if grace is None else t0 + grace  # one deadline for the ports and every model
 
             def left() -> float | None:
-                return None if grace is None else max(0.0, grace - (time.monotonic() - t0))
+                return None if deadline is None else max(0.0, deadline - time.monotonic())
 
             if self.http is not None:  # both ports stop accepting, then both finish in-flight requests
                 self.http.stop_accepting()
             # requests arriving now are answered UNAVAILABLE by the data plane (gRPC's own stop
             # would CANCEL them); in-flight ones finish, then gRPC stops with what is left of grace
             if not self.plane.wait_idle(left()):
-                log.warning("%d request(s) still running after the grace period", self.plane.inflight)
+                log.warning("%d request(s) still running after the grace period; the models fail them "
+                            "UNAVAILABLE", self.plane.inflight)
+            # models stop taking requests; what they still hold runs until the deadline, then fails UNAVAILABLE
+            # (a runner is closed only once no worker is inside it)
+            closer = threading.Thread(target=self.hub.close, kwargs={"deadline": deadline}, name="close-models",
+                                      daemon=True)
+            closer.start()
+            closer.join(None if deadline is None else left() + 1.0)
+            self.plane.wait_idle(0.5)  # the requests the models failed at the deadline write their answers
             self.grpc_server.stop(left()).wait()
             if self.http is not None:
                 self.http.stop(left())
-            self.hub.close(timeout=grace)
             self.metrics.close()
             self._stopped.set()
             log.info("server stopped")
@@ -135,11 +154,13 @@ def create_server(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     threads: int = DEFAULT_THREADS,
+    max_inflight: int | None = None,
     runner_options: dict[str, dict] | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     http_port: int | None = None,
     http_options: HttpOptions | None = None,
     http_limits: HttpLimits | None = None,
+    unhealthy_after_s: float | None = None,
 ) -> tuple[Server, int]:
     """Load the models, start serving on host:port (0 = a free port); returns (server, bound port).
 
@@ -148,6 +169,9 @@ def create_server(
     capped at `max_message_mb` like gRPC messages. `http_options` (what the HTTP app accepts)
     and `http_limits` (connection deadlines and sizes, also for the metrics port): serve/http.
     A model that fails to load is UNAVAILABLE with its reason; with `strict` it raises instead.
+    `max_inflight`: inference and Classify RPCs at once on the gRPC port (default admission_limit(threads));
+    more are refused with RESOURCE_EXHAUSTED at once. `unhealthy_after_s`: a model whose every batch has
+    failed this long reports not ready (serve.batching.UNHEALTHY_AFTER_S).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key); received one")
@@ -156,18 +180,26 @@ def create_server(
     ensembles = [e if isinstance(e, Ensemble) else Ensemble.parse(e) for e in ensembles]
     metrics = Metrics()
     hub = ModelHub(repository, models, ensembles, strict=strict, runner_options=runner_options, metrics=metrics,
-                   max_pixels=max_pixels)
+                   max_pixels=max_pixels,
+                   **({} if unhealthy_after_s is None else {"unhealthy_after_s": unhealthy_after_s}))
     grpc_server = None
     frontend = None
     try:
         hub.load()
-        # so_reuseport off: a second server on a busy port must fail, not silently share it
+        # so_reuseport off: a second server on a busy port must fail, not silently share it. At most `threads`
+        # RPCs at once (grpc refuses more with RESOURCE_EXHAUSTED instead of queueing them without bound), and
+        # inference at most `limit` of them, so health checks and metadata always find a thread.
+        limit = admission_limit(threads) if max_inflight is None else max(1, int(max_inflight))
+        admission = Admission(limit, f" (gRPC handler threads {threads}, {threads - limit} kept for health, "
+                                     "metadata and control)", metrics.refused.labels("grpc").inc)
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                  options=message_options(max_message_mb) + [("grpc.so_reuseport", 0)])
+                                  options=message_options(max_message_mb) + [("grpc.so_reuseport", 0)],
+                                  maximum_concurrent_rpcs=max(threads, limit))
         holder: dict[str, Server] = {}
         plane = DataPlane(hub, serving=lambda: holder["server"].serving if "server" in holder else True)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), grpc_server)
-        kestrel_pb2_grpc.add_ClassifierServicer_to_server(ClassifyServicer(plane), grpc_server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, admission=admission),
+                                                                        grpc_server)
+        kestrel_pb2_grpc.add_ClassifierServicer_to_server(ClassifyServicer(plane, admission=admission), grpc_server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
@@ -186,6 +218,7 @@ def create_server(
         if not bound:
             raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
         server = Server(grpc_server, hub, health_servicer, metrics, host, bound, None, plane=plane)
+        server.admission = admission
         holder["server"] = server
         if metrics_port is not None:
             try:
@@ -196,7 +229,8 @@ def create_server(
             try:
                 options = http_options or HttpOptions(max_body_mb=max_message_mb, threads=threads)
                 frontend = HttpFrontend(plane, host=host, port=http_port, options=options, limits=http_limits,
-                                        metrics_registry=metrics.registry).start()
+                                        metrics_registry=metrics.registry,
+                                        on_refused=metrics.refused.labels("http").inc).start()
             except OSError as exc:
                 raise ConfigError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror}") from None
             server.http = frontend

@@ -7,11 +7,16 @@ the HTTP port reads too); anything not in it is INTERNAL and logged with its tra
 Every handler catches at one boundary (`_Handler`), so a bad request gets
 its status and message and the server keeps serving. (Messages larger than
 the configured limit are refused by gRPC itself with RESOURCE_EXHAUSTED.)
+
+Admission: work-carrying RPCs (inference, Classify) beyond `Admission.limit` at once are refused at
+once with RESOURCE_EXHAUSTED instead of waiting in grpc's executor queue; create_server sizes the limit
+from the handler threads, keeping some threads for health checks, metadata and control calls.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import grpc
@@ -23,7 +28,7 @@ from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import kestrel_pb2 as kpb
 from ._proto import kestrel_pb2_grpc as kpb_grpc
 from .dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor
-from .errors import InvalidInputError, shown, status_of
+from .errors import InvalidInputError, KestrelError, ResourceExhaustedError, shown, status_of
 from .hub import ModelHub
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,32 @@ class _CancelOnTermination(CancelOnEnd):
             self.end()
 
 
-def _cancel_on_termination(context) -> list:
-    return _CancelOnTermination(context)
+class Admission:
+    """How many work-carrying RPCs may run at once; more are refused at once (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, limit: int | None, why: str = "", on_refused=None):
+        self.limit, self.why, self.on_refused = limit, why, on_refused
+        self.active = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        if self.limit is None:
+            return
+        with self._lock:
+            if self.active >= self.limit:
+                self.refused += 1
+                if self.on_refused is not None:
+                    self.on_refused()
+                raise ResourceExhaustedError(f"the server is busy: {self.active} requests in progress, its limit "
+                                             f"{self.limit}{self.why}; retry later or elsewhere")
+            self.active += 1
+
+    def leave(self) -> None:
+        if self.limit is None:
+            return
+        with self._lock:
+            self.active -= 1
 
 
 def _deadline(context) -> float | None:
@@ -76,25 +105,38 @@ def _deadline(context) -> float | None:
 
 
 class _Handler:
-    """One RPC's boundary: work-carrying RPCs (`api` given) are counted in flight and in the metrics;
-    every exception becomes its gRPC status and message."""
+    """One RPC's boundary: work-carrying RPCs (`api` given) pass admission, then run in a data plane request
+    scope (in flight, metrics, their target held, their queued work dropped when the RPC ends); every
+    exception becomes its gRPC status and message."""
 
-    def __init__(self, plane: DataPlane, context, api: str | None = None, names=()):
-        self.plane, self.context, self.api, self.names = plane, context, api, names
+    def __init__(self, plane: DataPlane, context, api: str | None = None, admission: Admission | None = None):
+        self.plane, self.context, self.api, self.admission = plane, context, api, admission
         self.scope = None
+        self.admitted = False
 
     def __enter__(self):
         if self.api is not None:
-            self.scope = self.plane.request(self.api, self.names, label=_code_name)
             try:
+                if self.admission is not None:
+                    self.admission.enter()
+                    self.admitted = True
+                self.scope = self.plane.request(self.api, label=_code_name,
+                                                submitted=_CancelOnTermination(self.context))
                 self.scope.__enter__()
-            except Exception as exc:  # shutting down: UNAVAILABLE
+            except Exception as exc:  # busy (RESOURCE_EXHAUSTED) or shutting down (UNAVAILABLE)
+                self._leave()
                 self._abort(exc)
         return self
+
+    def _leave(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.admission.leave()
 
     def __exit__(self, kind, exc, tb):
         failed = exc is not None and isinstance(exc, Exception)
         cancelled = failed and self._cancelled_by_client()
+        self._leave()
         if self.scope is not None:
             if cancelled:
                 self.scope.label = lambda _exc: "CANCELLED"
@@ -116,9 +158,12 @@ class _Handler:
 
     def _abort(self, exc: Exception, exc_info=None):
         code = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
+        if code is grpc.StatusCode.INTERNAL and not isinstance(exc, KestrelError):
             log.error("%s failed unexpectedly", self.api or "rpc", exc_info=exc_info or exc)
             message = f"internal error: {type(exc).__name__}: {exc}"
+        elif code is grpc.StatusCode.INTERNAL:  # a model's failure: the batcher logged it (once per message)
+            log.debug("%s: %s: %s", self.api or "rpc", code.name, exc)
+            message = str(exc)
         else:  # a client's mistake is not the operator's news (and must not flood the log): debug
             level = logging.DEBUG if code in _CLIENT_ERRORS else logging.INFO
             log.log(level, "%s: %s: %s", self.api or "rpc", code.name, exc)
@@ -142,11 +187,12 @@ def _parameter(parameter):
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe V2 / open inference protocol, as Triton speaks it over gRPC (a codec over DataPlane)."""
 
-    def __init__(self, plane: DataPlane | ModelHub, serving=None):
+    def __init__(self, plane: DataPlane | ModelHub, serving=None, admission: Admission | None = None):
         if isinstance(plane, ModelHub):  # a hub alone: a data plane of its own
             plane = DataPlane(plane, serving) if serving is not None else DataPlane(plane)
         self.plane = plane
         self.hub = plane.hub
+        self.admission = admission
 
     # ---- health and metadata ---------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -201,7 +247,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -------------------------------------------------------------------------
     def ModelInfer(self, request, context):
-        with _Handler(self.plane, context, "infer", [request.model_name]):
+        with _Handler(self.plane, context, "infer", self.admission) as handler:
             fusion = None
             if "fusion" in request.parameters:
                 fusion = request.parameters["fusion"].string_param
@@ -209,7 +255,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 InferRequest(request.model_name, request.model_version, _inputs(request),
                              [_requested(o, request.model_name) for o in request.outputs], request.id, fusion,
                              _deadline(context)),
-                submitted=_cancel_on_termination(context))
+                handler.scope)
             response = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
                                              id=answer.id)
             for out in answer.outputs:
@@ -260,15 +306,15 @@ def _predictions(items) -> list:
 class ClassifyServicer(kpb_grpc.ClassifierServicer):
     """Image bytes in, labels out (see proto/kestrel.proto)."""
 
-    def __init__(self, plane: DataPlane | ModelHub):
+    def __init__(self, plane: DataPlane | ModelHub, admission: Admission | None = None):
         self.plane = plane if isinstance(plane, DataPlane) else DataPlane(plane)
         self.hub = self.plane.hub
+        self.admission = admission
 
     def Classify(self, request, context):
-        names = list(request.models)
-        with _Handler(self.plane, context, "classify", names):
-            result = self.plane.classify(request.image, names, request.top_k, request.fusion, _deadline(context),
-                                         submitted=_cancel_on_termination(context))
+        with _Handler(self.plane, context, "classify", self.admission) as handler:
+            result = self.plane.classify(request.image, list(request.models), request.top_k, request.fusion,
+                                         _deadline(context), handler.scope)
             response = kpb.ClassifyResponse(image_height=result.image_size[0], image_width=result.image_size[1],
                                             decode_ms=result.decode_s * 1e3, total_ms=result.total_s * 1e3)
             for answer in result.models:
@@ -296,4 +342,4 @@ class ClassifyServicer(kpb_grpc.ClassifierServicer):
         return response
 
 
-__all__ = ["InferenceServicer", "ClassifyServicer", "status_for"]
+__all__ = ["Admission", "InferenceServicer", "ClassifyServicer", "status_for"]

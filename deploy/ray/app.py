@@ -40,7 +40,6 @@ from serve.batching import BatchResult
 from serve.ensemble import Ensemble
 from serve.errors import (ConfigError, DeadlineExceededError, InvalidInputError, KestrelError, ModelLoadError,
                           ResourceExhaustedError, ServerUnavailableError)
-from serve.hub import READY
 
 log = logging.getLogger("deploy.ray")
 
@@ -136,7 +135,7 @@ class AppOptions:
 def served_names(options: AppOptions) -> list[str]:
     """The models the application deploys: as `python -m serve` chooses them (ModelHub's rules)."""
     hub = ModelHub(options.repository, options.models, [Ensemble.parse(e) for e in options.ensembles])
-    return hub._names_to_load()
+    return hub.startup_plan()[0]
 
 
 def model_deployment_options(repository: ModelRepository, name: str, options: AppOptions) -> dict:
@@ -189,7 +188,7 @@ class ModelReplica:
     async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> dict:
         """Probabilities of a uint8 batch and how it ran (queue and compute time, executed batch size)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pending = self.served.batcher.submit(batch, deadline)
+        pending = self.served.batcher.submit(batch, deadline, checked=True)  # the ingress checked it
         try:
             run = await asyncio.get_running_loop().run_in_executor(self._waiters, pending.result)
         except asyncio.CancelledError:  # the caller went away (Ray cancels the request): do not run it
@@ -200,7 +199,7 @@ class ModelReplica:
 
     def statistics(self) -> dict:
         """This replica's counters (the V2 ModelStatistics values) and where it runs."""
-        return {"pid": os.getpid(), "node": self.node, **self.hub.metrics.model(self.name).snapshot()}
+        return {"pid": os.getpid(), "node": self.node, **self.served.stats.snapshot()}
 
     def check_health(self) -> None:
         if not self.served.ready:
@@ -284,13 +283,14 @@ class _RemotePending:
             self._response.cancel()
 
     def result(self, timeout: float | None = None) -> BatchResult:
+        end = None if timeout is None else time.monotonic() + timeout
         if self.deadline is not None:
-            left = max(0.0, self.deadline - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
+            end = self.deadline if end is None else min(end, self.deadline)
         try:
             for attempt in range(1, RETRIES + 1):
-                try:
-                    out = self._response.result(timeout_s=timeout)
+                try:  # every attempt gets what is left of the deadline, not a fresh one
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    out = self._response.result(timeout_s=left)
                     break
                 except Exception as exc:
                     if _replica_died(exc) and attempt < RETRIES and not self.cancelled:
@@ -315,8 +315,12 @@ class _RemoteBatcher:
         self.queued = 0
         self.resent = 0  # requests sent again because their replica died
 
-    def submit(self, batch: np.ndarray, deadline: float | None = None) -> _RemotePending:
-        batch = self.runner.check(batch)
+    close_runner = False
+    accepting = True
+
+    def submit(self, batch: np.ndarray, deadline: float | None = None, *, checked: bool = False) -> _RemotePending:
+        if not checked:
+            batch = self.runner.check(batch)
         if batch.shape[0] > self.max_batch_size:
             raise InvalidInputError(f"model '{self.name}': received a batch of {batch.shape[0]}, "
                                     f"expected at most max_batch_size={self.max_batch_size}")
@@ -324,8 +328,12 @@ class _RemoteBatcher:
             raise DeadlineExceededError(f"model '{self.name}': the request's deadline passed before it was sent")
         return _RemotePending(self, batch, deadline)
 
-    def close(self, timeout: float | None = None) -> None:
-        pass
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    def close(self, timeout: float | None = None, *, deadline: float | None = None) -> bool:
+        self.accepting = False
+        return True
 
 
 class RemoteModelHub(ModelHub):
@@ -335,24 +343,12 @@ class RemoteModelHub(ModelHub):
         super().__init__(repository, models, ensembles, **kwargs)
         self.handles = dict(handles)
 
-    def _load_one(self, served) -> None:
-        entry = served.entry
-        try:
-            versions = entry.versions
-            if not versions:
-                entry.artifact()  # raises with the reason
-            if served.name not in self.handles:
-                raise ModelLoadError(f"model '{served.name}' has no Ray Serve deployment in this application")
-            served.version = versions[-1]
-            served.stats.version = str(served.version)
-            served.runner = _RemoteRunner(entry)
-            served.batcher = _RemoteBatcher(served.name, self.handles[served.name], served.runner,
-                                            entry.max_batch_size)
-            served.state, served.reason = READY, ""
-        except KestrelError as exc:
-            served.state, served.reason = "UNAVAILABLE", str(exc)
-            log.error("model %s: %s", served.name, exc)
-        served.stats.set_ready(served.ready)
+    def start_version(self, entry, version: int, stats):
+        """A version of a model is its Ray Serve deployment: the runner carries the contract, the batcher sends."""
+        if entry.name not in self.handles:
+            raise ModelLoadError(f"model '{entry.name}' has no Ray Serve deployment in this application")
+        runner = _RemoteRunner(entry)
+        return runner, _RemoteBatcher(entry.name, self.handles[entry.name], runner, entry.max_batch_size)
 
 
 # ---- the ingress ----------------------------------------------------------------------------------
@@ -466,8 +462,8 @@ class KestrelIngress:
 
     def resent(self) -> dict[str, int]:
         """Per model: requests this ingress sent again because the replica they were routed to died."""
-        return {name: served.batcher.resent for name, served in self.hub.models.items()
-                if isinstance(served.batcher, _RemoteBatcher)}
+        return {name: record.batcher.resent for name, record in self.hub.models.items()
+                if isinstance(record.batcher, _RemoteBatcher)}
 
 
 def _rpc(name: str):

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ServerUnavailableError
 from ..repository import TensorSpec
 
 
@@ -31,6 +31,7 @@ class Runner(abc.ABC):
         self.labels = labels
         self.max_batch_size = max_batch_size
         self._loaded = False
+        self._closed = False  # closed by its server: never loads again
         self._load_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -38,26 +39,35 @@ class Runner(abc.ABC):
     def loaded(self) -> bool:
         return self._loaded
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def load(self) -> "Runner":
-        """Allocate the model (idempotent, thread-safe). Returns self."""
+        """Allocate the model (idempotent, thread-safe). Returns self. A closed runner does not load again."""
         with self._load_lock:
+            if self._closed:
+                raise ServerUnavailableError(f"model '{self.name}' was unloaded; it does not run any more")
             if not self._loaded:
                 self._load()
                 self._loaded = True
         return self
 
-    def close(self) -> None:
-        """Release the model; `load()` may be called again."""
+    def close(self, *, final: bool = True) -> None:
+        """Release the model. `final` (the server's close): it never loads again, and infer raises
+        ServerUnavailableError, so work drained after a shutdown or unload cannot re-create a session.
+        Leaving a `with` block closes it with final=False: load() may allocate it again."""
         with self._load_lock:
+            self._closed = self._closed or final
             if self._loaded:
-                self._close()
                 self._loaded = False
+                self._close()
 
     def __enter__(self):
         return self.load()
 
     def __exit__(self, *exc):
-        self.close()
+        self.close(final=False)
 
     # ---- inference -------------------------------------------------------------------------
     def check(self, batch: np.ndarray) -> np.ndarray:
@@ -93,12 +103,15 @@ class Runner(abc.ABC):
         self.infer(np.zeros((1, *shape), dtype=self.input_spec.dtype))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Check `batch`, run it, return FP32 (N, classes) probabilities."""
-        batch = self.check(batch)
+        """Check `batch`, run it, return FP32 (N, classes) probabilities (loads on first use)."""
+        return self.run(self.check(batch))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch already checked against the input contract (the batcher's path: a request is
+        validated once, where it enters the server)."""
         if not self._loaded:
             self.load()
-        out = self._infer(batch)
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(self._infer(batch), dtype=np.float32)
 
     # ---- backend hooks ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -19,6 +19,9 @@ model.json options:
     thread_safe     false: the server gives the model a single worker
     fail_load       a reason: load() raises ModelLoadError with it
     fail_infer      a reason: every inference raises RuntimeError with it (an unexpected backend failure)
+    fail_batches    batch numbers (1 = the first batch after the warm-up) that raise RuntimeError: one bad
+                    batch among many
+    load_delay_ms   simulated load time (a slow load: requests landing while a version loads)
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class FakeRunner(Runner):
 
     def __init__(self, name: str, input_spec: TensorSpec, output_spec: TensorSpec, *, labels=None,
                  max_batch_size: int = 0, seed: int = 0, delay_ms: float = 0.0, per_image_ms: float = 0.0,
-                 thread_safe: bool = True, fail_load: str | None = None, fail_infer: str | None = None):
+                 thread_safe: bool = True, fail_load: str | None = None, fail_infer: str | None = None,
+                 fail_batches=(), load_delay_ms: float = 0.0):
         super().__init__(name, input_spec, output_spec, labels=labels, max_batch_size=max_batch_size)
         if len(output_spec.shape) != 1 or output_spec.shape[0] < 1:
             raise ConfigError(
@@ -71,7 +75,10 @@ class FakeRunner(Runner):
         self.thread_safe = bool(thread_safe)
         self.fail_load = fail_load
         self.fail_infer = fail_infer
+        self.fail_batches = {int(b) for b in fail_batches}
+        self.load_delay_ms = float(load_delay_ms)
         self.batch_sizes: list[int] = []  # every executed batch size, for tests
+        self._count = 0  # batches run since the warm-up
 
     @classmethod
     def from_entry(cls, entry: ModelEntry, version: int | None = None, **options) -> "FakeRunner":
@@ -82,7 +89,8 @@ class FakeRunner(Runner):
             raise ModelLoadError(f"fake model '{entry.name}': cannot read {path}: {exc}") from None
         if not isinstance(settings, dict):
             raise ModelLoadError(f"fake model '{entry.name}': {path} must hold a JSON object, got {settings!r}")
-        known = {"seed", "delay_ms", "per_image_ms", "thread_safe", "fail_load", "fail_infer"}
+        known = {"seed", "delay_ms", "per_image_ms", "thread_safe", "fail_load", "fail_infer", "fail_batches",
+                 "load_delay_ms"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ModelLoadError(f"fake model '{entry.name}': unknown keys {unknown} in {path}; expected {sorted(known)}")
@@ -91,6 +99,8 @@ class FakeRunner(Runner):
                    max_batch_size=entry.max_batch_size, **settings)
 
     def _load(self) -> None:
+        if self.load_delay_ms > 0:
+            time.sleep(self.load_delay_ms / 1000.0)
         if self.fail_load:
             raise ModelLoadError(f"fake model '{self.name}': {self.fail_load}")
 
@@ -100,11 +110,15 @@ class FakeRunner(Runner):
             super().warm_up()
         finally:
             self.batch_sizes.clear()
+            self._count = 0
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(int(batch.shape[0]))
+        self._count += 1
         if self.fail_infer:
             raise RuntimeError(f"fake model '{self.name}': {self.fail_infer}")
+        if self._count in self.fail_batches:
+            raise RuntimeError(f"fake model '{self.name}': simulated failure of batch {self._count}")
         pause = self.delay_ms + self.per_image_ms * batch.shape[0]
         if pause > 0:
             time.sleep(pause / 1000.0)
@@ -117,7 +131,8 @@ def write_fake_model(root: str | Path, name: str, *, classes: int = 10, size: tu
                      **settings) -> Path:
     """Write a fake model folder into repository `root`; returns the folder.
 
-    `settings` go to model.json (seed, delay_ms, per_image_ms, thread_safe, fail_load, fail_infer).
+    `settings` go to model.json (seed, delay_ms, per_image_ms, thread_safe, fail_load, fail_infer,
+    fail_batches, load_delay_ms).
     """
     folder = Path(root) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)

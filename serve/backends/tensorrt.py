@@ -38,7 +38,8 @@ import numpy as np
 
 from .._files import write_text_atomic
 from .._optional import require
-from ..errors import EngineMismatchError, MissingDependencyError, ModelLoadError
+from ..errors import (BackendError, EngineMismatchError, MissingDependencyError, ModelLoadError,
+                      ServerUnavailableError)
 from ..repository import ModelEntry, TensorSpec
 from .base import Runner
 
@@ -180,8 +181,9 @@ def cudart():
         raise MissingDependencyError("cuda-python", "gpu", "GPU memory for TensorRT engines") from exc
 
 
-def _check(result, what: str):
-    """cuda-python calls return (err, *values); raise on a non-success error code."""
+def _check(result, what: str, error: type[Exception] = ModelLoadError):
+    """cuda-python calls return (err, *values); raise `error` on a non-success error code
+    (ModelLoadError while loading, BackendError while running a batch)."""
     if isinstance(result, tuple):
         err, values = result[0], result[1:]
     else:
@@ -192,7 +194,7 @@ def _check(result, what: str):
             name = rt.cudaGetErrorName(err)[1].decode()
         except Exception:  # pragma: no cover - only on a broken CUDA install
             name = str(err)
-        raise ModelLoadError(f"CUDA call {what} failed: {name}")
+        raise error(f"CUDA call {what} failed: {name}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values
@@ -294,22 +296,25 @@ class TensorRTRunner(Runner):
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self._lock:
+            if self._context is None:  # closed while this batch waited for the lock
+                raise ServerUnavailableError(f"model '{self.name}' was unloaded; it does not run any more")
             if not self._context.set_input_shape(self._input, tuple(host_in.shape)):
-                raise ModelLoadError(f"model '{self.name}': TensorRT refused input shape {host_in.shape}")
+                raise BackendError(f"model '{self.name}': TensorRT refused input shape {host_in.shape}")
             _check(rt.cudaMemcpyAsync(self._buffers[self._input], host_in.ctypes.data, host_in.nbytes, h2d,
-                                      self._stream), "cudaMemcpyAsync (host to device)")
+                                      self._stream), "cudaMemcpyAsync (host to device)", BackendError)
             if not self._context.execute_async_v3(int(self._stream)):
-                raise ModelLoadError(f"model '{self.name}': TensorRT execute_async_v3 failed")
+                raise BackendError(f"model '{self.name}': TensorRT execute_async_v3 failed")
             _check(rt.cudaMemcpyAsync(host_out.ctypes.data, self._buffers[self._output], host_out.nbytes, d2h,
-                                      self._stream), "cudaMemcpyAsync (device to host)")
-            _check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+                                      self._stream), "cudaMemcpyAsync (device to host)", BackendError)
+            _check(rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize", BackendError)
         return host_out.astype(np.float32, copy=False)
 
     def _close(self) -> None:
         rt = cudart()
-        for ptr in self._buffers.values():
-            rt.cudaFree(ptr)
-        self._buffers.clear()
-        if self._stream is not None:
-            rt.cudaStreamDestroy(self._stream)
-        self._context = self._engine = self._stream = None
+        with self._lock:  # never while a batch is inside execute_async_v3 / the copies
+            for ptr in self._buffers.values():
+                rt.cudaFree(ptr)
+            self._buffers.clear()
+            if self._stream is not None:
+                rt.cudaStreamDestroy(self._stream)
+            self._context = self._engine = self._stream = None

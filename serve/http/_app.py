@@ -3,13 +3,16 @@
     app = create_app(DataPlane(hub), HttpOptions(max_body_mb=64))   # any ASGI server can run it
 
 Each endpoint reads its body with a cap (Content-Length first, then while it streams), hands
-plain values to the data plane in a worker thread (decoding JSON included: the event loop
-only moves bytes), and turns exceptions into statuses through serve.errors.STATUS.
+plain values to the data plane in a worker thread (inflating gzip, decoding JSON and multipart
+images, encoding answers: CPU work leaves the event loop, which reads bodies, parses headers and
+writes responses), and turns exceptions into statuses through serve.errors.STATUS.
 
-While infer and classify work, the request's ASGI receive channel is watched: when it says
-http.disconnect (uvicorn: the connection closed), the request's work still queued in a batcher is
-cancelled (never run, as gRPC does for a cancelled RPC), a request not yet handed to the data
-plane is dropped, and a result that arrives anyway is discarded; all of it logged at debug only.
+Infer and classify run in a data plane request scope (serve.dataplane.RequestScope): their target is
+acquired once, their metrics count what answered, and when the request ends, its work still queued
+in a batcher is cancelled. While they work, the request's ASGI receive channel is watched: when it
+says http.disconnect (uvicorn: the connection closed), that queued work is cancelled at once (never
+run, as gRPC does for a cancelled RPC), a request not yet handed to the data plane is dropped, and
+a result that arrives anyway is discarded; all of it logged at debug only.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class HttpOptions:
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # any request body, as read (and as inflated)
     max_form_fields: int = 16  # /v1/classify multipart: non-file fields
     max_field_bytes: int = 64 * 1024  # one non-file multipart field
-    max_inflight: int = 256  # POST requests at once; more are answered 503 before their body is read
+    max_inflight: int | None = None  # POST requests at once (None: `threads`); more: 503 + Retry-After, unread
     threads: int = 64  # worker threads for the data plane's blocking calls
     allowed_hosts: Sequence[str] | None = None  # Host headers accepted (None: any); "*.example.com" works
     web_root: Path = WEB_ROOT
@@ -73,6 +76,12 @@ class HttpOptions:
     @property
     def max_body(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def inflight_limit(self) -> int:
+        """POST requests handled at once: each holds a worker thread while its model works, so by default as
+        many as there are threads (more would wait in the executor's queue, unbounded)."""
+        return int(self.max_inflight) if self.max_inflight else int(self.threads)
 
 
 class HttpError(Exception):
@@ -122,19 +131,20 @@ class _Kestrel:
         self.plane, self.options = plane, options
         self.executor = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="http")
         self.inflight = 0  # POST requests being handled (touched on the event loop only)
+        self.on_refused = None  # called for each POST refused as too many (the server's metrics)
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def run_watched(self, request: Request, fn, *args):
-        """fn(*args, submitted=...) in a worker thread while the client's connection is watched:
-        if the client goes away, its queued work is cancelled and ClientDisconnect raised."""
-        watch = _DisconnectWatch(request)
+    async def run_watched(self, request: Request, scope, fn, *args):
+        """fn(*args) in a worker thread while the client's connection is watched: if the client goes
+        away, the scope's queued work is cancelled at once and ClientDisconnect raised."""
+        watch = _DisconnectWatch(request, scope.submitted)
         try:
             await asyncio.sleep(0)  # a disconnect already known is seen before any work starts
             if not watch.gone:
                 try:
-                    result = await self.run(functools.partial(fn, *args, submitted=watch.submitted))
+                    result = await self.run(functools.partial(fn, *args))
                 except Exception:
                     if not watch.gone:
                         raise
@@ -155,14 +165,11 @@ class _DisconnectWatch:
     http.disconnect, which ends `submitted` (its queued work is cancelled). Close it before the
     response is sent."""
 
-    def __init__(self, request: Request):
-        self.submitted = CancelOnEnd()
+    def __init__(self, request: Request, submitted: CancelOnEnd):
+        self.submitted = submitted
+        self.gone = False
         self._where = f"{request.method} {shown(request.url.path)[1:-1]}"
         self._task = asyncio.get_running_loop().create_task(self._watch(request.receive))
-
-    @property
-    def gone(self) -> bool:
-        return self.submitted.ended
 
     async def _watch(self, receive) -> None:
         try:
@@ -172,6 +179,7 @@ class _DisconnectWatch:
             log.debug("http %s: cannot watch for a disconnect: %s", self._where, exc)
             return
         log.debug("http %s: the client went away; its queued work is cancelled", self._where)
+        self.gone = True
         self.submitted.end()
 
     def close(self) -> None:
@@ -389,24 +397,37 @@ async def list_models(request, k):
     return json_response(k.plane.list_models())
 
 
-def _label(exc: BaseException) -> str:
-    return str(http_status(exc))
+_HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT"}
+
+
+def code_of(exc: BaseException) -> str:
+    """The status code name a failed HTTP request's metrics record: the gRPC name of the same error
+    (serve.errors.STATUS), so that both transports count one failure the same way (and Triton's
+    failure reason is the same)."""
+    if isinstance(exc, ClientDisconnect):
+        return "CANCELLED"
+    if isinstance(exc, (HttpError, HTTPException)):
+        status = http_status(exc)
+        return _HTTP_CODES.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
+    return status_of(exc)[0]
 
 
 @_endpoint
 async def infer(request, k):
     model, version = _params(request)
     started = time.monotonic()
-    with k.plane.request("http_infer", [model], label=_label):
-        target = k.plane.ready_target(model, version)
+    with k.plane.request("http_infer", label=code_of) as scope:
+        target = scope.acquire(model, version)  # the one lookup: held until the response
         binary = _v2.HEADER_LENGTH.lower() in request.headers
         limit = k.options.max_body
         budget = request_size_limit(target, binary)  # what max_batch_size images can need, before parsing
         encoded = request.headers.get("content-encoding", "")
         body = await read_body(request, limit if encoded or budget is None else min(limit, budget), "a V2 infer body")
-        body = inflate(body, encoded, limit if budget is None else min(limit, budget))
+        if encoded:  # inflating up to the limit is CPU work: not on the event loop
+            body = await k.run(inflate, body, encoded, limit if budget is None else min(limit, budget))
         header_length = request.headers.get(_v2.HEADER_LENGTH)
-        answer = await k.run_watched(request, _v2.infer, k.plane, model, version, body, header_length, started)
+        answer = await k.run_watched(request, scope, _v2.infer, k.plane, scope, model, version, body, header_length,
+                                     started)
     return answer
 
 
@@ -444,10 +465,10 @@ async def classify(request, k):
                         "multipart/form-data with an 'image' file field, or the image itself (image/*) as the body")
     names = [n.strip() for v in fields.get("models", []) + fields.get("ensemble", []) for n in v.split(",")]
     names = [n for n in names if n]
-    top = _int_field(fields, "top_k", 5)
+    top = _int_field(fields, "top_k", 0)  # 0: the default (serve.ensemble.DEFAULT_TOP_K), as on gRPC
     fusion = (fields.get("fusion") or [""])[-1].strip()
-    with k.plane.request("http_classify", names, label=_label):
-        return await k.run_watched(request, _v2.classify, k.plane, image, names, top, fusion, filename)
+    with k.plane.request("http_classify", label=code_of) as scope:
+        return await k.run_watched(request, scope, _v2.classify, k.plane, scope, image, names, top, fusion, filename)
 
 
 def _int_field(fields: dict[str, list[str]], key: str, default: int) -> int:
@@ -493,9 +514,11 @@ class _Guard:
         k = self.kestrel
         if scope["method"] != "POST":
             return await self.app(scope, receive, send_with_headers)
-        if k.inflight >= k.options.max_inflight:
-            response = json_response({"error": f"too many requests in progress (the limit is "
-                                               f"{k.options.max_inflight}); retry later"}, 503, {"Retry-After": "1"})
+        if k.inflight >= k.options.inflight_limit:
+            if k.on_refused is not None:
+                k.on_refused()
+            response = json_response({"error": f"the server is busy: too many requests in progress (the limit is "
+                                               f"{k.options.inflight_limit}); retry later"}, 503, {"Retry-After": "1"})
             return await response(scope, receive, send_with_headers)
         k.inflight += 1
         try:
@@ -543,12 +566,14 @@ def metrics_route(registry) -> Route:
     return Route("/metrics", metrics, methods=["GET"])
 
 
-def create_app(plane: DataPlane, options: HttpOptions | None = None) -> Starlette:
+def create_app(plane: DataPlane, options: HttpOptions | None = None, *, on_refused=None) -> Starlette:
     """The HTTP port's ASGI app over `plane` (no server start-up: mount it anywhere ASGI runs).
+    `on_refused()` is called for each POST refused because too many are in progress.
 
     app.state.kestrel.close() releases its worker threads."""
     options = options or HttpOptions()
     kestrel = _Kestrel(plane, options)
+    kestrel.on_refused = on_refused
     middleware = [Middleware(_Guard, kestrel=kestrel)]
     if options.allowed_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(options.allowed_hosts),

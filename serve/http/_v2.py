@@ -123,12 +123,12 @@ def request_from_json(model: str, version: str, body: bytes, header_length: str 
                          fusion, deadline), request, binary_default)
 
 
-def infer(plane: DataPlane, model: str, version: str, body: bytes, header_length: str | None,
-          started: float, submitted: list | None = None) -> Response:
-    """One V2 HTTP infer: decode, run through the data plane, encode (JSON, or JSON + binary outputs).
-    (`submitted`: as for DataPlane.infer, to cancel the queued work when the client goes away.)"""
+def infer(plane: DataPlane, scope, model: str, version: str, body: bytes, header_length: str | None,
+          started: float) -> Response:
+    """One V2 HTTP infer in a worker thread: decode, run through the data plane in the request's scope
+    (its target already acquired), encode (JSON, or JSON + binary outputs)."""
     request, raw, binary_default = request_from_json(model, version, body, header_length, started)
-    answer = plane.infer(request, submitted=submitted)
+    answer = plane.infer(request, scope)
     outputs, chunks = [], []
     for out in answer.outputs:
         item = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
@@ -155,10 +155,11 @@ def _predictions(items) -> list[dict]:
     return [{"label": label, "index": int(index), "probability": float(p)} for label, index, p in items]
 
 
-def classify(plane: DataPlane, image: bytes, names: list[str], top: int, fusion: str, filename: str | None,
-             submitted: list | None = None) -> Response:
-    """One Classify over HTTP in a worker thread: classify, then encode the JSON answer (once)."""
-    result = plane.classify(image, names, top, fusion, submitted=submitted)
+def classify(plane: DataPlane, scope, image: bytes, names: list[str], top: int, fusion: str,
+             filename: str | None) -> Response:
+    """One Classify over HTTP in a worker thread: classify in the request's scope, then encode the JSON
+    answer (once)."""
+    result = plane.classify(image, names, top, fusion, None, scope)
     body = json.dumps(classify_json(result, filename, len(image)), separators=(",", ":")).encode()
     return Response(body, 200, None, "application/json")
 

@@ -8,7 +8,8 @@ import pytest
 
 from serve.backends.fake import FakeRunner, fake_probabilities
 from serve.batching import DynamicBatcher
-from serve.errors import DeadlineExceededError, InvalidInputError, ResourceExhaustedError
+from serve.errors import (BackendError, DeadlineExceededError, InvalidInputError, ResourceExhaustedError,
+                          ServerUnavailableError)
 from serve.metrics import Metrics
 from serve.repository import TensorSpec
 
@@ -127,5 +128,120 @@ def test_close_drains_queued_requests_then_refuses_new_ones():
     pending = [batcher.submit(_images(1, seed=i)) for i in range(3)]
     batcher.close()
     assert all(p.done() and p.result().probabilities.shape == (1, 5) for p in pending)
-    with pytest.raises(ResourceExhaustedError, match="shutting down"):
+    with pytest.raises(ServerUnavailableError, match="shutting down"):  # UNAVAILABLE: retry on another server
         batcher.submit(_images(1))
+
+
+# ---- faults: every request taken is finished, the worker lives on ----------------------------------------
+class _Gate:
+    """A runner's _infer that blocks until the test opens the gate (records each batch's shape)."""
+
+    def __init__(self, runner):
+        self.shapes, self.open, self.entered = [], threading.Event(), threading.Event()
+        original = runner._infer
+
+        def infer(batch):
+            self.shapes.append(tuple(batch.shape))
+            self.entered.set()
+            assert self.open.wait(10)
+            return original(batch)
+
+        runner._infer = infer
+
+
+def test_requests_of_different_image_shapes_are_never_concatenated():
+    runner = FakeRunner("dyn", TensorSpec("images", np.uint8, (-1, -1, 3)), OUT, max_batch_size=8).load()
+    gate = _Gate(runner)
+    batcher = DynamicBatcher(runner, max_queue_delay_us=0, workers=1).start()
+    first = batcher.submit(np.zeros((1, 10, 10, 3), np.uint8))
+    assert gate.entered.wait(5)  # the worker is busy: the next ones queue up together
+    small = [batcher.submit(np.full((1, 10, 10, 3), i, np.uint8)) for i in range(3)]
+    large = [batcher.submit(np.full((1, 12, 10, 3), i, np.uint8)) for i in range(2)]
+    gate.open.set()
+    for p, size in zip(small + large, [10] * 3 + [12] * 2):
+        out = p.result(5).probabilities
+        np.testing.assert_allclose(out, fake_probabilities(p.batch, 5), rtol=1e-6)
+    first.result(5)
+    batcher.close()
+    assert gate.shapes == [(1, 10, 10, 3), (3, 10, 10, 3), (2, 12, 10, 3)]  # one batch per shape
+
+
+def test_a_failure_outside_the_runner_fails_its_batch_and_the_worker_goes_on(caplog):
+    class BrokenStats:
+        def batch(self, *args):
+            raise ZeroDivisionError("a bug in the statistics")
+
+        def expired(self):
+            pass
+
+    runner = _runner()
+    batcher = DynamicBatcher(runner, stats=BrokenStats()).start()
+    for _ in range(3):
+        with pytest.raises(BackendError, match="batch of 1 failed: ZeroDivisionError: a bug in the statistics"):
+            batcher.infer(_images(1))
+    assert all(t.is_alive() for t in batcher._threads)
+    batcher.stats = None
+    assert batcher.infer(_images(2)).probabilities.shape == (2, 5)  # the same worker serves the next batch
+    batcher.close()
+    logged = [r for r in caplog.records if "a bug in the statistics" in r.getMessage()]
+    assert len(logged) == 1  # once per distinct message, not once per batch
+
+
+def test_a_model_failing_on_every_batch_for_a_while_reports_it_and_recovers_on_success():
+    runner = _runner(fail_infer="down")
+    batcher = DynamicBatcher(runner, unhealthy_after_s=0.2).start()
+    assert batcher.health() is None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.3:
+        with pytest.raises(BackendError):
+            batcher.infer(_images(1))
+    assert "every batch failed" in batcher.health() and "down" in batcher.health()
+    runner.fail_infer = None
+    batcher.infer(_images(1))
+    assert batcher.health() is None
+    batcher.close()
+
+
+def test_close_at_its_deadline_fails_what_is_held_and_closes_the_runner_only_after_the_worker_left():
+    runner = _runner(thread_safe=False)
+    gate = _Gate(runner)
+    batcher = DynamicBatcher(runner, max_batch_size=1, close_runner=True).start()
+    running = batcher.submit(_images(1))
+    assert gate.entered.wait(5)
+    queued = batcher.submit(_images(1, seed=1))
+    t0 = time.monotonic()
+    assert batcher.close(deadline=time.monotonic() + 0.2) is False  # the worker is stuck in the model
+    assert time.monotonic() - t0 < 1.0
+    for pending in (running, queued):
+        with pytest.raises(ServerUnavailableError, match="shut down before this request finished"):
+            pending.result(1)
+    assert runner.loaded  # not closed while the worker is inside it
+    gate.open.set()
+    assert batcher.wait_stopped(5)
+    assert not runner.loaded and runner.closed
+    with pytest.raises(ServerUnavailableError, match="does not run any more"):
+        runner.infer(_images(1))  # a closed runner never loads again
+
+
+def test_a_runner_left_by_a_with_block_may_load_again():
+    runner = FakeRunner("m", SPEC, OUT)
+    with runner:
+        runner.infer(_images(1))
+    assert not runner.loaded and not runner.closed
+    assert runner.infer(_images(1)).shape == (1, 5)
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
+    runner = _runner(delay_ms=50, thread_safe=False, max_batch_size=2)
+    batcher = DynamicBatcher(runner, max_batch_size=2).start()
+    early = batcher.submit(_images(1), deadline=time.monotonic() + 0.01)  # nothing measured yet: queued
+    with pytest.raises(DeadlineExceededError):
+        early.result()
+    deadline = time.monotonic() + 5
+    while batcher._outstanding and time.monotonic() < deadline:
+        time.sleep(0.005)
+    batcher.infer(_images(2))  # a full batch: ~50 ms measured
+    with pytest.raises(ResourceExhaustedError, match="exceeds the request's remaining deadline"):
+        batcher.submit(_images(1), deadline=time.monotonic() + 0.02)
+    assert batcher.infer(_images(1), deadline=time.monotonic() + 5).probabilities.shape == (1, 5)
+    batcher.close()

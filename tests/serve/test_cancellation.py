@@ -91,7 +91,7 @@ def loud(caplog) -> list[str]:
 
 
 def failures(server, reason: str = "CANCELED") -> int:
-    return server.hub.metrics.model("gate").snapshot()["fail_reasons"].get(reason, 0)
+    return server.hub.metrics.model("gate", "1").snapshot()["fail_reasons"].get(reason, 0)
 
 
 # ---- the transports: a good request, and one whose client will go away -----------------------
@@ -204,7 +204,7 @@ def test_a_result_whose_http_client_left_is_discarded_quietly(server, gate, kind
     state = server.http.server._server.server_state
     http = HttpTransport(server, kind)
     cancelled_before = failures(server)
-    succeeded_before = server.hub.metrics.model("gate").snapshot()["inference_count"]
+    succeeded_before = server.hub.metrics.model("gate", "1").snapshot()["inference_count"]
     leave = http.doomed()
     wait_for(lambda: gate.calls == [1], "the request to reach the model")
     leave()
@@ -214,7 +214,16 @@ def test_a_result_whose_http_client_left_is_discarded_quietly(server, gate, kind
     assert not loud(quiet), loud(quiet)
     http.good()
     assert gate.calls == [1, 1]
-    assert server.hub.metrics.model("gate").snapshot()["inference_count"] >= succeeded_before + 1
+    assert server.hub.metrics.model("gate", "1").snapshot()["inference_count"] >= succeeded_before + 1
+
+
+class _Scope:
+    """What run_watched needs of a data plane request scope: the list its queued work joins."""
+
+    def __init__(self):
+        from serve._cancel import CancelOnEnd
+
+        self.submitted = CancelOnEnd()
 
 
 def test_an_http_request_whose_client_left_before_the_work_started_is_not_run():
@@ -235,7 +244,7 @@ def test_an_http_request_whose_client_left_before_the_work_started_is_not_run():
             request = Request({"type": "http", "method": "POST", "path": "/v1/classify", "headers": [],
                                "query_string": b""}, receive)
             with pytest.raises(ClientDisconnect):
-                await k.run_watched(request, lambda submitted: calls.append(submitted))
+                await k.run_watched(request, _Scope(), lambda: calls.append("ran"))
         finally:
             k.close()
 
@@ -256,7 +265,8 @@ def test_an_http_request_still_connected_runs_and_is_answered():
         try:
             request = Request({"type": "http", "method": "POST", "path": "/v1/classify", "headers": [],
                                "query_string": b""}, receive)
-            return await k.run_watched(request, lambda x, submitted: (x, submitted.ended), 42)
+            scope = _Scope()
+            return await k.run_watched(request, scope, lambda x: (x, scope.submitted.ended), 42)
         finally:
             k.close()
 

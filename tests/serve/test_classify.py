@@ -1,6 +1,7 @@
 """Classify: real photos and formats, ensembles and fusion, and every bad image followed by a good request."""
 
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -166,11 +167,16 @@ def test_queue_full_is_resource_exhausted_and_recovers(client, address):
     assert client.classify(data, ["slow"]).results[0].model == "slow"
 
 
-def test_deadline_exceeded(client):
-    from serve.errors import DeadlineExceededError
+def test_a_deadline_shorter_than_the_models_batch_time_is_refused_at_once(client):
+    """slow takes 80 ms a batch: once a batch has been measured, a request with 30 ms left is refused at
+    once (RESOURCE_EXHAUSTED, retry elsewhere) instead of being queued to time out."""
+    from serve.errors import ResourceExhaustedError
 
-    with pytest.raises(DeadlineExceededError):
+    assert client.classify(png_bytes(PICTURE), ["slow"]).results[0].predictions  # measures a batch
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match="exceeds the request's remaining deadline"):
         client.classify(png_bytes(PICTURE), ["slow"], timeout=0.03)  # 80 ms of compute
+    assert time.monotonic() - t0 < 0.03 + 0.5
     assert client.classify(png_bytes(PICTURE), ["slow"]).results[0].predictions
 
 
@@ -313,7 +319,7 @@ def _pending():
 
 
 def test_work_queued_after_the_client_went_away_is_cancelled_too():
-    from serve.servicers import _cancel_on_termination
+    from serve.servicers import _CancelOnTermination as _cancel_on_termination
 
     context = _Context()
     submitted = _cancel_on_termination(context)

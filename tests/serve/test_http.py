@@ -534,7 +534,8 @@ def test_requests_are_counted_in_the_servers_metrics(hub, web):
     web.json("POST", "/v2/models/a/infer", *v2_request(BATCH, datatype="FP32"))
     text = generate_latest(hub.metrics.registry).decode()
     assert 'kestrel_requests_total{api="http_infer",model="a"}' in text
-    assert 'kestrel_request_failures_total{api="http_infer",code="400",model="a"}' in text
+    # the same code name as gRPC's for the same error (one mapping to Triton's failure reason)
+    assert 'kestrel_request_failures_total{api="http_infer",code="INVALID_ARGUMENT",model="a"}' in text
 
 
 def test_stop_finishes_in_flight_requests_then_refuses_connections(hub):
@@ -575,7 +576,7 @@ def test_create_server_serves_http_beside_grpc_and_stops_both(fake_repo):
             assert status == 200 and body["models"][0]["model"] == "a"
         with KestrelClient(f"127.0.0.1:{port}", timeout=10) as client:  # the same hub, through gRPC
             assert client.classify(png_bytes(PICTURE), ["a"], top_k=3).results[0].model == "a"
-        snap = server.hub.metrics.model("a").snapshot()
+        snap = server.hub.metrics.model("a", "1").snapshot()
         assert snap["success"][0] >= 3  # HTTP infer + HTTP classify + gRPC classify, one set of counters
     finally:
         server.stop(grace=2)

@@ -109,11 +109,13 @@ def test_triton_names_and_values_after_known_requests(triton_server):
 
     # Triton's names exactly (no _total suffix: exposed untyped), labelled model + version
     assert "# TYPE nv_inference_request_success untyped" in text
-    assert 'nv_inference_request_success{model="m",version="3"} 5.0' in text
+    assert 'nv_inference_request_success{model="m",version="3"} 6.0' in text
     assert "# TYPE nv_inference_pending_request_count gauge" in text
 
     m = dict(model="m", version="3")
-    assert _get(samples, "nv_inference_request_success", **m) == 5  # the classify request named duo, not m
+    # 5 infer requests + the classify request through duo: a member that answered counts the request, as a
+    # composing model does in Triton
+    assert _get(samples, "nv_inference_request_success", **m) == 6
     assert _get(samples, "nv_inference_request_failure", **m, reason="OTHER") == 2
     assert _get(samples, "nv_inference_request_failure", **m, reason="REJECTED") == 0
     assert _get(samples, "nv_inference_count", **m) == 11  # 5 x 2 images + the photo classified through duo
@@ -132,12 +134,12 @@ def test_triton_names_and_values_after_known_requests(triton_server):
     assert abs(kestrel_compute * 1e6 - compute_us) < 50  # one request per batch: per-request = per-batch time
     assert abs(_get(samples, "kestrel_queue_latency_seconds_sum", model="m") * 1e6 - queue_us) < 50
 
-    # the ensemble counts its request; its members count their inferences
+    # the ensemble counts its request, and so does each member that answered it (with its inferences)
     duo = dict(model="duo", version="1")
     assert _get(samples, "nv_inference_request_success", **duo) == 1
     assert _get(samples, "nv_inference_exec_count", **duo) == 0
     assert _get(samples, "nv_inference_count", model="n", version="1") == 1
-    assert _get(samples, "nv_inference_request_success", model="n", version="1") == 0  # named only via duo
+    assert _get(samples, "nv_inference_request_success", model="n", version="1") == 1  # named only via duo
 
     slow = dict(model="slow", version="1")
     assert _get(during, "nv_inference_pending_request_count", **slow) == 1  # one waited behind the running one
@@ -150,3 +152,37 @@ def test_triton_names_and_values_after_known_requests(triton_server):
                  "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                  "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count"):
         assert all(key[0] != name or dict(key[1]).keys() == {"model", "version"} for key in samples), name
+
+
+@pytest.mark.parametrize("with_ensemble", [True, False])
+def test_classify_without_names_is_counted_against_its_default_targets(tmp_path, with_ensemble):
+    """The web page and `kestrel classify` name no model: their requests count against what answered them
+    (the server's default: its first ready ensemble and that ensemble's members, else every ready model),
+    on both transports."""
+    import http.client
+
+    from serve import KestrelClient, create_server
+    from serve.backends.fake import write_fake_model
+
+    write_fake_model(tmp_path, "p", labels=LABELS, seed=1)
+    write_fake_model(tmp_path, "q", labels=LABELS, seed=2)
+    srv, _ = create_server(tmp_path, ensembles=["pq=p,q"] if with_ensemble else [], port=0, metrics_port=0,
+                           http_port=0)
+    image = png_bytes(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    try:
+        with KestrelClient(f"127.0.0.1:{srv.port}", timeout=10) as client:
+            for _ in range(10):
+                client.classify(image, [])
+        for _ in range(10):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
+            conn.request("POST", "/v1/classify", body=image, headers={"Content-Type": "image/png"})
+            assert conn.getresponse().status == 200
+            conn.close()
+        samples, _ = _scrape(srv)
+    finally:
+        srv.stop(grace=1.0)
+    targets = [("pq", "1"), ("p", "1"), ("q", "1")] if with_ensemble else [("p", "1"), ("q", "1")]
+    for model, version in targets:
+        assert _get(samples, "nv_inference_request_success", model=model, version=version) == 20, model
+        assert _get(samples, "kestrel_requests_total", model=model, api="classify") == 10
+        assert _get(samples, "kestrel_requests_total", model=model, api="http_classify") == 10
