@@ -41,6 +41,8 @@ COMMANDS: dict[str, Command] = {
                      "python -m serve"),
     "classify": Command("serve.client", "send image files to a server, print each model's and ensemble's top-k",
                         "python -m serve.client"),
+    "models": Command("serve.control", "a running server's models: list, load, unload (--model-control-mode explicit)",
+                      "python -m serve.control"),
     "train": Command("train.__main__", "transfer learning on a folder of class folders; optionally export",
                      "python -m train"),
     "bench": Command("benchmarks.__main__", "server benchmark (Keras vs ONNX vs INT8 [+TensorRT] vs Flask); "

@@ -65,8 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--http-max-inflight", type=int, default=None, metavar="N",
                       help="POST requests handled at once; more are answered 503 with Retry-After at once "
                            "(default: --threads, one worker thread each)")
+    control = parser.add_argument_group("models that change while the server runs")
+    control.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
+                         help="none (default): serve what start-up loads; explicit: load and unload with the "
+                              "repository API (tritonclient's load_model/unload_model, `kestrel models`); poll: "
+                              "follow the repository's folders")
+    control.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                         help="a model (or ensemble) to load at start-up, repeatable; '*' = all (with explicit, "
+                              "nothing is loaded unless named here or in --models)")
+    control.add_argument("--repository-poll-secs", type=float, default=None, metavar="S",
+                         help="with --model-control-mode poll: seconds between looks at the repository (default 15)")
+    control.add_argument("--auth-tokens", type=Path, metavar="FILE",
+                         help="bearer tokens, one per line: TOKEN ROLE[,ROLE...] (roles: infer, control); every "
+                              "endpoint but the probes, the page's files and the metrics port then needs one")
+    control.add_argument("--allow-unauthenticated-control", action="store_true",
+                         help="allow load/unload without --auth-tokens on a server listening beyond loopback")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve TLS on the gRPC and HTTP ports "
+                                                      "(with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     parser.add_argument("--threads", type=int, default=64,
                         help="gRPC handler threads, and HTTP worker threads (default 64)")
@@ -95,8 +111,11 @@ def main(argv=None) -> int:
 
     http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
     runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
+    if args.repository_poll_secs is not None and args.model_control_mode != "poll":
+        print("error: --repository-poll-secs applies to --model-control-mode poll", file=sys.stderr)
+        return 1
     for flag in ("http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_inflight",
-                 "max_inflight", "threads"):
+                 "max_inflight", "threads", "repository_poll_secs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             print(f"error: received --{flag.replace('_', '-')} {getattr(args, flag)}; expected a positive number",
                   file=sys.stderr)
@@ -112,7 +131,9 @@ def main(argv=None) -> int:
             args.repository, models=_names(args.models), ensembles=args.ensemble, host=args.host, port=args.port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_mb=args.max_message_mb,
             strict=args.strict, tls_cert=args.tls_cert, tls_key=args.tls_key, threads=args.threads,
-            max_inflight=args.max_inflight,
+            max_inflight=args.max_inflight, control_mode=args.model_control_mode, load_models=args.load_model,
+            poll_secs=args.repository_poll_secs, auth_tokens=args.auth_tokens,
+            allow_unauthenticated_control=args.allow_unauthenticated_control,
             runner_options=runner_options, http_port=None if http_port < 0 else http_port,
             http_options=http_options, http_limits=http_limits)
     except KestrelError as exc:
@@ -123,12 +144,13 @@ def main(argv=None) -> int:
             log.warning("model %s is UNAVAILABLE: %s", served.name, served.reason)
     ready = [m.name for m in server.hub.models.values() if m.ready]
     scheme = "grpcs" if args.tls_cert else "grpc"
-    log.info("listening on %s://%s:%d (models ready: %s; ensembles: %s)%s", scheme, args.host, port,
-             ", ".join(ready) or "none", ", ".join(server.hub.ensembles) or "none",
+    log.info("listening on %s://%s:%d (models ready: %s; ensembles: %s; model control: %s%s)%s", scheme, args.host,
+             port, ", ".join(ready) or "none", ", ".join(server.hub.ensembles) or "none", args.model_control_mode,
+             ", tokens required" if args.auth_tokens else "",
              f"; metrics on http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else "")
     if server.http_port is not None:
-        log.info("HTTP on http://%s:%d/ (web page; KServe V2 REST under /v2; POST /v1/classify)", args.host,
-                 server.http_port)
+        log.info("HTTP on %s://%s:%d/ (web page; KServe V2 REST under /v2; POST /v1/classify)",
+                 "https" if args.tls_cert else "http", args.host, server.http_port)
     if args.port_file:
         tmp = args.port_file.with_suffix(args.port_file.suffix + ".tmp")
         try:

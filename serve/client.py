@@ -5,10 +5,11 @@
 
 prints, per image, each model's top 3 and the ensemble's answer.
 
-    with KestrelClient("127.0.0.1:8001") as client:
+    with KestrelClient("127.0.0.1:8001", token=None) as client:     # token: for a server with --auth-tokens
         client.wait_ready()
         answer = client.classify(Path("cat.jpg").read_bytes(), ["mobilenet_v2"], top_k=3)
         probabilities = client.infer("mobilenet_v2", uint8_batch)     # KServe V2 ModelInfer
+        client.load_model("mobilenet_v2"); client.repository_index()  # the repository extension
 
 gRPC errors become Kestrel exceptions at one boundary (`_call`), each with the
 gRPC status in `.code`.
@@ -17,6 +18,7 @@ gRPC status in `.code`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +28,9 @@ import grpc
 import numpy as np
 
 from . import datatypes
-from .errors import (DeadlineExceededError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError,
-                     ResourceExhaustedError)
+from .errors import (ControlModeError, DeadlineExceededError, InvalidInputError, KestrelError, ModelLoadError,
+                     ModelNotFoundError, PermissionDeniedError, ResourceExhaustedError, SupersededError,
+                     UnauthenticatedError)
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_MB = 64
@@ -37,6 +40,10 @@ _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.ABORTED: SupersededError,
+    grpc.StatusCode.FAILED_PRECONDITION: ControlModeError,
 }
 
 
@@ -56,7 +63,7 @@ class KestrelClient:
     """Classify and V2 inference against a Kestrel server (insecure, or TLS with `tls_ca`)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
-                 tls_ca: str | Path | None = None, timeout: float | None = 30.0):
+                 tls_ca: str | Path | None = None, timeout: float | None = 30.0, token: str | None = None):
         from ._proto import grpc_service_pb2_grpc, kestrel_pb2_grpc  # generated code: imported on use
         from grpc_health.v1 import health_pb2_grpc
 
@@ -64,6 +71,7 @@ class KestrelClient:
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
         self.address = address
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(address, credentials, options=options)
@@ -75,7 +83,7 @@ class KestrelClient:
 
     def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.address) from None
 
@@ -124,6 +132,36 @@ class KestrelClient:
         dtype = datatypes.from_v2(out.datatype).newbyteorder("<")
         return np.frombuffer(response.raw_output_contents[0], dtype=dtype).reshape(tuple(out.shape))
 
+    # ---- the repository extension ------------------------------------------------------------------------
+    def repository_index(self, ready: bool = False) -> list[dict]:
+        """One row per model version the server knows: {"name", "version", "state", "reason"}."""
+        from ._proto import grpc_service_pb2 as pb
+
+        reply = self._call(self.v2.RepositoryIndex, pb.RepositoryIndexRequest(ready=ready))
+        return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in reply.models]
+
+    def load_model(self, name: str, *, config: str | None = None, force: bool = False,
+                   timeout: float | None = None) -> None:
+        """Load or reload a model or ensemble; returns once it serves (raises why not). `config`: a JSON
+        ModelConfig used instead of config.pbtxt; `force`: reload versions whose files did not change."""
+        from ._proto import grpc_service_pb2 as pb
+
+        request = pb.RepositoryModelLoadRequest(model_name=name)
+        if config is not None:
+            request.parameters["config"].string_param = config
+        if force:
+            request.parameters["force"].bool_param = True
+        self._call(self.v2.RepositoryModelLoad, request, timeout)
+
+    def unload_model(self, name: str, *, unload_dependents: bool = False, timeout: float | None = None) -> None:
+        """Unload a model or ensemble; returns once its requests in flight are answered."""
+        from ._proto import grpc_service_pb2 as pb
+
+        request = pb.RepositoryModelUnloadRequest(model_name=name)
+        if unload_dependents:
+            request.parameters["unload_dependents"].bool_param = True
+        self._call(self.v2.RepositoryModelUnload, request, timeout)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -162,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB)
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to trust (the server uses TLS)")
+    parser.add_argument("--token", default=os.environ.get("KESTREL_TOKEN"),
+                        help="bearer token for a server started with --auth-tokens (default: $KESTREL_TOKEN)")
     from . import console
 
     console.add_examples(parser, "photo.jpg other.png --models mobilenet_v2,resnet50 --top-k 3",
@@ -174,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = 0
     try:
         with KestrelClient(args.address, max_message_mb=args.max_message_mb, tls_ca=args.tls_ca,
-                           timeout=args.timeout) as client:
+                           timeout=args.timeout, token=args.token) as client:
             for path in args.images:
                 try:
                     data = path.read_bytes()

@@ -35,16 +35,18 @@ from . import datatypes
 from ._proto import model_config_pb2
 from ._cancel import CancelOnEnd
 from .ensemble import FUSIONS, check_top_k, top_k
-from .errors import (InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError, ServerUnavailableError,
-                     shown, status_of)
+from .errors import (ConfigError, ControlModeError, InvalidInputError, KestrelError, ModelLoadError,
+                     ModelNotFoundError, ServerUnavailableError, shown, status_of)
 from .hub import ENSEMBLE_PLATFORM, ClassifyResult, ModelHub, Targets
 from .metrics import RequestRecord
 from .registry import ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, not_loaded
+from .repository import config_from_json
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "kestrel"
-EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "kestrel_classify"]
+EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository",
+              "model_repository(unload_dependents)", "kestrel_classify"]
 JSON_OVERHEAD_BYTES = 64 * 1024  # room for the rest of a JSON infer request (names, parameters, whitespace)
 
 
@@ -316,6 +318,8 @@ class DataPlane:
     with ServerUnavailableError (gRPC UNAVAILABLE, HTTP 503) and wait_idle() waits for the rest.
     """
 
+    unload_timeout_s = 60.0  # an unload call waits at most this long for the requests holding the model
+
     def __init__(self, hub: ModelHub, serving: Callable[[], bool] = lambda: True):
         self.hub = hub
         self._serving = serving
@@ -471,14 +475,78 @@ class DataPlane:
                 })
         return rows
 
-    def repository_index(self, repository: str = "", ready_only: bool = False) -> list[dict]:
+    def _repository(self, repository: str) -> None:
         root = self.hub.repository.root.name
         if repository not in ("", "models", root):
             raise ModelNotFoundError(
                 f"received repository name {shown(repository)}; this server has one repository, {root!r} "
                 "(or send an empty name)"
             )
+
+    def repository_index(self, repository: str = "", ready_only: bool = False) -> list[dict]:
+        self._repository(repository)
         return self.hub.registry.index(ready_only)
+
+    # ---- the repository extension's control: load and unload (--model-control-mode explicit) --------------
+    def _control(self, what: str, name) -> str:
+        mode = self.hub.control_mode
+        if mode != "explicit":
+            why = ("the server follows its repository's folders (--model-control-mode poll)" if mode == "poll"
+                   else "the server serves what it loaded at start (--model-control-mode none)")
+            raise ControlModeError(f"received a {what} of model {shown(name)}, but {why}; start it with "
+                                   "--model-control-mode explicit to load and unload models by API")
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"received model name {shown(name)}; expected the name of a model or ensemble")
+        if not self.serving:
+            raise ServerUnavailableError("the server is shutting down; models are not loaded or unloaded any more")
+        return name
+
+    @staticmethod
+    def _flag(parameters: dict, key: str) -> bool:
+        value = parameters.get(key, False)
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"received parameter {key}={shown(value)}; expected true or false")
+        return value
+
+    def repository_load(self, name: str, repository: str = "", parameters: dict | None = None) -> None:
+        """Load or reload `name` (Triton's repository load): returns once it serves, or raises why it does not
+        (then what served before still serves). Parameters: "config" (a JSON ModelConfig used instead of
+        config.pbtxt), "force" (reload versions whose files did not change)."""
+        name = self._control("load", name)
+        self._repository(repository)
+        parameters = parameters or {}
+        unknown = sorted(set(parameters) - {"config", "force"})
+        if unknown:
+            raise InvalidInputError(f"received load parameter(s) {shown(unknown)}; expected \"config\" and/or "
+                                    "\"force\"")
+        config = None
+        if "config" in parameters:
+            text = parameters["config"]
+            if not isinstance(text, str):
+                raise InvalidInputError(f"received config={shown(text)}; expected a JSON model configuration as "
+                                        "a string")
+            try:
+                config = config_from_json(text, name)
+            except ConfigError as exc:
+                raise InvalidInputError(str(exc)) from None
+        t0 = time.perf_counter()
+        self.hub.registry.load(name, config=config, force=self._flag(parameters, "force"))
+        log.info("model %s loaded by a repository load call in %.2f s", name, time.perf_counter() - t0)
+
+    def repository_unload(self, name: str, repository: str = "", parameters: dict | None = None) -> None:
+        """Unload `name` (Triton's repository unload): new requests are refused at once; returns once the
+        requests that held it are answered and its versions closed (at most serve.registry.DRAIN_TIMEOUT_S,
+        then the close goes on in the background). Parameter "unload_dependents": an ensemble's members too."""
+        name = self._control("unload", name)
+        self._repository(repository)
+        parameters = parameters or {}
+        unknown = sorted(set(parameters) - {"unload_dependents"})
+        if unknown:
+            raise InvalidInputError(f"received unload parameter(s) {shown(unknown)}; expected "
+                                    "\"unload_dependents\"")
+        self.hub.registry.unload(name, unload_dependents=self._flag(parameters, "unload_dependents"),
+                                 timeout=self.unload_timeout_s)
+        log.info("model %s unloaded by a repository unload call", name)
 
     def list_models(self) -> dict:
         """Models and ensembles with what a client needs to pick one (the web page's list)."""

@@ -13,6 +13,7 @@
     ├── ServerUnavailableError        the server is shutting down
     ├── BackendError                  a model's runtime failed on a batch (the model stays loaded)
     ├── SupersededError               a load/unload replaced by a newer one on the same model
+    ├── ControlModeError              a load/unload the server's --model-control-mode does not allow
     ├── UnauthenticatedError          no valid token for an endpoint that needs one
     ├── PermissionDeniedError         a valid token without the role an endpoint needs
     └── EngineMismatchError           a TensorRT engine built for another GPU / TensorRT version
@@ -87,6 +88,10 @@ class SupersededError(KestrelError):
     """A model load or unload that a newer operation on the same model replaced before it finished."""
 
 
+class ControlModeError(KestrelError):
+    """A repository load/unload while the server does not take them (--model-control-mode none or poll)."""
+
+
 class UnauthenticatedError(KestrelError):
     """The request carries no token, or one the server does not know (HTTP 401, gRPC UNAUTHENTICATED)."""
 
@@ -111,6 +116,7 @@ STATUS: list[tuple[type[BaseException], str, int]] = [
     (ModelLoadError, "UNAVAILABLE", 503),  # EngineMismatchError too: the model is not ready
     (BackendError, "INTERNAL", 500),
     (SupersededError, "ABORTED", 409),
+    (ControlModeError, "FAILED_PRECONDITION", 400),
     (UnauthenticatedError, "UNAUTHENTICATED", 401),
     (PermissionDeniedError, "PERMISSION_DENIED", 403),  # logged once per distinct message by the batcher, not per request
     (MissingDependencyError, "FAILED_PRECONDITION", 500),

@@ -35,6 +35,7 @@ from .repository import ModelEntry, ModelRepository
 log = logging.getLogger(__name__)
 
 ENSEMBLE_PLATFORM = "ensemble"
+CONTROL_MODES = ("none", "explicit", "poll")  # Triton's --model-control-mode
 __all__ = ["ModelHub", "InferResult", "ClassifyResult", "ModelAnswer", "EnsembleAnswer", "READY", "UNAVAILABLE",
            "Targets"]
 
@@ -126,9 +127,17 @@ class ModelHub:
     def __init__(self, repository: ModelRepository | str, models: Sequence[str] | None = None,
                  ensembles: Sequence[Ensemble] = (), *, strict: bool = False,
                  runner_options: dict[str, dict] | None = None, metrics: Metrics | None = None,
-                 max_pixels: int = images.DEFAULT_MAX_PIXELS, unhealthy_after_s: float = UNHEALTHY_AFTER_S):
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, unhealthy_after_s: float = UNHEALTHY_AFTER_S,
+                 control_mode: str = "none", load_models: Sequence[str] | None = None):
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
-        self.requested = list(models) if models else None
+        if control_mode not in CONTROL_MODES:
+            raise ConfigError(f"received model control mode {control_mode!r}; expected one of {', '.join(CONTROL_MODES)}")
+        self.control_mode = control_mode
+        named = list(models or []) + [n for n in (load_models or []) if n not in (models or [])]
+        if "*" in named and named != ["*"]:
+            raise ConfigError("--load-model '*' loads every model: give it alone, not with other names")
+        self.load_all = named == ["*"]
+        self.requested = None if self.load_all or not named else named
         self.strict = strict
         self.runner_options = runner_options or {}
         self.metrics = metrics or Metrics()
@@ -145,10 +154,13 @@ class ModelHub:
     # ---- start-up ------------------------------------------------------------------------------------
     def _repository_ensembles(self) -> list[Ensemble]:
         """Ensembles defined in the repository (platform "ensemble" folders): all of them when no --models
-        are named, else those named; an --ensemble of the same name takes precedence."""
+        are named (in explicit mode: none unless named), else those named; an --ensemble of the same name
+        takes precedence."""
         found = []
         for name in self.repository.ensemble_names():
             if self.requested is not None and name not in self.requested:
+                continue
+            if self.requested is None and self.control_mode == "explicit" and not self.load_all:
                 continue
             if name in self._given:
                 log.info("ensemble %s: the one given on the command line replaces the repository's", name)
@@ -166,14 +178,18 @@ class ModelHub:
         else every model; each ensemble's members."""
         ensembles = self._startup_ensembles
         available = self.repository.names()
-        if not available and not self.requested:
+        if not available and not self.requested and self.control_mode == "none":
             raise ConfigError(f"repository {self.repository.root} holds no models (no <name>/config.pbtxt)")
         for ens in ensembles:
             if ens.name in available:
                 raise ConfigError(f"ensemble '{ens.name}' has the name of a model in the repository; "
                                   "expected distinct names")
-        names = ([n for n in self.requested if n not in {e.name for e in ensembles}] if self.requested
-                 else list(available))
+        if self.requested:
+            names = [n for n in self.requested if n not in {e.name for e in ensembles}]
+        elif self.control_mode == "explicit" and not self.load_all:
+            names = []  # explicit: only what --load-model / --models name (Triton's rule)
+        else:
+            names = list(available)
         for ens in ensembles:
             for member in ens.members:
                 if member not in names:

@@ -551,12 +551,24 @@ class ModelRegistry:
         return [row for row in rows if not ready_only or row["state"] == READY]
 
     # ---- operations --------------------------------------------------------------------------------------
+    def is_ensemble(self, name: str) -> bool:
+        with self._lock:
+            if name in self._ensembles:
+                return True
+        return name in self.repository.ensemble_names()
+
     def load(self, name: str, *, config=None, force: bool = False) -> list[int]:
         """Load (or reload) model `name` as its version policy says; returns the versions now serving.
         `config`: a ModelConfig used instead of config.pbtxt. Raises what made the load fail; then nothing of
-        this call serves and the versions serving before go on."""
+        this call serves and the versions serving before go on. An ensemble: its members are loaded (each as
+        above), then it serves again."""
         if self.closing:
             raise ServerUnavailableError("the server is shutting down; models are not loaded any more")
+        if self.is_ensemble(name):
+            if config is not None:
+                raise ConfigError(f"'{name}' is an ensemble: a \"config\" parameter applies to a model")
+            self.load_ensemble(name, force=force)
+            return [int(ENSEMBLE_VERSION)]
         record = self.record(name)
         ticket = record.ticket()
         with record.op_lock:
@@ -631,6 +643,28 @@ class ModelRegistry:
                          f"; kept {', '.join(str(v) for v in wanted if v not in start)}" if len(start) < len(wanted)
                          else "")
             return sorted(wanted)
+
+    def load_ensemble(self, name: str, *, force: bool = False) -> EnsembleRecord:
+        """Load an ensemble: its definition read again (a repository folder; or the one given at start), each
+        member loaded (unchanged ones are kept), the members' labels checked, then it serves."""
+        with self._lock:
+            current = self._ensembles.get(name)
+        if name in self.repository.ensemble_names():
+            ensemble = Ensemble.from_entry(self.repository.ensemble(name))
+        elif current is not None:
+            ensemble = current.ensemble
+        else:
+            raise self._unknown(name)
+        for member in ensemble.members:
+            self.load(member, force=force)
+        labels, classes = {}, {}
+        for member in ensemble.members:
+            latest = self._records[member].latest
+            if latest is not None:
+                labels[member], classes[member] = latest.labels, int(latest.output_spec.shape[0])
+        if len(labels) > 1:
+            Ensemble(ensemble.name, tuple(labels), ensemble.fusion).check_labels(labels, classes)
+        return self.add_ensemble(ensemble, loaded=True)
 
     def unload(self, name: str, *, unload_dependents: bool = False, timeout: float | None = None) -> None:
         """Stop serving `name`: new requests are refused at once; returns once the requests that held it are

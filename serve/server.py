@@ -33,6 +33,8 @@ from .http import HttpFrontend, HttpLimits, HttpOptions
 from .hub import ModelHub
 from .metrics import Metrics
 from .repository import ModelRepository
+from .auth import Authorizer, TokenFile, grpc_interceptor, is_loopback
+from .poller import RepositoryPoller
 from .servicers import Admission, ClassifyServicer, InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 # 32 float32 224x224x3 images are 19.3 MB; leave room for bigger inputs.
 DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_THREADS = 64
+DEFAULT_POLL_SECS = 15.0
 
 
 def reserved_threads(threads: int) -> int:
@@ -76,6 +79,7 @@ class Server:
         self.port = port
         self.metrics_port = metrics_port
         self.http = http  # the HTTP port (serve/http), or None
+        self.poller = None  # serve.poller.RepositoryPoller with --model-control-mode poll
         self._serving = True
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -102,6 +106,8 @@ class Server:
                 return
             self._serving = False
             self.health.enter_graceful_shutdown()
+            if self.poller is not None:
+                self.poller.stop()
             log.info("shutting down: finishing in-flight requests (grace %.1f s)", grace or 0)
             t0 = time.monotonic()
             deadline = None if grace is None else t0 + grace  # one deadline for the ports and every model
@@ -161,6 +167,12 @@ def create_server(
     http_options: HttpOptions | None = None,
     http_limits: HttpLimits | None = None,
     unhealthy_after_s: float | None = None,
+    control_mode: str = "none",
+    load_models: Sequence[str] | None = None,
+    poll_secs: float | None = None,
+    auth_tokens: str | Path | None = None,
+    allow_unauthenticated_control: bool = False,
+    control_open: bool | None = None,
 ) -> tuple[Server, int]:
     """Load the models, start serving on host:port (0 = a free port); returns (server, bound port).
 
@@ -172,15 +184,28 @@ def create_server(
     `max_inflight`: inference and Classify RPCs at once on the gRPC port (default admission_limit(threads));
     more are refused with RESOURCE_EXHAUSTED at once. `unhealthy_after_s`: a model whose every batch has
     failed this long reports not ready (serve.batching.UNHEALTHY_AFTER_S).
+
+    Models that change while it runs (docs/serving.md): `control_mode` "none" (what start-up loads is what
+    it serves), "explicit" (the repository load/unload API; start-up loads `load_models`, "*" = all, and
+    `models`) or "poll" (the repository is followed every `poll_secs`). `auth_tokens`: a token file
+    (serve/auth.py); without one, load and unload are refused unless `control_open` (default: the server
+    listens on loopback only, or `allow_unauthenticated_control`). TLS (`tls_cert`, `tls_key`) covers the
+    gRPC and HTTP ports.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key); received one")
     if max_message_mb <= 0:
         raise ConfigError(f"received max message size {max_message_mb} MB; expected a positive number")
     ensembles = [e if isinstance(e, Ensemble) else Ensemble.parse(e) for e in ensembles]
+    if control_mode == "poll" and poll_secs is not None and poll_secs <= 0:
+        raise ConfigError(f"received --repository-poll-secs {poll_secs}; expected a positive number of seconds")
+    tokens = TokenFile(auth_tokens) if auth_tokens is not None else None
+    if control_open is None:
+        control_open = is_loopback(host) or allow_unauthenticated_control
+    authorizer = Authorizer(tokens, control_open=control_open)
     metrics = Metrics()
     hub = ModelHub(repository, models, ensembles, strict=strict, runner_options=runner_options, metrics=metrics,
-                   max_pixels=max_pixels,
+                   max_pixels=max_pixels, control_mode=control_mode, load_models=load_models,
                    **({} if unhealthy_after_s is None else {"unhealthy_after_s": unhealthy_after_s}))
     grpc_server = None
     frontend = None
@@ -194,7 +219,9 @@ def create_server(
                                      "metadata and control)", metrics.refused.labels("grpc").inc)
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=message_options(max_message_mb) + [("grpc.so_reuseport", 0)],
-                                  maximum_concurrent_rpcs=max(threads, limit))
+                                  maximum_concurrent_rpcs=max(threads, limit),
+                                  interceptors=[grpc_interceptor(authorizer)] if tokens is not None or not control_open
+                                  else None)
         holder: dict[str, Server] = {}
         plane = DataPlane(hub, serving=lambda: holder["server"].serving if "server" in holder else True)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, admission=admission),
@@ -230,11 +257,14 @@ def create_server(
                 options = http_options or HttpOptions(max_body_mb=max_message_mb, threads=threads)
                 frontend = HttpFrontend(plane, host=host, port=http_port, options=options, limits=http_limits,
                                         metrics_registry=metrics.registry,
-                                        on_refused=metrics.refused.labels("http").inc).start()
+                                        on_refused=metrics.refused.labels("http").inc, authorizer=authorizer,
+                                        tls=(str(tls_cert), str(tls_key)) if tls_cert is not None else None).start()
             except OSError as exc:
                 raise ConfigError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror}") from None
             server.http = frontend
         grpc_server.start()
+        if control_mode == "poll":
+            server.poller = RepositoryPoller(hub, poll_secs or DEFAULT_POLL_SECS, hub.requested).start()
     except BaseException:
         if frontend is not None:
             frontend.stop(grace=0)

@@ -222,6 +222,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.config.CopyFrom(self.plane.model_config(request.name, request.version))
             return response
 
+    def RepositoryModelLoad(self, request, context):
+        with _Handler(self.plane, context):
+            self.plane.repository_load(request.model_name, request.repository_name, _repo_parameters(request))
+            return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        with _Handler(self.plane, context):
+            self.plane.repository_unload(request.model_name, request.repository_name, _repo_parameters(request))
+            return pb.RepositoryModelUnloadResponse()
+
     def RepositoryIndex(self, request, context):
         with _Handler(self.plane, context):
             index = pb.RepositoryIndexResponse.ModelIndex
@@ -282,6 +292,11 @@ def _inputs(request) -> list[InferInput]:
             item.values, item.source = getattr(tensor.contents, field), f"contents.{field}"
         inputs.append(item)
     return inputs
+
+
+def _repo_parameters(request) -> dict:
+    """A repository load/unload request's parameters as plain values (bool, int, str, bytes)."""
+    return {key: _parameter(value) for key, value in request.parameters.items()}
 
 
 def _requested(wanted, model: str) -> RequestedOutput:

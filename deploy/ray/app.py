@@ -391,7 +391,9 @@ class _GrpcContext:
 # The RPCs of proto/grpc_service.proto and proto/kestrel.proto (tests/deploy checks this against the
 # generated descriptors): Ray Serve's gRPC proxy calls the ingress method named like the RPC.
 V2_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-           "ModelConfig", "ModelStatistics", "RepositoryIndex")
+           "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+# (load and unload answer FAILED_PRECONDITION here: on Ray Serve a new model version is a new deployment,
+# rolled out by `serve deploy`, not loaded into running replicas; docs/scaling.md)
 CLASSIFY_RPCS = ("Classify", "ListModels")
 
 

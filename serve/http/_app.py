@@ -40,7 +40,9 @@ from starlette.routing import Route
 
 from .._cancel import CancelOnEnd
 from ..dataplane import DataPlane, request_size_limit
-from ..errors import InvalidInputError, KestrelError, RequestTooLargeError, ResourceExhaustedError, shown, status_of
+from ..auth import http_role
+from ..errors import (InvalidInputError, KestrelError, PermissionDeniedError, RequestTooLargeError,
+                      ResourceExhaustedError, UnauthenticatedError, shown, status_of)
 from . import _v2
 
 log = logging.getLogger("serve.http")
@@ -132,6 +134,7 @@ class _Kestrel:
         self.executor = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="http")
         self.inflight = 0  # POST requests being handled (touched on the event loop only)
         self.on_refused = None  # called for each POST refused as too many (the server's metrics)
+        self.authorizer = None  # serve.auth.Authorizer: who may call what (None: everyone)
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -392,6 +395,32 @@ async def repository_index(request, k):
                                                   _v2.flag(options.get("ready", False), "ready")))
 
 
+def _repository_parameters(body: bytes, what: str) -> dict:
+    options = _v2.loads(body, f"a repository {what} request", optional=True) or {}
+    if not isinstance(options, dict):
+        raise InvalidInputError(f"received a repository {what} request that is not a JSON object")
+    parameters = options.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"received \"parameters\" {shown(parameters)}; expected a JSON object")
+    return parameters
+
+
+@_endpoint
+async def repository_load(request, k):
+    body = await read_body(request, 4 * 1024 * 1024, "a repository load request")  # room for a "config"
+    parameters = await k.run(_repository_parameters, body, "load")
+    await k.run(k.plane.repository_load, request.path_params["model"], "", parameters)
+    return json_response({})
+
+
+@_endpoint
+async def repository_unload(request, k):
+    body = await read_body(request, 64 * 1024, "a repository unload request")
+    parameters = _repository_parameters(body, "unload")
+    await k.run(k.plane.repository_unload, request.path_params["model"], "", parameters)
+    return json_response({})
+
+
 @_endpoint
 async def list_models(request, k):
     return json_response(k.plane.list_models())
@@ -512,6 +541,19 @@ class _Guard:
             await send(message)
 
         k = self.kestrel
+        if k.authorizer is not None:
+            role, changes = http_role(scope["path"])
+            if role is not None:
+                header = next((v.decode("latin-1") for n, v in scope.get("headers", []) if n == b"authorization"),
+                              None)
+                try:
+                    k.authorizer.check(header, role, changes)
+                except (UnauthenticatedError, PermissionDeniedError) as exc:
+                    status = http_status(exc)
+                    log.info("http %s %s: refused (%d)", scope["method"], shown(scope["path"])[1:-1], status)
+                    response = json_response({"error": str(exc)}, status,
+                                             {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+                    return await response(scope, receive, send_with_headers)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send_with_headers)
         if k.inflight >= k.options.inflight_limit:
@@ -542,6 +584,8 @@ def routes() -> list[Route]:
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/models/stats", statistics, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/classify", classify, methods=["POST"]),
     ]
@@ -566,14 +610,17 @@ def metrics_route(registry) -> Route:
     return Route("/metrics", metrics, methods=["GET"])
 
 
-def create_app(plane: DataPlane, options: HttpOptions | None = None, *, on_refused=None) -> Starlette:
+def create_app(plane: DataPlane, options: HttpOptions | None = None, *, on_refused=None,
+               authorizer=None) -> Starlette:
     """The HTTP port's ASGI app over `plane` (no server start-up: mount it anywhere ASGI runs).
-    `on_refused()` is called for each POST refused because too many are in progress.
+    `on_refused()` is called for each POST refused because too many are in progress; `authorizer`
+    (serve.auth.Authorizer) decides who may call what.
 
     app.state.kestrel.close() releases its worker threads."""
     options = options or HttpOptions()
     kestrel = _Kestrel(plane, options)
     kestrel.on_refused = on_refused
+    kestrel.authorizer = authorizer
     middleware = [Middleware(_Guard, kestrel=kestrel)]
     if options.allowed_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(options.allowed_hosts),

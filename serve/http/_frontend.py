@@ -15,15 +15,16 @@ class HttpFrontend:
 
     def __init__(self, plane: DataPlane | ModelHub, *, host: str = "127.0.0.1", port: int = 8000,
                  serving: Callable[[], bool] | None = None, options: HttpOptions | None = None,
-                 limits: HttpLimits | None = None, metrics_registry=None, on_refused: Callable[[], None] | None = None):
+                 limits: HttpLimits | None = None, metrics_registry=None, on_refused: Callable[[], None] | None = None,
+                 authorizer=None, tls: tuple[str, str] | None = None):
         if isinstance(plane, ModelHub):
             plane = DataPlane(plane, serving) if serving is not None else DataPlane(plane)
         self.plane = plane
         self.options = options or HttpOptions()
         if metrics_registry is not None:
             self.options.extra_routes = [*self.options.extra_routes, metrics_route(metrics_registry)]
-        self.app = create_app(plane, self.options, on_refused=on_refused)
-        self.server = HttpServer(self.app, host=host, port=port, limits=limits, name="http")
+        self.app = create_app(plane, self.options, on_refused=on_refused, authorizer=authorizer)
+        self.server = HttpServer(self.app, host=host, port=port, limits=limits, name="http", tls=tls)
 
     @property
     def port(self) -> int | None:

@@ -193,8 +193,9 @@ class HttpServer:
     """An ASGI app served by uvicorn on a socket this object binds, in a daemon thread."""
 
     def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, limits: HttpLimits | None = None,
-                 name: str = "http"):
+                 name: str = "http", tls: tuple[str, str] | None = None):
         self.app, self.host, self.requested_port, self.name = app, host, port, name
+        self.tls = tls  # (certificate, key) PEM paths: serve HTTPS
         self.limits = limits or HttpLimits()
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
@@ -218,7 +219,8 @@ class HttpServer:
         protocol = type("KestrelHttpProtocol", (_Protocol,), {"limits": self.limits})
         config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="off", log_config=None,
                                 access_log=False, timeout_keep_alive=max(1, int(self.limits.idle_timeout_s)),
-                                server_header=False, backlog=self.limits.backlog, timeout_graceful_shutdown=None)
+                                server_header=False, backlog=self.limits.backlog, timeout_graceful_shutdown=None,
+                                **({"ssl_certfile": str(self.tls[0]), "ssl_keyfile": str(self.tls[1])} if self.tls else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(sock,), name=f"{self.name}-uvicorn", daemon=True)
         self._thread.start()

@@ -18,6 +18,21 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A server started with --auth-tokens answers 401/403 until the page sends a token with the infer role; the
+// page asks for it once, keeps it for this tab only (sessionStorage) and sends it as a bearer token.
+const TOKEN_KEY = "kestrel-token";
+const authHeaders = () => {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
+};
+
+function askForToken(status, message) {
+  $("token-box").hidden = false;
+  $("token-reason").textContent = (status === 401 ? "This server needs a token with the infer role. "
+    : "This token lacks the infer role. ") + (message || "");
+  $("token-input").focus();
+}
+
 const ms = (value) => (value < 10 ? value.toFixed(2) : value < 100 ? value.toFixed(1) : value.toFixed(0)) + " ms";
 const pct = (p) => (p * 100).toFixed(1) + "%";
 
@@ -39,9 +54,14 @@ function clearOutput() {
 async function loadCatalog() {
   let catalog;
   try {
-    const response = await fetch("/v1/models");
+    const response = await fetch("/v1/models", { headers: authHeaders() });
     catalog = await response.json();
+    if (response.status === 401 || response.status === 403) {
+      askForToken(response.status, catalog.error);
+      return;
+    }
     if (!response.ok) throw new Error(catalog.error || response.statusText);
+    $("token-box").hidden = true;
   } catch (err) {
     showError("Could not list the server's models: " + err.message);
     return;
@@ -154,11 +174,12 @@ async function classify() {
   if ($("fusion-select").value) form.append("fusion", $("fusion-select").value);
   const started = performance.now();
   try {
-    const response = await fetch("/v1/classify", { method: "POST", body: form });
+    const response = await fetch("/v1/classify", { method: "POST", body: form, headers: authHeaders() });
     const text = await response.text();
     let body;
     try { body = JSON.parse(text); } catch (_) { body = { error: text || response.statusText }; }
     clearOutput();
+    if (response.status === 401 || response.status === 403) askForToken(response.status, body.error);
     if (!response.ok) {
       showError(`Could not classify ${state.file.name}: the server answered HTTP ${response.status}.\n${body.error}`);
       $("placeholder").hidden = true;
@@ -216,5 +237,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("mode-models").addEventListener("change", updateMode);
   $("ensemble-select").addEventListener("change", () => { updateMode(); classify(); });
   $("classify-form").addEventListener("submit", (event) => { event.preventDefault(); classify(); });
+  $("token-save").addEventListener("click", () => {
+    sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    $("token-input").value = "";
+    clearOutput();
+    loadCatalog();
+  });
   loadCatalog();
 });

@@ -16,7 +16,7 @@ from kestrel import cli
 from serve import console
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "train", "bench", "demo", "doctor"]
+SUBCOMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "models", "train", "bench", "demo", "doctor"]
 BENCH_TOOLS = ["inprocess", "classify-latency", "docs"]
 
 

@@ -66,3 +66,26 @@ def test_tls(fake_repo, certificate):
         assert info.value.code.name == "UNAVAILABLE"
     finally:
         server.stop(1)
+
+
+def test_tls_covers_the_http_port_too(fake_repo, certificate):
+    """--tls-cert/--tls-key serve HTTPS on the HTTP port (a token travels encrypted); plain HTTP is refused."""
+    import http.client
+    import ssl
+
+    from serve import create_server
+
+    cert, key = certificate
+    server, _ = create_server(fake_repo, models=["a"], port=0, http_port=0, tls_cert=cert, tls_key=key)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", server.http_port, timeout=10, context=context)
+        conn.request("GET", "/v2/models/a/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5)
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/v2/health/live")
+            plain.getresponse()
+    finally:
+        server.stop(1)

@@ -209,3 +209,74 @@ def test_tritonclient_against_the_server(onnx_server, tmp_path):
                                                              "empty_batch", "unknown_output", "unavailable_model"))
     stats = report["stats"]["model_stats"][0]
     assert stats["name"] == "tiny" and int(stats["inference_count"]) >= 4 + 6
+
+
+REPOSITORY_CLIENT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    grpc_address, http_address, token = sys.argv[1:4]
+    headers = {"authorization": f"Bearer {token}"}  # gRPC metadata keys are lower-case
+    report = {}
+    for kind, client in (("grpc", grpcclient.InferenceServerClient(grpc_address)),
+                         ("http", httpclient.InferenceServerClient(http_address))):
+        def index():
+            rows = client.get_model_repository_index(headers=headers)
+            rows = rows["models"] if kind == "grpc" and isinstance(rows, dict) else rows
+            if kind == "grpc":
+                rows = json.loads(__import__("google.protobuf.json_format", fromlist=["x"]).MessageToJson(
+                    rows, preserving_proto_field_name=True)).get("models", [])
+            return sorted((r["name"], r.get("version", ""), r["state"]) for r in rows)
+        out = report[kind] = {}
+        out["before"] = index()
+        client.unload_model("m", headers=headers)
+        out["after_unload"] = index()
+        out["ready_after_unload"] = client.is_model_ready("m", headers=headers)
+        client.load_model("m", headers=headers)
+        out["after_load"] = index()
+        out["ready_after_load"] = client.is_model_ready("m", headers=headers)
+        config = json.dumps({"name": "m", "platform": "fake", "max_batch_size": 4,
+                             "input": [{"name": "images", "data_type": "TYPE_UINT8", "dims": [32, 32, 3]}],
+                             "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [4],
+                                         "label_filename": "labels.txt"}]})
+        client.load_model("m", config=config, headers=headers)  # a config that replaces config.pbtxt
+        out["max_batch_after_config"] = client.get_model_config("m", headers=headers)
+        try:
+            client.unload_model("m")  # no token
+            out["unauthenticated"] = None
+        except InferenceServerException as exc:
+            out["unauthenticated"] = [str(exc.status()), exc.message()]
+    print(json.dumps(report, default=str))
+    """
+)
+
+
+def test_tritonclient_loads_unloads_and_lists_the_repository(tmp_path):
+    """tritonclient's gRPC and HTTP load_model, unload_model and get_model_repository_index, unchanged, against
+    a server in explicit control mode with a token file (sent as tritonclient's headers)."""
+    from serve import create_server
+    from serve.backends.fake import write_fake_model
+
+    write_fake_model(tmp_path / "repo", "m", classes=4)
+    (tmp_path / "tokens").write_text("control-and-infer-1 infer,control\n")
+    server, _ = create_server(tmp_path / "repo", port=0, http_port=0, control_mode="explicit", load_models=["*"],
+                              auth_tokens=tmp_path / "tokens")
+    try:
+        proc = subprocess.run([sys.executable, "-c", REPOSITORY_CLIENT, f"127.0.0.1:{server.port}",
+                               f"127.0.0.1:{server.http_port}", "control-and-infer-1"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        server.stop(1)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for kind in ("grpc", "http"):
+        out = report[kind]
+        assert out["before"] == [["m", "1", "READY"]]
+        assert out["after_unload"] == [["m", "1", "UNAVAILABLE"]] and out["ready_after_unload"] is False
+        assert out["after_load"] == [["m", "1", "READY"]] and out["ready_after_load"] is True
+        assert "4" in json.dumps(out["max_batch_after_config"])  # the config parameter's max_batch_size
+        assert out["unauthenticated"] is not None and "token" in out["unauthenticated"][1]

@@ -165,3 +165,41 @@ def test_drag_and_drop_a_png(browser, base_url):
     assert "dropped.png" in browser.find_element(By.ID, "file-name").text
     expected = _api_classify(base_url, buffer.getvalue(), "dropped.png", ensemble="trio", top_k=3)
     assert [label for label, _, _ in _rows(cards[0])] == [p["label"] for p in expected["models"][0]["predictions"]]
+
+
+def test_a_server_with_tokens_asks_the_page_for_one(browser, photo, tmp_path, save_screenshot):
+    """With --auth-tokens the page's files load without a token, the page asks for one, and every call it
+    makes then carries it: a wrong token is asked for again, a token with the infer role classifies."""
+    from selenium.webdriver.common.by import By
+
+    from serve import create_server
+    from serve.backends.fake import write_fake_model
+
+    LABELS = ["tabby cat", "Egyptian cat", "golden retriever"]  # noqa: N806
+
+    write_fake_model(tmp_path / "repo", "guarded", classes=len(LABELS), labels=LABELS, seed=1)
+    (tmp_path / "tokens").write_text("page-token-123 infer\ncontrol-only-9 control\n")
+    server, _ = create_server(tmp_path / "repo", port=0, http_port=0, auth_tokens=tmp_path / "tokens")
+    try:
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(f"http://127.0.0.1:{server.http_port}/")
+        box = _wait(browser, lambda b: b.find_element(By.ID, "token-box").is_displayed() and
+                    b.find_element(By.ID, "token-box"), "the page never asked for a token")
+        assert "needs a token" in box.text
+        browser.find_element(By.ID, "token-input").send_keys("control-only-9")  # a token without the infer role
+        browser.find_element(By.ID, "token-save").click()
+        _wait(browser, lambda b: "lacks the infer role" in b.find_element(By.ID, "token-reason").text,
+              "a token without the role was not reported")
+        browser.find_element(By.ID, "token-input").send_keys("page-token-123")
+        browser.find_element(By.ID, "token-save").click()
+        _wait(browser, lambda b: not b.find_element(By.ID, "token-box").is_displayed(), "the token box stayed open")
+        _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#model-list input")) == 1,
+              "the models never listed with the token")
+        browser.find_element(By.ID, "mode-models").click()
+        _upload(browser, photo)
+        cards = _cards(browser, "#model-results .card.model", 1)
+        assert "guarded" in cards[0].text
+        save_screenshot("token-page")
+    finally:
+        browser.execute_script("sessionStorage.clear()")
+        server.stop(grace=1)
