@@ -43,12 +43,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from serve import console
 from serve.errors import KestrelError
 
 from . import _method
-from ._procs import ROOT, BenchmarkError, KestrelServer, Process, python_env
+from ._procs import ROOT, BenchmarkError, KestrelServer, Process
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared"
@@ -310,7 +311,7 @@ def ensemble_limit(ensemble: dict, costs: dict[str, dict[int, dict]]) -> dict:
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
-def _servers_for(s: Settings, variants: list[str], logs: Path, notes: list[str]):
+def _servers_for(s: Settings, variants: list[str], logs: Path):
     from . import triton_repo
 
     install = triton_repo.prepare(triton_repo.find_install(s.triton_venv))
@@ -318,7 +319,11 @@ def _servers_for(s: Settings, variants: list[str], logs: Path, notes: list[str])
                                          ort_threads=s.ort_threads)
     extra = ["--ort-threads", str(s.ort_threads)] if s.ort_threads else []
     kestrel = KestrelServer(s.repository, variants, logs / "kestrel_server.log", extra_args=extra)
-    triton = triton_repo.TritonServer(install, s.output / "triton_repository", logs / "triton_server.log")
+    try:
+        triton = triton_repo.TritonServer(install, s.output / "triton_repository", logs / "triton_server.log")
+    except BaseException:
+        kestrel.stop()
+        raise
     return install, built, kestrel, triton
 
 
@@ -361,7 +366,7 @@ def run(settings: Settings) -> Path:
             raise BenchmarkError("no model to compare:\n  " + "\n  ".join(notes))
         has_ensemble = bool(s.ensemble) and export_ensemble(s, notes)
         if variants:
-            install, built, kestrel, triton = _servers_for(s, variants, logs, notes)
+            install, built, kestrel, triton = _servers_for(s, variants, logs)
             meta["triton"] = {"venv": str(install.venv), "binary": str(install.binary), "versions": install.versions,
                               "python_backend_python": install.python_version, "models": built}
             try:
@@ -477,7 +482,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _choices(allowed) -> callable:
+def _choices(allowed) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v.strip().lower() for v in text.split(",") if v.strip()]
         wrong = [v for v in values if v not in allowed]
