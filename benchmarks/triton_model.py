@@ -8,7 +8,8 @@ disabled, no spinning worker threads, the same intra-/inter-op thread counts (co
 `intra_op_thread_count` / `inter_op_thread_count`, 0 or absent = onnxruntime's default), the CPU
 provider. Triton's dynamic batcher hands `execute` every request of one batch; their images are
 concatenated into one array, run in ONE `session.run` and the probabilities split back per request:
-what Kestrel's batcher does with the same requests.
+what Kestrel's batcher does with the same requests. Like Kestrel, it runs one zero image through the
+session before the model is ready (the input is uint8 images, as every Kestrel model's).
 
 It imports nothing from Kestrel (it runs inside Triton's stub process, with the packages of
 .venv-triton); onnxruntime and Triton's `triton_python_backend_utils` are imported when Triton
@@ -70,6 +71,10 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         self.session_input = self.session.get_inputs()[0].name
         self.session_output = self.session.get_outputs()[0].name
+        # Kestrel runs one zero image through every model before it reports it ready (Runner.warm_up:
+        # allocations, kernel choice); so does this, or Triton's first requests would pay for it.
+        dims = [int(d) if int(d) > 0 else 224 for d in config["input"][0]["dims"]]
+        self.session.run([self.session_output], {self.session_input: np.zeros([1] + dims, dtype=np.uint8)})
 
     def execute(self, requests):
         pb = self.pb
