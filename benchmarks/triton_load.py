@@ -317,13 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        if args.clients < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
-            print("error: expected --clients >= 1, --batch >= 1, --duration > 0, --warmup >= 0", file=sys.stderr)
-            return 2
-        data = run(args)
-    else:
-        data = compare(args)
+    if args.command == "run" and (args.clients < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0):
+        print("error: expected --clients >= 1, --batch >= 1, --duration > 0, --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        data = run(args) if args.command == "run" else compare(args)
+    except Exception as exc:  # noqa: BLE001 - tritonclient's errors (server unreachable, unknown model): one line
+        if type(exc).__module__.split(".")[0] != "tritonclient":
+            raise
+        print(f"error: {args.model} at {args.url}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     _write(args.output, data)
     return 0
 

@@ -480,6 +480,15 @@ def test_load_generator_compare_and_it_never_imports_kestrels_protobufs(fake_ser
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_load_generator_names_an_unknown_model_in_one_line(fake_server):
+    server, photos, root = fake_server
+    result = subprocess.run([sys.executable, "-m", "benchmarks.triton_load", "run", "--url", server.address,
+                             "--model", "nope", "--duration", "0.5", "--images", str(photos)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: nope at {server.address}: ")
+    assert "Traceback" not in result.stderr
+
+
 # ---- the whole comparison, for real, when .venv-triton exists -----------------------------------
 @pytest.mark.slow
 def test_the_whole_comparison_on_a_tiny_onnx_model(tmp_path):
