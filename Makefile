@@ -23,7 +23,7 @@ KERAS_HOME_COPY := 1
 endif
 endif
 
-.PHONY: install proto test test-all demo bench bench-smoke clean keras-home scale-test
+.PHONY: install proto test test-all demo bench bench-smoke bench-triton clean keras-home scale-test
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -81,5 +81,22 @@ scale-test: install keras-home
 	KESTREL_SCALE_REPOSITORY=$(abspath $(SCALE_REPO)) KESTREL_PHOTOS=$(abspath $(SHARED)/photos) nice -n 10 $(SCALE_VENV)/bin/python -m pytest \
 		tests/deploy -m slow -v -s -p no:cacheprovider
 
+# Kestrel against NVIDIA Triton on the same ONNX (benchmarks/vs_triton.py; docs/benchmarks.md). Triton is the
+# tritonserver 2.51 binary of PyPI's nvidia-pytriton 0.7.0 wheel, whose only backend is python (no native
+# onnxruntime backend), in its own $(TRITON_VENV) (never beside the other pins) with Kestrel's onnxruntime pin.
+# numpy stays 1.26.4 there (nvidia-pytriton requires numpy < 2; with numpy 2 the 2.51 python-backend stub
+# answered empty output tensors, measured). `python -m benchmarks.triton_repo` puts the wheel's stub for the
+# venv's Python into backends/python/ and prints the binary, PATH and LD_LIBRARY_PATH it runs with. The
+# benchmark exports mobilenet_v2, its INT8 variant and the demo ensemble into $(REPO) when missing; report in
+# benchmarks/results/<timestamp>/. TRITON_ARGS=--quick: a few minutes (see `kestrel bench vs-triton --help`).
+TRITON_VENV ?= .venv-triton
+TRITON_ARGS ?=
+ORT_PIN := $(shell sed -n 's/^cpu = \["\(onnxruntime==[0-9.]*\)"\]/\1/p' pyproject.toml)
+bench-triton: install keras-home
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "$(ORT_PIN)" "numpy==1.26.4"
+	$(PY) -m benchmarks.triton_repo $(TRITON_VENV)
+	$(PY) -m benchmarks.vs_triton --repository $(REPO) --triton-venv $(TRITON_VENV) $(TRITON_ARGS)
+
 clean:
-	rm -rf $(VENV) $(SCALE_VENV) $(PROTO_OUT)/*_pb2*.py .cache
+	rm -rf $(VENV) $(SCALE_VENV) $(TRITON_VENV) $(PROTO_OUT)/*_pb2*.py .cache

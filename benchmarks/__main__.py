@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     return console.add_examples(p, "--repository models --model mobilenet_v2 --levels 1,8,32",
                                 "--smoke --output /tmp/bench-smoke          # under a minute, fake models",
                                 note="other benchmarks: `kestrel bench inprocess --help`, "
-                                     "`kestrel bench classify-latency --help`; `kestrel bench docs` puts the "
+                                     "`kestrel bench classify-latency --help`, `kestrel bench vs-triton --help` "
+                                     "(against Triton); `kestrel bench docs` puts the "
                                      "newest reports into docs/benchmarks.md")
 
 

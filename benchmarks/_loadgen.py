@@ -1,4 +1,4 @@
-"""Pieces both locustfiles share: options, the image set and the raw-sample recorder.
+"""Pieces both locustfiles share: options, the image set (benchmarks/_images.py) and the raw-sample recorder.
 
 Imported by benchmarks/locustfile.py (gRPC) and benchmarks/locust_flask.py
 (HTTP) inside a locust process; imports locust and gevent, so nothing outside
@@ -15,7 +15,6 @@ the test stops.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -31,11 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `locust -f benchmarks/locustfile.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from serve import images as kimages  # noqa: E402
-from serve.errors import ImageDecodeError  # noqa: E402
-
-DEFAULT_PHOTOS = ROOT.parent / "shared" / "photos"
-MAX_IMAGES = 64  # bounded: the image set is held in memory by every user
+# the image set, shared with the threaded tritonclient load generator (no gevent there)
+from benchmarks._images import DEFAULT_PHOTOS, MAX_IMAGES, image_arrays, image_files, rotated  # noqa: E402,F401
 
 
 # Users of one locust process are numbered from KESTREL_SEED, so each starts at another image and the
@@ -46,11 +42,6 @@ _USER_IDS = itertools.count(int(os.environ.get("KESTREL_SEED", "0")))
 def next_user() -> int:
     """This user's number: its offset into the image list."""
     return next(_USER_IDS)
-
-
-def rotated(items: list, offset: int) -> list:
-    """`items` starting at `offset` (wrapping round): each user cycles through the same images in its own order."""
-    return [items[(offset + i) % len(items)] for i in range(len(items))]
 
 
 def model_names(spec: str) -> list[str]:
@@ -73,74 +64,6 @@ def add_common_arguments(parser) -> None:
                        help="write the measured raw samples and counts to this JSON file at the end")
     group.add_argument("--kestrel-label", env_var="KESTREL_LABEL", default="",
                        help="free-form label stored in the record (e.g. the variant)")
-
-
-# ---- images ---------------------------------------------------------------------------------
-def _synthetic_jpegs(count: int = 8, size: tuple[int, int] = (480, 640)) -> list[tuple[str, bytes]]:
-    from PIL import Image
-
-    out = []
-    for i, array in enumerate(kimages.synthetic_images(count, size, seed=1234)):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=90)
-        out.append((f"synthetic_{i}.jpg", buf.getvalue()))
-    return out
-
-
-_FILES: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
-
-
-def _as_jpeg(name: str, data: bytes) -> tuple[str, bytes]:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
-            return name, data
-    rgb = kimages.decode(data)
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=92)
-    return str(Path(name).with_suffix(".jpg")), buf.getvalue()
-
-
-def image_files(folder: str = "", encode: str = "jpeg") -> list[tuple[str, bytes]]:
-    """[(file name, encoded bytes)] of the decodable images in `folder`, at most MAX_IMAGES.
-
-    encode="jpeg": non-JPEG files are re-encoded to JPEG once (what phones
-    upload); "asis": the bytes on disk. With no folder, ../shared/photos is
-    used when present, else synthetic JPEGs.
-    """
-    key = (folder or "", encode)
-    if key in _FILES:
-        return _FILES[key]
-    path = Path(folder) if folder else DEFAULT_PHOTOS
-    files: list[tuple[str, bytes]] = []
-    if folder or path.is_dir():
-        for p in kimages.find_images(path):  # raises ImageDecodeError for a missing folder
-            data = p.read_bytes()
-            try:
-                kimages.decode(data, min_size=(32, 32))
-            except ImageDecodeError:
-                continue  # not an image we can send as a valid request
-            files.append(_as_jpeg(p.name, data) if encode == "jpeg" else (p.name, data))
-            if len(files) >= MAX_IMAGES:
-                break
-        if not files:
-            raise ImageDecodeError(f"image folder {path} holds no decodable image")
-    else:
-        files = _synthetic_jpegs()
-    _FILES[key] = files
-    return files
-
-
-_ARRAYS: dict[tuple, list] = {}
-
-
-def image_arrays(folder: str, size: tuple[int, int]) -> list:
-    """The image set decoded and resized to (height, width): uint8 HxWx3 arrays (cached)."""
-    key = (folder or "", tuple(size))
-    if key not in _ARRAYS:
-        _ARRAYS[key] = [kimages.load(data, size) for _, data in image_files(folder, "asis")]
-    return _ARRAYS[key]
 
 
 # ---- recorder -------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
     python -m benchmarks.docs                       # newest reports in benchmarks/results -> docs/benchmarks.md
     python -m benchmarks.docs --results DIR --docs docs/benchmarks.md
 
-Takes the newest in-process report (`inprocess-<time>.md`, written by `kestrel bench inprocess`) and the
-newest server report (`<time>/report.md`, written by `kestrel bench`), skipping smoke runs, and writes
+Takes the newest in-process report (`inprocess-<time>.md`, written by `kestrel bench inprocess`), the
+newest server report (`<time>/report.md`, written by `kestrel bench`), skipping smoke runs, and the newest
+Triton comparison (`<time>/report.md` whose results.json says kind "vs-triton", written by `kestrel bench
+vs-triton`), skipping `--quick` runs, and writes
 them between the markers `<!-- benchmarks:generated:start -->` and `<!-- benchmarks:generated:end -->`:
 each report's machine line (CPU, instruction set, cores), versions and load come along as the report
 wrote them, so nothing is retyped. The rest of the page is left as it is. Plots are linked where they
@@ -33,21 +35,35 @@ def newest_inprocess(results: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def newest_server_report(results: Path) -> Path | None:
-    """The newest <time>/report.md whose results.json is not a smoke run."""
+TRITON_KIND = "vs-triton"  # results.json meta["kind"] of `kestrel bench vs-triton` (benchmarks/vs_triton.py)
+
+
+def _newest(results: Path, kind: str | None, skip: str) -> Path | None:
+    """The newest <time>/report.md whose results.json has meta kind `kind` (None: the server benchmark's,
+    which has none) and whose settings[`skip`] is not set."""
     candidates = sorted(p for p in results.glob("*/report.md"))
     for report in reversed(candidates):
         try:
             meta = json.loads((report.parent / "results.json").read_text())["meta"]
         except (OSError, ValueError, KeyError):
             continue
-        if not meta.get("settings", {}).get("smoke"):
+        if meta.get("kind") == kind and not meta.get("settings", {}).get(skip):
             return report
     return None
 
 
+def newest_server_report(results: Path) -> Path | None:
+    """The newest `kestrel bench` <time>/report.md that is not a smoke run."""
+    return _newest(results, None, "smoke")
+
+
+def newest_triton_report(results: Path) -> Path | None:
+    """The newest `kestrel bench vs-triton` <time>/report.md that is not a --quick run."""
+    return _newest(results, TRITON_KIND, "quick")
+
+
 def _sections(markdown: str, keep: tuple[str, ...]) -> str:
-    """The report's title line, its **Machine:** line and the `## ` sections named in `keep`."""
+    """The report's date line, its **Machine:** (and **Triton:**) line and the `## ` sections named in `keep`."""
     out, current = [], None
     for line in markdown.splitlines():
         if line.startswith("## "):
@@ -56,7 +72,7 @@ def _sections(markdown: str, keep: tuple[str, ...]) -> str:
                 out.append("#" + line)  # one level down inside docs/benchmarks.md
             continue
         if current is None:
-            if line.startswith("**Machine:**") or (line and line[0].isdigit()):
+            if line.startswith(("**Machine:**", "**Triton:**")) or (line and line[0].isdigit()):
                 out += [line, ""]
             continue
         if current in keep:
@@ -91,6 +107,13 @@ def generated(results: Path, docs: Path) -> str:
     if server is not None:
         body = _sections(server.read_text(), ("Headline", "Results", "Load on the machine"))
         parts += ["", f"### Through the server: `{server.parent.name}/report.md`", "", _relink(body, server.parent, docs)]
+    triton = newest_triton_report(results)
+    if triton is not None:
+        body = _sections(triton.read_text(), ("Headline", "Results", "Latency under load", "Ensemble against its "
+                                              "physical limit", "Load on the machine"))
+        parts += ["", f"### Kestrel vs Triton: `{triton.parent.name}/report.md`", "",
+                  f"Full report: [{triton.parent.name}/report.md]"
+                  f"({Path(os.path.relpath(triton, docs.parent)).as_posix()}).", "", _relink(body, triton.parent, docs)]
     if not parts:
         return ("No benchmark report found: run the commands above (they write into benchmarks/results/), "
                 "then `python -m benchmarks.docs`.")

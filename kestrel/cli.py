@@ -58,6 +58,9 @@ BENCH_TOOLS: dict[str, Command] = {
                          "python -m benchmarks.inprocess"),
     "classify-latency": Command("benchmarks.classify_latency", "Classify over gRPC vs in-process: the overhead",
                                 "python -m benchmarks.classify_latency"),
+    "vs-triton": Command("benchmarks.vs_triton", "Kestrel vs Triton (python backend) on the same ONNX, "
+                         "servers alternated under one tritonclient load (make bench-triton)",
+                         "python -m benchmarks.vs_triton"),
     "docs": Command("benchmarks.docs", "regenerate docs/benchmarks.md's latest reports from benchmarks/results",
                     "python -m benchmarks.docs"),
 }
