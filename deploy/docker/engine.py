@@ -102,7 +102,9 @@ def local_name(engine: str, name: str) -> str:
 
 
 # ---- make base-image --------------------------------------------------------------------------
-def build_base(engine: str, name: str, mirror: str, packages: str = BASE_PACKAGES) -> dict:
+def build_base(engine: str, name: str, mirror: str, packages: str = BASE_PACKAGES, arch: str | None = None) -> dict:
+    """debootstrap (for another `arch`, e.g. arm64: emulated with qemu-user-static through binfmt_misc),
+    trim, import as `name`."""
     if shutil.which("debootstrap") is None:
         raise EngineError("debootstrap is not installed (Debian: apt-get install debootstrap)")
     if os.geteuid() != 0:
@@ -111,8 +113,9 @@ def build_base(engine: str, name: str, mirror: str, packages: str = BASE_PACKAGE
     work = Path(tempfile.mkdtemp(prefix="kestrel-base-"))
     rootfs = work / "rootfs"
     try:
-        log(f"debootstrap --variant=minbase --include={packages} {SUITE} ({mirror})")
-        run(["debootstrap", "--variant=minbase", f"--include={packages}", SUITE, str(rootfs), mirror],
+        arch_args = [f"--arch={arch}"] if arch else []
+        log(f"debootstrap --variant=minbase --include={packages} {' '.join(arch_args)} {SUITE} ({mirror})")
+        run(["debootstrap", "--variant=minbase", f"--include={packages}", *arch_args, SUITE, str(rootfs), mirror],
             stdout=subprocess.DEVNULL)
         untrimmed = _du(rootfs)
         for pattern in BASE_TRIM:
@@ -128,7 +131,7 @@ def build_base(engine: str, name: str, mirror: str, packages: str = BASE_PACKAGE
         run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."])
         log(f"importing {tarball.name} ({untrimmed / 1e6:.0f} MB debootstrapped, {trimmed / 1e6:.0f} MB "
             f"after trimming; Python {version}) as {name}")
-        _import(engine, tarball, name)
+        _import(engine, tarball, name, arch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - started
@@ -137,16 +140,19 @@ def build_base(engine: str, name: str, mirror: str, packages: str = BASE_PACKAGE
     return {"name": name, "bytes": size, "python": version, "seconds": round(seconds, 1)}
 
 
-def _import(engine: str, tarball: Path, name: str) -> None:
+def _import(engine: str, tarball: Path, name: str, arch: str | None = None) -> None:
     config = ["CMD [\"python3\"]", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "ENV LANG=C.UTF-8"]
     if engine in ("docker", "podman"):
         changes = [a for c in config for a in ("--change", c)]
-        run([engine, "import", *changes, str(tarball), name], stdout=subprocess.DEVNULL)
+        platform = ["--platform", f"linux/{arch}"] if arch else []
+        run([engine, "import", *platform, *changes, str(tarball), name], stdout=subprocess.DEVNULL)
         return
     ctr = output(["buildah", "from", "scratch"]).strip()
     try:
         run(["buildah", "add", "--quiet", ctr, str(tarball), "/"], stdout=subprocess.DEVNULL)
+        if arch:
+            run(["buildah", "config", "--arch", arch, ctr])
         run(["buildah", "config", "--cmd", "python3", "--env", "LANG=C.UTF-8",
              "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", ctr])
         run(["buildah", "commit", "--quiet", "--format", "docker", "--rm", ctr, name], stdout=subprocess.DEVNULL)
@@ -516,6 +522,8 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=["base", "build", "report", "engine"])
     p.add_argument("--engine", help="docker, podman or buildah (default: $KESTREL_ENGINE, else the first that works)")
     p.add_argument("--name", default=DEFAULT_BASE, help=f"base image name (default {DEFAULT_BASE})")
+    p.add_argument("--arch", help="base for another Debian architecture, e.g. arm64 (needs qemu-user-static "
+                   "registered in binfmt_misc)")
     p.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian"))
     p.add_argument("--tag", default=DEFAULT_TAG)
     p.add_argument("--base", default=None, help="BASE build-arg (default: the Dockerfile's, python:3.11-slim); "
@@ -532,7 +540,7 @@ def main(argv=None) -> int:
             print(engine)
             return 0
         if args.command == "base":
-            result = build_base(engine, args.name, args.mirror)
+            result = build_base(engine, args.name, args.mirror, arch=args.arch)
         elif args.command == "build":
             if args.base == "auto":
                 args.base = args.base_image if image_exists(engine, args.base_image) else None

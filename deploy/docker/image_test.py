@@ -48,7 +48,7 @@ import engine as eng  # noqa: E402  (deploy/docker/engine.py, beside this file)
 
 ROOT = eng.ROOT
 IMAGE_UID = 1000
-READY_WITHIN_S = 10.0
+READY_WITHIN_S = 10.0  # the issue's limit; --ready-within for an emulated architecture
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CLIENTS = 8
 
@@ -207,9 +207,25 @@ def triton_outputs(grpc_url: str, http_url: str, model: str, batches: list[np.nd
     return g_out, h_out
 
 
-def bit_equal(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-                                    for x, y in zip(a, b))
+def bit_equal(a: list[np.ndarray], b: list[np.ndarray], atol: float = 0.0) -> bool:
+    """Same dtype, shape and bytes; with atol > 0 (another CPU architecture), values within atol."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape
+        and (x.tobytes() == y.tobytes() if atol == 0 else bool(np.allclose(x, y, rtol=0, atol=atol)))
+        for x, y in zip(a, b))
+
+
+def same_answers(a, b, atol: float = 0.0) -> bool:
+    """Classify answers (timings removed) equal; with atol > 0, probabilities within atol."""
+    if atol == 0 or type(a) is not type(b):
+        return a == b
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_answers(a[k], b[k], atol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_answers(x, y, atol) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= atol
+    return a == b
 
 
 def metric_sum(text: str, name: str, model: str) -> float:
@@ -223,7 +239,7 @@ def metric_sum(text: str, name: str, model: str) -> float:
 # ---- SIGTERM under load ----------------------------------------------------------------------------
 def sigterm_under_load(container, grpc_url: str, http_url: str, ready_url: str, model: str, batch: np.ndarray,
                        expected: np.ndarray, photo: bytes, expected_classify: dict, drain: float,
-                       grace: float) -> dict:
+                       grace: float, atol: float = 0.0) -> dict:
     import tritonclient.grpc as grpcclient
 
     records: list[tuple] = []  # (kind, start, end, outcome) outcome: "ok", "wrong", or the error text
@@ -239,7 +255,7 @@ def sigterm_under_load(container, grpc_url: str, http_url: str, ready_url: str, 
             start = time.monotonic()
             try:
                 out = client.infer(model, [inp], client_timeout=60).as_numpy("probabilities")
-                outcome = "ok" if np.allclose(out, expected, rtol=0, atol=1e-5) else "wrong"
+                outcome = "ok" if np.allclose(out, expected, rtol=0, atol=max(atol, 1e-5)) else "wrong"
             except Exception as exc:  # noqa: BLE001 - recorded, judged below
                 outcome = f"error: {str(exc)[:120]}"
             with lock:
@@ -364,10 +380,11 @@ def run(args) -> dict:
         grpc_url = f"127.0.0.1:{container.host_port(ports['grpc'])}"
         metrics_url = f"http://127.0.0.1:{container.host_port(ports['metrics'])}/metrics"
         ready_url = http + ready_path
-        ready_s = wait_ready(ready_url, 120, container.process if runner == "buildah" else None)
+        ready_s = wait_ready(ready_url, max(120, 2 * args.ready_within),
+                             container.process if runner == "buildah" else None)
         results["ready_s"] = None if ready_s is None else round(ready_s, 2)
-        check(ready_s is not None and ready_s <= READY_WITHIN_S,
-              f"{ready_path} ready {results['ready_s']} s after the container's start (limit {READY_WITHIN_S:.0f} s)")
+        check(ready_s is not None and ready_s <= args.ready_within,
+              f"{ready_path} ready {results['ready_s']} s after the container's start (limit {args.ready_within:g} s)")
         done = container.exec(health_cmd)
         check(done.returncode == 0, f"the HEALTHCHECK command exits {done.returncode} inside the container")
         code, body = http_get(f"{http}/v2/models/{models[0]}/ready")
@@ -396,19 +413,23 @@ def run(args) -> dict:
             batches = [b for _, b in photos]
             img_g, img_h = triton_outputs(grpc_url, http.split("//")[1], model, batches)
             ref_g, ref_h = triton_outputs(host.grpc, host.http, model, batches)
-            check(bit_equal(img_g, ref_g) and bit_equal(img_h, ref_h) and bit_equal(img_g, img_h),
-                  f"{model}: gRPC and HTTP outputs bit-equal to the host's for {len(batches)} photos")
+            worst = max(float(np.abs(x - y).max()) for x, y in zip(img_g + img_h, ref_g + ref_h))
+            check(bit_equal(img_g, ref_g, args.atol) and bit_equal(img_h, ref_h, args.atol) and bit_equal(img_g, img_h),
+                  f"{model}: gRPC and HTTP outputs {'bit-equal' if args.atol == 0 else f'within {args.atol:g}'} "
+                  f"to the host's for {len(batches)} photos (max |diff| {worst:.2g})")
             compared += 4 * len(batches)
         results["bit_equal_requests"] = compared
 
         print("5. Classify", flush=True)
         photo_paths = [p for p, _ in load_photos(args.photos, (8, 8))]
         for model in [models[0]] + ensembles:
-            same = all(without_timings(classify_http(http, p.read_bytes(), model)) ==
-                       without_timings(classify_http(f"http://{host.http}", p.read_bytes(), model)) for p in photo_paths)
+            same = all(same_answers(without_timings(classify_http(http, p.read_bytes(), model)),
+                                    without_timings(classify_http(f"http://{host.http}", p.read_bytes(), model)),
+                                    args.atol) for p in photo_paths)
             check(same, f"HTTP /v1/classify {model}: the host's answers for {len(photo_paths)} photos")
         joined = ",".join(models)
-        check(classify_grpc(grpc_url, photo_paths, joined) == classify_grpc(host.grpc, photo_paths, joined),
+        check(same_answers(classify_grpc(grpc_url, photo_paths, joined), classify_grpc(host.grpc, photo_paths, joined),
+                           args.atol),
               f"gRPC Classify {joined}: the host's answers for {len(photo_paths)} photos")
 
         print("6. /metrics", flush=True)
@@ -426,7 +447,7 @@ def run(args) -> dict:
         expected = triton_outputs(host.grpc, host.http, models[0], [batch])[0][0]
         expected_classify = without_timings(classify_http(f"http://{host.http}", first.read_bytes(), models[0]))
         shutdown = sigterm_under_load(container, grpc_url, http, ready_url, models[0], batch, expected,
-                                      first.read_bytes(), expected_classify, drain, grace)
+                                      first.read_bytes(), expected_classify, drain, grace, args.atol)
         results["sigterm"] = {k: (len(v) if isinstance(v, list) and k != "error_kinds" else v)
                               for k, v in shutdown.items()}
         print(f"      {json.dumps(results['sigterm'])}", flush=True)
@@ -460,6 +481,10 @@ def main(argv=None) -> int:
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "photos")
     p.add_argument("--engine", help="docker, podman or buildah (as engine.py)")
     p.add_argument("--runner", help="docker, podman or buildah: what runs the image (default: the first that works)")
+    p.add_argument("--ready-within", type=float, default=READY_WITHIN_S, help="seconds (default %(default)s)")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="compare outputs within this absolute tolerance instead of bit for bit (an image for "
+                        "another CPU architecture, e.g. arm64 under qemu, computes with other kernels)")
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "image-test")
     p.add_argument("--json", type=Path, default=ROOT / ".cache" / "image-test.json")
     args = p.parse_args(argv)
