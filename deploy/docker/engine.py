@@ -4,6 +4,9 @@
     python3 deploy/docker/engine.py base  [--name localhost/debian-py:bookworm]   # make base-image
     python3 deploy/docker/engine.py build [--base NAME] [--tag kestrel:cpu]       # make image
     python3 deploy/docker/engine.py report [--tag kestrel:cpu] [--base NAME]      # sizes per layer
+    python3 deploy/docker/engine.py base --arch arm64 --name localhost/debian-py:bookworm-arm64   # qemu-user
+    python3 deploy/docker/engine.py build --platform linux/arm64 --base localhost/debian-py:bookworm-arm64 \
+        --tag kestrel:cpu-arm64
 
 The tool: $KESTREL_ENGINE (docker, podman or buildah) when set, else docker when its daemon answers,
 else buildah, else podman. Images are written in Docker's format (OCI has no HEALTHCHECK). buildah and
@@ -262,7 +265,6 @@ def _short(command: str, width: int = 96) -> str:
 
 def mounted(engine: str, name: str):
     """A context manager giving the image's root filesystem as a host path (buildah/podman: mount)."""
-    import contextlib
 
     @contextlib.contextmanager
     def _mount():

@@ -314,6 +314,8 @@ def sigterm_under_load(container, grpc_url: str, http_url: str, ready_url: str, 
     kill = kill_at[0]
     before = [r for r in records if r[1] < kill]
     in_flight = [r for r in before if r[2] > kill]
+    close = kill + drain  # the ports close after the drain delay: requests in flight then must still finish
+    in_flight_at_close = [r for r in records if r[1] < close < r[2] and r[3] == "ok"]
     after = [r for r in records if r[1] >= kill]
     errors = [r for r in records if r[3].startswith("error")]
     # an error is either the server's own answer while it shuts down (503 / UNAVAILABLE "shutting down") or
@@ -324,6 +326,7 @@ def sigterm_under_load(container, grpc_url: str, http_url: str, ready_url: str, 
     return {
         "exit_code": code, "exited_after_s": round(exited_after, 2), "not_ready_after_s": not_ready_after,
         "requests_before_sigterm": len(before), "in_flight_at_sigterm": len(in_flight),
+        "answered_in_flight_at_close": len(in_flight_at_close),
         "failed_before_sigterm": [r for r in before if r[3] != "ok"],
         "answered_after_sigterm": sum(1 for r in after if r[3] == "ok"),
         "wrong_answers": [r for r in records if r[3] == "wrong"],
@@ -401,7 +404,8 @@ def run(args) -> dict:
                  "    except OSError as exc:\n        print('DENIED', path, exc.strerror)\n")
         target = f"/mnt/models/{models[0]}/config.pbtxt"
         done = container.exec(["python", "-c", probe, target, f"/mnt/models/{models[0]}/new-file"])
-        print(f"      {done.stdout.strip()}", flush=True)
+        for line in done.stdout.strip().splitlines():
+            print(f"      {line}", flush=True)
         check(done.returncode == 0 and done.stdout.count("DENIED") == 2 and "WROTE" not in done.stdout,
               "the image's user can neither modify nor create files in /mnt/models")
 
