@@ -23,7 +23,8 @@ KERAS_HOME_COPY := 1
 endif
 endif
 
-.PHONY: install proto test test-all demo bench bench-smoke bench-triton clean keras-home scale-test
+.PHONY: install proto test test-all demo bench bench-smoke bench-triton clean keras-home scale-test \
+	base-image image image-repo image-test footprint arm64-wheels
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -97,6 +98,54 @@ bench-triton: install keras-home
 	$(TRITON_VENV)/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "$(ORT_PIN)" "numpy==1.26.4"
 	$(PY) -m benchmarks.triton_repo $(TRITON_VENV)
 	$(PY) -m benchmarks.vs_triton --repository $(REPO) --triton-venv $(TRITON_VENV) $(TRITON_ARGS)
+
+# ---- the serving image (deploy/docker): never part of `make test` (slow, needs root or a docker daemon) ----
+# `make base-image image image-test` on a machine without an image registry: the base from Debian's packages
+# (debootstrap, root), the image built with docker, or buildah/podman in chroot isolation, in Docker format.
+# ENGINE=docker|podman|buildah picks the tool; BASE=auto uses $(BASE_IMAGE) when it exists, else the
+# Dockerfile's python:3.11-slim (from a registry); BASE=NAME any other base.
+ENGINE     ?=
+IMAGE      ?= kestrel:cpu
+BASE_IMAGE ?= localhost/debian-py:bookworm
+BASE       ?= auto
+IMAGE_REPO ?= .cache/image-repo
+IMAGE_TOOL := $(PYTHON) deploy/docker/engine.py $(if $(ENGINE),--engine $(ENGINE))
+
+base-image:
+	$(IMAGE_TOOL) base --name $(BASE_IMAGE) --json .cache/image/base.json
+
+image:
+	$(IMAGE_TOOL) build --tag $(IMAGE) --base $(BASE) --base-image $(BASE_IMAGE) --json .cache/image/build.json
+
+# The demo's trio (+ the ensemble) exported into $(IMAGE_REPO) by whoever runs make (root here: "another
+# user" for the image's uid 1000); what exists is kept.
+image-repo: install keras-home
+	@for src in mobilenet_v2 mobilenet $(SHARED)/models/efficientnet_lite0/efficientnet_lite0.keras; do \
+	  name=$$(basename $$src .keras); \
+	  if [ -f $(IMAGE_REPO)/$$name/config.pbtxt ]; then continue; fi; \
+	  case $$src in *.keras) [ -f $$src ] || { echo "$$src is absent: $$name left out"; continue; };; esac; \
+	  echo "exporting $$name into $(IMAGE_REPO)"; \
+	  nice -n 10 $(PY) -m export $$src --repository $(IMAGE_REPO) --quiet || exit 1; \
+	done
+	@members=$$(for n in mobilenet_v2 mobilenet efficientnet_lite0; do [ -f $(IMAGE_REPO)/$$n/config.pbtxt ] && printf "%s," $$n; done); \
+	  [ -f $(IMAGE_REPO)/imagenet/config.pbtxt ] || $(PY) -m export.ensemble create "imagenet=$${members%,}" --repository $(IMAGE_REPO)
+
+# Runs $(IMAGE) with its ENTRYPOINT on $(IMAGE_REPO) mounted read-only and checks it against the host's
+# server (deploy/docker/image_test.py). Results: .cache/image-test.json
+image-test: install image-repo
+	$(PY) deploy/docker/image_test.py --image $(IMAGE) --repository $(IMAGE_REPO) --photos $(SHARED)/photos \
+		$(if $(ENGINE),--engine $(ENGINE))
+
+# Edge footprint (docs/benchmarks.md): installed size of kestrel[cpu], start-to-READY, idle RSS and RSS
+# under 8 clients, for the host install and the image. Results: .cache/footprint.json
+footprint: install image-repo
+	nice -n 10 $(PY) deploy/docker/footprint.py --repository $(IMAGE_REPO) --image $(IMAGE) --photos $(SHARED)/photos \
+		$(if $(ENGINE),--engine $(ENGINE)) $(FOOTPRINT_ARGS)
+
+# arm64 readiness without an arm64 machine: every pin of the serving install (base + cpu extra) has a
+# manylinux aarch64 wheel on PyPI (pip download --only-binary; needs PyPI, so not in `make test`).
+arm64-wheels:
+	$(PYTHON) deploy/docker/arm64_wheels.py
 
 clean:
 	rm -rf $(VENV) $(SCALE_VENV) $(TRITON_VENV) $(PROTO_OUT)/*_pb2*.py .cache

@@ -52,6 +52,7 @@ import numpy as np
 
 from serve import console
 from serve import images as simages
+from serve._files import staging_folder
 from serve._optional import available
 from serve.errors import ConfigError, KestrelError
 from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, RESIZE_PARAMETER, ModelEntry,
@@ -261,9 +262,8 @@ def interleaved_latency(runners: Sequence, image: np.ndarray, runs: int = DEFAUL
 # ---- repository entries, written atomically ------------------------------------------------
 def _staging_dir(repo: ModelRepository, name: str) -> Path:
     repo.root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=repo.root))
-    folder.chmod(0o755)  # mkdtemp makes it private; a model folder is as readable as its siblings
-    return folder
+    # mkdtemp's folder is private (0700): renamed into place it must be as readable as its siblings
+    return staging_folder(repo.root, f".tmp-{name}-")
 
 
 def stage_entry(repo: ModelRepository, base: ModelEntry, name: str, platform: str, *,

@@ -26,7 +26,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from . import datatypes, images
-from ._files import write_text_atomic
+from ._files import read_error, write_text_atomic
 from .errors import ConfigError, ModelNotFoundError
 
 # platform / backend name -> artifact file name
@@ -152,7 +152,7 @@ def read_config(path: Path):
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(read_error(path, exc)) from None
     try:
         return text_format.Parse(text, pb.ModelConfig())
     except text_format.ParseError as exc:
@@ -202,9 +202,18 @@ class ModelEntry:
     def versions(self) -> list[int]:
         """Numeric version folders that hold this platform's artifact, ascending."""
         found = []
-        for child in self.path.iterdir():
-            if child.is_dir() and child.name.isdigit() and (child / self.artifact_name).is_file():
-                found.append(int(child.name))
+        try:
+            children = list(self.path.iterdir())
+        except OSError as exc:
+            raise ConfigError(read_error(self.path, exc)) from None
+        for child in children:
+            if child.name.isdigit() and child.is_dir():
+                artifact = child / self.artifact_name
+                try:
+                    if artifact.is_file():
+                        found.append(int(child.name))
+                except OSError as exc:  # a version folder this user may not enter: say so, not "no version"
+                    raise ConfigError(read_error(artifact, exc)) from None
         return sorted(found)
 
     def policy_versions(self) -> list[int]:
@@ -259,7 +268,11 @@ class ModelEntry:
         path = self.path / label_file
         if not path.is_file():
             raise ConfigError(f"{self.path / CONFIG_FILE} names label file {label_file!r}, which does not exist")
-        return [line.rstrip("\n") for line in path.read_text().splitlines()]
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(read_error(path, exc)) from None
+        return [line.rstrip("\n") for line in text.splitlines()]
 
 
 def config_from_json(text: str, name: str):
@@ -306,6 +319,15 @@ def load_entry(folder: Path, config=None) -> ModelEntry:
     return entry
 
 
+def _has_config(folder: Path) -> bool:
+    """Does `folder` hold a config.pbtxt? A folder this user may not enter counts (loading it then says
+    which permission is missing) rather than vanishing from the repository."""
+    try:
+        return (folder / CONFIG_FILE).is_file()
+    except PermissionError:
+        return folder.is_dir()
+
+
 class ModelRepository:
     """A folder of model folders. Cheap to construct; entries are parsed on demand."""
 
@@ -315,7 +337,11 @@ class ModelRepository:
     def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file()), key=lambda p: p.name)
+        try:
+            children = list(self.root.iterdir())
+        except OSError as exc:
+            raise ConfigError(read_error(self.root, exc)) from None
+        return sorted((p for p in children if _has_config(p)), key=lambda p: p.name)
 
     def names(self) -> list[str]:
         """Names of all model folders (a config.pbtxt that is not an ensemble's), sorted."""
@@ -339,7 +365,7 @@ class ModelRepository:
     def entry(self, name: str, config=None) -> ModelEntry:
         """The model `name`, parsed and checked (`config`: a ModelConfig used instead of its config.pbtxt)."""
         folder = self.folder(name)
-        if not (folder / CONFIG_FILE).is_file() and config is None:
+        if not _has_config(folder) and config is None:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFoundError(f"model '{name}' is not in repository {self.root} (models there: {known})")
         return load_entry(folder, config)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from serve import images as image_io
+from serve._files import atomic_open
 from serve.repository import TensorSpec
 
 CACHE_FORMAT = 1
@@ -250,17 +251,11 @@ class FeatureStore:
     def _save(self, path: Path, features: Features, view: str, paths: list[Path]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         index = {str(p): i for i, p in enumerate(paths)}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, values=features.values, kept=features.kept,
-                         # undecodable files by index: the cache stays valid for a copied dataset
-                         skipped=np.asarray(json.dumps([(index[p], p, reason) for p, reason in features.skipped])),
-                         meta=np.asarray(json.dumps({**self._extractor_key(), "view": view})))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as fh:  # a shared cache: mode 0644 (umask 022), not mkstemp's 0600
+            np.savez(fh, values=features.values, kept=features.kept,
+                     # undecodable files by index: the cache stays valid for a copied dataset
+                     skipped=np.asarray(json.dumps([(index[p], p, reason) for p, reason in features.skipped])),
+                     meta=np.asarray(json.dumps({**self._extractor_key(), "view": view})))
 
 
 def convert_to_onnx(model, path: Path) -> Path:

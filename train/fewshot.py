@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from serve import console
+from serve._files import write_text_atomic
 from serve.errors import ConfigError, KestrelError
 
 
@@ -167,10 +168,7 @@ def run(args) -> dict:
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)  # mode 0644 (umask 022), not mkstemp's 0600
 
 
 def parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve._files import write_text_atomic
 from serve.errors import ConfigError
 from serve.images import DEFAULT_RESIZE as TRAIN_RESIZE  # how train decodes every image
 from serve.repository import validate_name
@@ -530,11 +531,7 @@ def _write_outputs(options, model, classes, report, evaluation, curves, phases, 
 
 
 def _rewrite_report(result: TrainResult, report: dict) -> None:
-    path = result.report_path
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-report-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(data_lib.dumps(report))
-    os.replace(tmp, path)
+    write_text_atomic(result.report_path, data_lib.dumps(report))  # mode 0644 (umask 022), not mkstemp's 0600
     result.report = report
 
 

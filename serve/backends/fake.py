@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import read_error
 from ..errors import ConfigError, ModelLoadError
 from ..repository import PLATFORM_FAKE, ModelEntry, TensorSpec, make_config, write_config
 from .base import Runner
@@ -85,7 +86,9 @@ class FakeRunner(Runner):
         path = entry.artifact(version)
         try:
             settings = json.loads(path.read_text() or "{}")
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise ModelLoadError(f"fake model '{entry.name}': {read_error(path, exc)}") from None
+        except ValueError as exc:
             raise ModelLoadError(f"fake model '{entry.name}': cannot read {path}: {exc}") from None
         if not isinstance(settings, dict):
             raise ModelLoadError(f"fake model '{entry.name}': {path} must hold a JSON object, got {settings!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import check_readable
 from .._optional import require
 from ..errors import ConfigError, ModelLoadError
 from ..repository import ModelEntry, TensorSpec
@@ -46,6 +47,9 @@ class KerasRunner(Runner):
         keras = require("keras", "the Keras backend")
         if not self.path.is_file():
             raise ModelLoadError(f"model '{self.name}': {self.path} does not exist")
+        unreadable = check_readable(self.path)
+        if unreadable:
+            raise ModelLoadError(f"model '{self.name}': {unreadable}")
         try:
             model = keras.saving.load_model(str(self.path), compile=False, safe_mode=True)
         except Exception as exc:  # Keras raises many types for unreadable files

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import check_readable
 from .._optional import require
 from ..errors import ModelLoadError
 from ..repository import ModelEntry, TensorSpec
@@ -94,6 +95,9 @@ class OnnxRuntimeRunner(Runner):
         ort = require("onnxruntime", "the onnxruntime backend")
         if not self.path.is_file():
             raise ModelLoadError(f"model '{self.name}': {self.path} does not exist")
+        unreadable = check_readable(self.path)  # onnxruntime's own message would not say why
+        if unreadable:
+            raise ModelLoadError(f"model '{self.name}': {unreadable}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = self.intra_op_threads or int(os.environ.get("KESTREL_ORT_THREADS", "0") or 0)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import write_text_atomic
+from .._files import check_readable, read_error, write_text_atomic
 from .._optional import require
 from ..errors import (BackendError, EngineMismatchError, MissingDependencyError, ModelLoadError,
                       ServerUnavailableError)
@@ -124,7 +124,9 @@ def read_metadata(plan: str | Path) -> EngineMetadata:
         )
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise ModelLoadError(f"engine metadata: {read_error(path, exc)}") from None
+    except ValueError as exc:
         raise ModelLoadError(f"{path}: cannot read engine metadata: {exc}") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -240,6 +242,9 @@ class TensorRTRunner(Runner):
     def _load(self) -> None:
         if not self.path.is_file():
             raise ModelLoadError(f"model '{self.name}': {self.path} does not exist")
+        unreadable = check_readable(self.path)
+        if unreadable:
+            raise ModelLoadError(f"model '{self.name}': {unreadable}")
         self.metadata = read_metadata(self.path)
         trt = require("tensorrt", "TensorRT engines")
         rt = cudart()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from repo_modes import assert_readable_by_others
 from serve import images
 from serve.backends.fake import fake_probabilities, write_fake_model
 from serve.ensemble import Ensemble, fit_temperature
@@ -73,6 +74,7 @@ def test_create_fit_show_and_evaluate(tmp_path, python_env):
 
     shown = _run(["show", "pair", "--repository", str(repo)], python_env)
     assert shown.returncode == 0 and "a,b:geometric T=" in shown.stdout and "fitted on" in shown.stdout
+    assert_readable_by_others(repo)  # the ensemble's config (created, then fitted) is 0644 like the models'
 
     evaluated = subprocess.run(
         [sys.executable, "-m", "export.evaluate", str(data), "--repository", str(repo), "--ensemble", "pair",

@@ -15,6 +15,7 @@ from keras_helpers import calibrated_application, cli, float64_probabilities, la
 from keras_helpers import tiny_keras_classifier as tiny_classifier
 
 from export import pipeline
+from repo_modes import assert_readable_by_others
 from export.parity import ParityError
 from serve.repository import ModelRepository
 
@@ -230,6 +231,14 @@ def exported_tiny(repository):
     before = _snapshot(repository)
     assert "tiny/1/model.onnx" in before and "tiny_keras/1/model.keras" in before
     return repository, before
+
+
+def test_exported_files_are_readable_by_a_server_running_as_another_user(exported_tiny, labels_file):
+    repository, _ = exported_tiny
+    assert assert_readable_by_others(repository) >= 6  # configs, labels, model.onnx/.keras, reports
+    pipeline.export_model(tiny_classifier(uint8=True, seed=1), name="tiny", repository=repository,
+                          labels=["x", "y", "z"], progress=False)  # a re-export replaces folders: same modes
+    assert_readable_by_others(repository)
 
 
 def test_failed_parity_leaves_previous_model(exported_tiny):

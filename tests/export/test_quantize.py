@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 from export import optimize as opt  # noqa: E402
 from export import quantize as quant  # noqa: E402
 
+from repo_modes import assert_readable_by_others  # noqa: E402
 from onnx_helpers import SIZE, image_folder, tiny_classifier, tiny_onnx, tiny_repo, write_image_folders  # noqa: E402,F401
 
 
@@ -305,6 +306,7 @@ def test_optimize_builds_int8_and_fp16_entries(tiny_repo, image_folder):
     cal = json.loads((tiny_repo / "tiny_int8" / "accuracy.json").read_text())["calibration"]
     assert cal["images_used"] == 48 and cal["images_skipped"] == 1
     assert not [p for p in tiny_repo.iterdir() if p.name.startswith(".")]  # no staging left over
+    assert_readable_by_others(tiny_repo)  # 0644 / 0755: a server running as another user reads the variants
     # an existing entry is kept unless --force
     with pytest.raises(ConfigError, match="already exists"):
         opt.optimize(tiny_repo, "tiny", precisions="fp16", progress=False, log=lambda *_: None)

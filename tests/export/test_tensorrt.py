@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from export import tensorrt as trt_build
+from repo_modes import wrong_modes
 from serve.backends.tensorrt import DeviceInfo, read_metadata
 from serve.errors import ConfigError
 
@@ -180,6 +181,8 @@ def test_build_engine_call_sequence(tmp_path, monkeypatch):
     assert plan.read_bytes() == b"PLAN" and result.bytes == 4
     assert read_metadata(plan).precision == "int8" and read_metadata(plan).profile == {"min": 1, "opt": 2, "max": 4}
     assert cache.read_bytes() == b"old+new"  # the cache is loaded, extended and saved
+    # plan, sidecar (atomic) and timing cache (atomic): 0644 like open()'s files
+    assert wrong_modes(tmp_path / "m") == {} and wrong_modes(cache.parent) == {}
     assert rec.calls == [
         ("network", 0), ("parse", "model.onnx"), ("pool", "WORKSPACE", 512 << 20), ("flag", "INT8"), ("flag", "FP16"),
         ("add_profile", ("images", (1, 16, 16, 3), (2, 16, 16, 3), (4, 16, 16, 3))),

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from repo_modes import assert_readable_by_others
 from serve.errors import ConfigError
 from train import data as data_lib
 from train import fewshot
@@ -252,3 +253,11 @@ def test_int8_keeps_the_entry_layers_of_every_branch_in_float(tmp_path):
     kept = int8_lib.branch_entry_nodes(path)
     assert set(kept) == {"m/flip_width_last_1/transpose", "a/conv1", "a/relu1", "a/depthwise", "a/relu2",
                          "b/conv1", "b/relu1", "b/depthwise", "b/relu2"}
+
+
+@pytest.mark.timeout(900)
+def test_train_export_writes_files_another_users_server_can_read(int8_run):
+    """train --export (and its INT8 variant) into the repository, and the training outputs (report.json is
+    rewritten atomically after the export): 0644 files and 0755 folders, no temporary files left."""
+    assert assert_readable_by_others(int8_run["work"] / "models") >= 8  # tiny, tiny_keras, tiny_int8
+    assert assert_readable_by_others(int8_run["work"] / "out") >= 3
