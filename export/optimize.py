@@ -52,7 +52,7 @@ import numpy as np
 
 from serve import console
 from serve import images as simages
-from serve._files import staging_folder
+from serve._files import publish_folder, staging_folder
 from serve._optional import available
 from serve.errors import ConfigError, KestrelError
 from serve.repository import (LABELS_FILE, PLATFORM_ONNX, PLATFORM_TENSORRT, RESIZE_PARAMETER, ModelEntry,
@@ -286,15 +286,11 @@ def stage_entry(repo: ModelRepository, base: ModelEntry, name: str, platform: st
 def commit_entry(repo: ModelRepository, staging: Path, name: str, *, force: bool) -> Path:
     """Rename `staging` to the entry's folder; an existing entry is replaced only with force."""
     target = repo.folder(name)
-    if target.exists():
-        if not force:
-            raise ConfigError(f"{target} already exists; pass --force to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=repo.root))
-        os.replace(target, old / name)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    if target.exists() and not force:
+        raise ConfigError(f"{target} already exists; pass --force to replace it")
+    previous = publish_folder(staging, target)  # in one step: a polling server never sees half a model
+    if previous is not None:
+        shutil.rmtree(previous.parent if previous.parent.name.startswith(".old-") else previous, ignore_errors=True)
     return target
 
 

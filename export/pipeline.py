@@ -39,6 +39,7 @@ import numpy as np
 
 from serve import images as image_lib
 from serve import repository as repo_lib
+from serve._files import publish_folder
 from serve.errors import ConfigError, KestrelError, ModelLoadError
 
 from . import applications, contract, labels as labels_lib
@@ -224,12 +225,15 @@ def _versions() -> dict[str, str]:
 
 
 def _replace_folder(new: Path, dest: Path, backup_dir: Path) -> Path | None:
-    """Rename `new` to `dest`; an existing `dest` is first moved into `backup_dir` (returned)."""
-    backup = None
-    if dest.exists():
-        backup = backup_dir / f"previous-{dest.name}"
-        os.replace(dest, backup)
-    os.replace(new, dest)
+    """Publish `new` at `dest` in one step (serve._files.publish_folder: a polling server never sees half a
+    model); the previous `dest`, if any, is moved into `backup_dir` (returned, to put back on failure)."""
+    previous = publish_folder(new, dest)
+    if previous is None:
+        return None
+    backup = backup_dir / f"previous-{dest.name}"
+    os.replace(previous, backup)
+    if previous.parent.name.startswith(".old-"):  # the fallback's own folder
+        shutil.rmtree(previous.parent, ignore_errors=True)
     return backup
 
 

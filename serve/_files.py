@@ -81,6 +81,42 @@ def staging_folder(parent: str | Path, prefix: str) -> Path:
     return folder
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # a kernel or file system without it: the two-step fallback
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def publish_folder(new: str | Path, dest: str | Path) -> Path | None:
+    """Put the complete folder `new` at `dest` in one step, so that a server polling the repository sees the
+    old folder or the new one, never neither nor half of one. An existing `dest` is swapped out (Linux
+    renameat2 RENAME_EXCHANGE; elsewhere moved aside, then `new` renamed: a moment without it) and its
+    path returned, for the caller to delete (or to put back); None when `dest` did not exist."""
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.replace(new, dest)
+        return None
+    if _exchange(new, dest):
+        return new  # the previous folder, now where `new` was
+    backup = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent)) / dest.name
+    os.replace(dest, backup)
+    os.replace(new, dest)
+    return backup
+
+
 # ---- reading: say which file and which permission ----------------------------------------------
 _EFFECTIVE = os.access in os.supports_effective_ids
 

@@ -10,7 +10,8 @@ folder: path, size, modification time). A change is acted on only once two looks
 files, so a version copied file by file (rsync, cp, a slow network volume) is never loaded half-copied:
   - a model whose files changed and then stayed the same for one more look is loaded again (the registry
     reloads only the versions whose content changed, and keeps serving the others meanwhile);
-  - a new model folder is loaded; a model folder that disappeared is unloaded (its requests finish);
+  - a new model folder is loaded; a model folder missing from two looks in a row is unloaded (its
+    requests finish);
   - a version folder that disappeared leaves as the version policy says (drained, then closed);
   - ensembles defined in the repository follow their folders the same way.
 Kestrel's own writers (export, optimize, train --export) publish a version as a whole (a staging folder
@@ -104,6 +105,9 @@ class RepositoryPoller:
                 self._applied[name] = sig
                 done.append(self._load(name))
             for name in sorted(set(self._applied) - present):
+                if self._seen.get(name) != ():  # gone since this look: make sure with the next one
+                    self._seen[name] = ()
+                    continue
                 self._applied.pop(name, None)
                 self._seen.pop(name, None)
                 done.append(self._unload(name))

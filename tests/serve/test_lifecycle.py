@@ -777,3 +777,28 @@ def test_kestrel_models_lists_loads_and_unloads(explicit_server, capsys):
     assert "cli" not in capsys.readouterr().out.replace("cli: unloaded", "")
     assert main(address + ["load", "missing"]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_poll_mode_follows_whole_models_appearing_and_disappearing(tmp_path):
+    from serve import create_server
+
+    repo = tmp_path / "repo"
+    write_fake_model(repo, "first", classes=CLASSES)
+    server, _ = create_server(repo, port=0, metrics_port=None, control_mode="poll", poll_secs=3600)
+    poller, client = server.poller, GrpcClient(server.port)
+    try:
+        write_fake_model(repo, "second", classes=CLASSES, seed=2)
+        assert poller.poll_once() == []
+        assert poller.poll_once() == ["load second"]
+        assert client.infer("second").code == "OK"
+        import shutil
+
+        shutil.rmtree(repo / "second")
+        assert poller.poll_once() == []  # missing from one look: perhaps a folder being replaced
+        assert client.infer("second").code == "OK"
+        assert poller.poll_once() == ["unload second"]
+        assert client.infer("second").code in ("UNAVAILABLE", "NOT_FOUND")
+        assert client.infer("first").code == "OK"
+    finally:
+        client.close()
+        server.stop(1)

@@ -91,3 +91,43 @@ def test_write_config_replaces_the_file_instead_of_rewriting_it(tmp_path):
     assert shared.read_text() == before  # the other name still holds the old config
     assert repo.ModelRepository(tmp_path).entry("m1").max_batch_size == 4
     assert sorted(p.name for p in folder.iterdir()) == ["1", repo.CONFIG_FILE, repo.LABELS_FILE]  # no temp left
+
+
+def test_publish_folder_swaps_a_model_folder_in_one_step(tmp_path):
+    """Kestrel's writers publish a model folder whole: at every moment the folder holds the old files or the
+    new ones (a reader polling it never finds it missing or mixed); the previous one is handed back."""
+    import threading
+
+    from serve._files import publish_folder
+
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "config.pbtxt").write_text("old")
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                seen.add((dest / "config.pbtxt").read_text())
+            except OSError:
+                seen.add("missing")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(200):
+            new = tmp_path / f".tmp-m-{i}"
+            new.mkdir()
+            (new / "config.pbtxt").write_text(f"new {i}")
+            previous = publish_folder(new, dest)
+            assert previous is not None and previous.is_dir()
+            import shutil
+
+            shutil.rmtree(previous.parent if previous.parent.name.startswith(".old-") else previous)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert (dest / "config.pbtxt").read_text() == "new 199"
+    assert "missing" not in seen  # renameat2 RENAME_EXCHANGE on Linux: never a moment without the folder
+    fresh = tmp_path / "fresh"
+    assert publish_folder(dest, fresh) is None and (fresh / "config.pbtxt").is_file()
