@@ -331,6 +331,29 @@ def not_loaded(name: str, version: str, loaded: list[str]) -> str:
     return f"model '{name}' has no version {which} loaded; loaded versions: {', '.join(loaded) or 'none'}"
 
 
+def trim_heap() -> None:
+    """Give the heap memory a closed version freed back to the system (glibc's malloc_trim). A closed
+    onnxruntime session frees its buffers, but glibc keeps them in its arenas: without this, RSS grew
+    with every load/unload cycle (mobilenet_v2: 150 -> 217 MB over 190 cycles; with it, flat)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        import gc
+
+        gc.collect()
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 StartVersion = Callable[[ModelEntry, int, object], tuple]  # (entry, version, stats) -> (runner, batcher)
 
 
@@ -743,8 +766,12 @@ class ModelRegistry:
         except Exception as exc:  # noqa: BLE001 - a close that fails must not stop the others
             log.warning("model %s version %s: close failed: %s: %s", version.name, version.label,
                         type(exc).__name__, exc)
+        if version.stats is not None and batcher is not None and hasattr(version.stats, "unwatch_queue"):
+            version.stats.unwatch_queue(batcher)
         version.state, version.reason = UNAVAILABLE, why
         version.batcher = version.runner = None
+        batcher = runner = None
+        trim_heap()
         version.closed.set()
 
     def close(self, deadline: float | None = None) -> None:
