@@ -71,8 +71,8 @@ class BatchResult:
 class Pending:
     """A submitted request: `result(timeout)` blocks until its batch ran (or failed)."""
 
-    __slots__ = ("batch", "size", "shape", "deadline", "arrival", "cancelled", "alone", "_done", "_result",
-                 "_error")
+    __slots__ = ("batch", "size", "shape", "deadline", "arrival", "cancelled", "alone", "_done", "_waiter",
+                 "_result", "_error")
 
     def __init__(self, batch: np.ndarray, deadline: float | None):
         self.batch = batch
@@ -82,12 +82,16 @@ class Pending:
         self.arrival = time.monotonic()
         self.cancelled = False
         self.alone = False  # arrived while nothing else was outstanding
-        self._done = threading.Event()
+        self._done = False
+        # held until the request is finished: waiting is acquiring it (a bare lock: one wake-up, no
+        # Condition machinery, on the path every request takes twice)
+        self._waiter = threading.Lock()
+        self._waiter.acquire()
         self._result: BatchResult | None = None
         self._error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def cancel(self) -> None:
         """The caller no longer wants the result: if still queued, it is not run."""
@@ -96,10 +100,11 @@ class Pending:
     def _finish(self, result: BatchResult | None = None, error: BaseException | None = None) -> bool:
         """Set the outcome once (True); a later call (a worker finishing after shutdown failed it) is ignored."""
         with _FINISH_LOCK:
-            if self._done.is_set():
+            if self._done:
                 return False
             self._result, self._error = result, error
-            self._done.set()
+            self._done = True
+        self._waiter.release()
         return True
 
     def result(self, timeout: float | None = None) -> BatchResult:
@@ -107,7 +112,7 @@ class Pending:
         if self.deadline is not None:
             left = max(0.0, self.deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
-        if not self._done.wait(timeout):
+        if not self._done and not self._wait(timeout):
             self.cancelled = True
             raise DeadlineExceededError(
                 f"request for {self.size} image(s) did not finish within its deadline "
@@ -116,6 +121,13 @@ class Pending:
         if self._error is not None:
             raise self._error
         return self._result
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until finished (True) or `timeout` seconds passed (False); any number of waiters."""
+        if not self._waiter.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return self._done
+        self._waiter.release()  # let other waiters (and later calls) through
+        return True
 
 
 class _ErrorLog:

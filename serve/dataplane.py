@@ -23,6 +23,7 @@ each to its gRPC code and HTTP status. Nothing here imports grpc or an HTTP libr
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import logging
 import threading
 import time
@@ -151,7 +152,7 @@ def input_array(model: str, spec, inputs: Sequence[InferInput], max_batch_size: 
     if max_batch_size and shape[0] > max_batch_size:
         raise InvalidInputError(f"model '{model}': received a batch of {shape[0]}, expected at most "
                                 f"max_batch_size={max_batch_size}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if tensor.raw is not None:
         want = count * dtype.itemsize
         if len(tensor.raw) != want:

@@ -197,6 +197,19 @@ class ModelStats:
         self.fail_reasons: dict[str, int] = {}  # Triton's failure reasons -> requests
         self.version = version  # Triton's `version` label
         self._depth = self._depth_owner = None
+        # the Prometheus children this model writes on every request, looked up once (labels() takes a lock
+        # and builds a key each call)
+        self._per_api: dict[str, tuple] = {}
+        self._batch_size = metrics.batch_size.labels(name)
+        self._compute = metrics.compute_latency.labels(name)
+        self._queue_hist = metrics.queue_latency.labels(name)
+
+    def _api(self, api: str) -> tuple:
+        children = self._per_api.get(api)
+        if children is None:
+            children = self._per_api[api] = (self._m.requests.labels(self.name, api),
+                                             self._m.request_latency.labels(self.name, api))
+        return children
 
     def watch_queue(self, depth, owner=None) -> None:
         """Report `depth()` (this version's requests waiting) as Triton's pending count at each scrape;
@@ -213,11 +226,11 @@ class ModelStats:
         return int(self._depth()) if self._depth is not None else 0
 
     def received(self, api: str) -> None:
-        self._m.requests.labels(self.name, api).inc()
+        self._api(api)[0].inc()
 
     def finished(self, api: str, seconds: float, code: str | None = None) -> None:
         """A request ended: `code` is None on success, else the gRPC status name."""
-        self._m.request_latency.labels(self.name, api).observe(seconds)
+        self._api(api)[1].observe(seconds)
         with self._lock:
             (self.success if code is None else self.fail).add(seconds)
             if code is not None:
@@ -228,9 +241,9 @@ class ModelStats:
 
     def batch(self, size: int, compute_s: float, queue_s: list[float]) -> None:
         """A batch of `size` images ran in `compute_s`; its requests had waited `queue_s`."""
-        self._m.batch_size.labels(self.name).observe(size)
-        self._m.compute_latency.labels(self.name).observe(compute_s)
-        queue_hist = self._m.queue_latency.labels(self.name)
+        self._batch_size.observe(size)
+        self._compute.observe(compute_s)
+        queue_hist = self._queue_hist
         for wait in queue_s:
             queue_hist.observe(wait)
         with self._lock:

@@ -18,6 +18,7 @@ probabilities; `ModelEntry.input_spec` / `output_spec` describe them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,11 +182,13 @@ class ModelEntry:
     def max_batch_size(self) -> int:
         return int(self.config.max_batch_size)
 
-    @property
+    # an entry's config is not changed once loaded (a new load makes a new entry): its specs are read once,
+    # not on each of the several reads every request makes
+    @functools.cached_property
     def input_spec(self) -> TensorSpec:
         return _spec(self.config.input[0])
 
-    @property
+    @functools.cached_property
     def output_spec(self) -> TensorSpec:
         return _spec(self.config.output[0])
 
