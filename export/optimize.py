@@ -675,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.quiet_native_logs()
+    console.quiet_onnxruntime_logs()  # onnxruntime's own warnings (unused initializers ...), unless --verbose
     try:
         keep = tuple(r for r in args.keep_float.split(",") if r and r != "none")
         qoptions = quant.QuantizeOptions(

@@ -128,6 +128,7 @@ def options_from_args(args):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
+    console.quiet_onnxruntime_logs()  # onnxruntime's own warnings (unused initializers ...), unless --verbose
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices from predict()
     from .int8 import Int8GateError
 
