@@ -85,6 +85,9 @@ class TrainOptions:
     precision: str = "fp32"  # "int8": also the gated INT8 variant (implies export)
     int8_min_ratio: float = 0.99
     calibration_method: str = "percentile"  # export.quantize's: percentile, minmax, entropy
+    # training photos the INT8 variant is calibrated on (at most; classes interleaved): on flower_photos 150 gave
+    # the same test accuracy as 300 (0.940 vs 0.933, one photo) in half the calibration time (train/README.md)
+    calibration_images: int = 150
     latency_runs: int = 30
     force: bool = False
 
@@ -153,6 +156,8 @@ class TrainOptions:
         if self.flip_tta and self.fine_tune_layers:
             raise ConfigError("--flip-tta with --fine-tune-layers: not supported (the fine-tuned top is trained on "
                               "single views); use one of them")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration-images {self.calibration_images}: expected a positive number, e.g. 300")
         if self.calibration_method not in ("percentile", "minmax", "entropy"):
             raise ConfigError(f"--calibration-method {self.calibration_method}: expected percentile, minmax or "
                               "entropy")
@@ -362,7 +367,7 @@ def train(options: TrainOptions) -> TrainResult:
         _rewrite_report(result, report)
 
     if options.precision == "int8":
-        from export.quantize import QuantizeOptions
+        from export.quantize import DEFAULT_MIN_IMAGES, QuantizeOptions
 
         from . import int8 as int8_lib
 
@@ -375,7 +380,9 @@ def train(options: TrainOptions) -> TrainResult:
                 q = int8_lib.build_int8(options.repository, options.name, calibration=train_paths,
                                         test_images=pixels, test_labels=y_test, min_ratio=options.int8_min_ratio,
                                         force=options.force, latency_runs=options.latency_runs,
-                                        quantize_options=QuantizeOptions(method=options.calibration_method),
+                                        quantize_options=QuantizeOptions(
+                                            method=options.calibration_method, max_images=options.calibration_images,
+                                            min_images=min(DEFAULT_MIN_IMAGES, options.calibration_images)),
                                         progress=options.progress, log=say)
             except int8_lib.Int8GateError as exc:
                 q, failure = exc.report, exc
