@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from serve import console
@@ -89,6 +91,20 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+OFFLINE_KERAS_HOME = CHECKOUT / ".cache" / "keras_home"  # the Makefile's writable copy of ../shared/keras_home
+
+
+def use_offline_keras_home() -> Path | None:
+    """With KERAS_HOME unset, point Keras at the checkout's .cache/keras_home when `make demo` (or `make keras-home`)
+    made it, as every make target does: the README's commands then find the offline ImageNet weights in a new shell
+    too, not only under make. Returns the folder used, or None (KERAS_HOME set, or no such folder)."""
+    if os.environ.get("KERAS_HOME") or not (OFFLINE_KERAS_HOME / "models").is_dir():
+        return None
+    os.environ["KERAS_HOME"] = str(OFFLINE_KERAS_HOME)  # subprocesses (the demo's export and server) inherit it
+    return OFFLINE_KERAS_HOME
+
+
 def _load(command: Command, prog: str):
     try:
         module = importlib.import_module(command.module)
@@ -151,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {name!r}{hint} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     console.set_verbose(verbose)
+    use_offline_keras_home()
     console.quiet_native_logs()
     command, prog = COMMANDS[name], f"kestrel {name}"
     if name == "bench" and rest and rest[0] in BENCH_TOOLS:
