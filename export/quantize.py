@@ -480,8 +480,9 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         if (calibration_cache is None and options.method == "percentile" and options.fast_calibration
                 and size <= EXTERNAL_DATA_BYTES):
             try:  # the quantile from each tensor's top values, found in the graph (export/calibrate.py): minutes -> seconds
-                ranges = calibrate.percentile_ranges(prepared, images, input_name=input_name,
-                                                     percentile=float(options.percentile), op_types=options.op_types)
+                ranges = calibrate.percentile_ranges(
+                    prepared, images, input_name=input_name, percentile=float(options.percentile),
+                    op_types=options.op_types, first_pass=extra.get("CalibStridedMinMax", len(images)))
                 calibration_cache = calibrate.write_cache(ranges, Path(tmp) / "calibration.json")
             except ValueError:  # too many values to keep (a low percentile), or a graph it cannot tap: onnxruntime's
                 calibration_cache = None

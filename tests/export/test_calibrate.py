@@ -1,6 +1,6 @@
-"""export/calibrate.py: percentile ranges from in-graph top values equal the exact quantile of every activation,
-stay within a histogram bin of onnxruntime's own calibrator, and quantize() falls back to onnxruntime's when the
-values to keep would not fit."""
+"""export/calibrate.py: percentile ranges from in-graph top values are the quantile of every activation rounded
+to its bin's edge on onnxruntime's histogram grid, equal onnxruntime's own calibrator's, and quantize() falls back
+to onnxruntime's when the values to keep would not fit."""
 
 from __future__ import annotations
 
@@ -58,19 +58,34 @@ def test_quantile_rank_is_the_smallest_value_with_percentile_below_or_at_it():
 
 
 @pytest.mark.parametrize("percentile", [99.0, 99.9, 99.999])
-def test_ranges_are_the_exact_quantile_of_every_activation(prepared, images, percentile):
-    ranges = calibrate.percentile_ranges(prepared, images, percentile=percentile, batch=3)
+def test_ranges_are_the_quantile_of_every_activation_at_its_histogram_bins_edge(prepared, images, percentile):
+    """First pass 7 images, batches of 3 (never across the pass): the grid comes from images 0-6 only."""
+    ranges = calibrate.percentile_ranges(prepared, images, percentile=percentile, batch=3, first_pass=7)
     tensors = list(ranges)
     assert tensors == calibrate.select_tensors(onnx.shape_inference.infer_shapes(onnx.load(str(prepared))),
                                                calibrate.default_op_types())
     assert len(tensors) >= 8  # convs, activations, add, matmul... of the tiny classifier
     values = _activations(prepared, tensors, images)
+    first = _activations(prepared, tensors, images[:7])
     for name in tensors:
-        v = values[name]
+        v, a = values[name], np.abs(values[name])
         k = calibrate.quantile_rank(v.size, percentile)
-        q = np.sort(np.abs(v))[v.size - k]
-        assert ranges[name] == (max(-q, v.min()), min(q, v.max())), name
+        q = np.sort(a)[v.size - k]
         assert math.ceil(v.size * percentile / 100) - 1 == v.size - k  # the ascending index of the quantile
+        edges = np.histogram_bin_edges(np.abs(first[name]), bins=calibrate.NUM_BINS).astype(np.float32)
+        if a.max() > edges[-1]:
+            width = edges[1] - edges[0]
+            edges = np.hstack((edges, np.arange(edges[-1] + width, a.max() + width, width, dtype=np.float32)))
+        edge = edges[min(np.searchsorted(edges, q, side="right") - 1, len(edges) - 2)]
+        assert edge <= q and (q - edge) <= (edges[1] - edges[0]) * 1.001
+        assert ranges[name] == (max(-edge, v.min()), min(edge, v.max())), name
+
+
+def test_histogram_edge_rounds_down_to_the_grid_and_extends_it():
+    assert calibrate.histogram_edge(5.0, 0.0, 2048.0, 2048.0) == 5.0  # bins of 1: an edge
+    assert calibrate.histogram_edge(5.7, 0.0, 2048.0, 2048.0) == 5.0
+    assert calibrate.histogram_edge(2048.0, 0.0, 2048.0, 2048.0) == 2047.0  # the last bin is closed
+    assert calibrate.histogram_edge(3000.5, 0.0, 2048.0, 3100.0) == 3000.0  # grid grown by bins of 1
 
 
 def test_ranges_agree_with_onnxruntimes_histogram_calibrator(prepared, images):
@@ -85,25 +100,32 @@ def test_ranges_agree_with_onnxruntimes_histogram_calibrator(prepared, images):
     assert set(ours) == set(data.keys())
     for name, (low, high) in ours.items():
         their_low, their_high = (float(x) for x in data[name].range_value)
-        bin_width = max(abs(their_low), abs(their_high), abs(low), abs(high)) / 2048
-        assert abs(high - their_high) <= 2 * bin_width + 1e-6, name
-        assert abs(low - their_low) <= 2 * bin_width + 1e-6, name
+        assert high == pytest.approx(their_high, rel=1e-5, abs=1e-6), name
+        assert low == pytest.approx(their_low, rel=1e-5, abs=1e-6), name
 
 
-def test_quantize_uses_the_cache_and_the_model_agrees_with_onnxruntimes_calibration(tiny_onnx, tmp_path, images):
-    from serve.backends.onnxruntime import OnnxRuntimeRunner
-    from serve.repository import TensorSpec
+def test_quantize_writes_the_scales_onnxruntimes_calibrator_would(tiny_onnx, tmp_path):
+    """40 images: both collect in passes of 20 (CalibStridedMinMax), the histogram grid from the first."""
+    from onnx import numpy_helper
 
-    options = quant.QuantizeOptions(min_images=8)
-    fast = quant.quantize(tiny_onnx, tmp_path / "fast.onnx", images, options)
-    slow = quant.quantize(tiny_onnx, tmp_path / "slow.onnx", images, quant.QuantizeOptions(min_images=8,
-                                                                                          fast_calibration=False))
+    from serve.images import synthetic_images
+
+    images = synthetic_images(40, SIZE, seed=6)
+    fast = quant.quantize(tiny_onnx, tmp_path / "fast.onnx", images, quant.QuantizeOptions(min_images=8))
+    slow = quant.quantize(tiny_onnx, tmp_path / "slow.onnx", images,
+                          quant.QuantizeOptions(min_images=8, fast_calibration=False))
     assert fast.quantized_nodes == slow.quantized_nodes > 0 and fast.kept_float == slow.kept_float
-    spec_in, spec_out = TensorSpec("images", np.uint8, (*SIZE, 3)), TensorSpec("probabilities", np.float32, (5,))
-    with OnnxRuntimeRunner("fast", tmp_path / "fast.onnx", spec_in, spec_out) as a, \
-            OnnxRuntimeRunner("slow", tmp_path / "slow.onnx", spec_in, spec_out) as b:
-        pa, pb = a.infer(images), b.infer(images)
-    assert np.abs(pa - pb).max() < 0.05 and (pa.argmax(1) == pb.argmax(1)).mean() >= 0.9
+
+    def scales(path):
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        return {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in graph.node if n.op_type == "QuantizeLinear"}
+
+    ours, theirs = scales(tmp_path / "fast.onnx"), scales(tmp_path / "slow.onnx")
+    assert set(ours) == set(theirs) and ours
+    for tensor, (scale, zero) in ours.items():
+        np.testing.assert_allclose(scale, theirs[tensor][0], rtol=1e-4, err_msg=tensor)
+        assert np.array_equal(zero, theirs[tensor][1]), tensor
 
 
 def test_too_many_values_to_keep_falls_back_to_onnxruntimes_calibrator(tiny_onnx, tmp_path, images, monkeypatch):
