@@ -95,9 +95,9 @@ def parser() -> argparse.ArgumentParser:
                    help="INT8 gate: minimum INT8/FP32 test accuracy ratio (default 0.99)")
     p.add_argument("--calibration-method", default="percentile", choices=("percentile", "minmax", "entropy"),
                    help="INT8 calibration method (export.quantize's; default percentile)")
-    p.add_argument("--calibration-images", type=int, default=150, metavar="N",
+    p.add_argument("--calibration-images", type=int, default=300, metavar="N",
                    help="with --precision int8: calibrate on at most N training photos, classes interleaved (default "
-                        "150; the calibration's time grows with N)")
+                        "300; fewer is faster: the calibration's time grows with N)")
     p.add_argument("--latency-runs", type=int, default=30,
                    help="with --precision int8: interleaved batch-1 latency runs of FP32 and INT8 (0: skip)")
     p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
