@@ -209,6 +209,11 @@ def train(options: TrainOptions) -> TrainResult:
     """Run every phase; raises KestrelError subclasses (ConfigError, ModelLoadError...) for bad input."""
     phases = _Phases()
     report: dict = {"name": options.name, "options": _options_dict(options)}
+    variant = Path(options.repository) / f"{options.name}_int8"
+    if options.precision == "int8" and variant.exists() and not options.force:
+        # found before any work, and before the FP32 export replaces the model that INT8 variant was made from
+        raise ConfigError(f"{variant} already exists (an earlier --precision int8 run); pass --force to replace it, "
+                          "or --name / --repository to write elsewhere")
 
     with phases.run("scan"):
         dataset = data_lib.scan(options.data_dir, options.classes)

@@ -225,6 +225,20 @@ def test_int8_below_the_gate_writes_nothing_and_carries_the_report(int8_run, mon
         int8_lib.build_int8(repo.root, "tiny", **kwargs)
 
 
+def test_rerun_without_force_stops_before_any_work_when_the_int8_variant_exists(int8_run):
+    """Re-running the same --precision int8 command: refused at once, the FP32 export it was made from untouched
+    (it used to retrain, replace the FP32 model, then refuse the INT8 variant: a pair that no longer matched)."""
+    from train.pipeline import TrainOptions, train
+
+    fp32 = int8_run["work"] / "models" / "tiny" / "1" / "model.onnx"
+    before = fp32.stat().st_mtime_ns
+    report = (int8_run["work"] / "out" / "report.json").read_text()
+    with pytest.raises(ConfigError, match=r"tiny_int8 already exists \(an earlier --precision int8 run\); pass --force"):
+        train(TrainOptions(**int8_run["opts"]))
+    assert fp32.stat().st_mtime_ns == before
+    assert (int8_run["work"] / "out" / "report.json").read_text() == report
+
+
 def test_int8_keeps_the_entry_layers_of_every_branch_in_float(tmp_path):
     """A --flip-tta model runs the base twice: both copies' first Conv and first depthwise Conv stay float."""
     onnx = pytest.importorskip("onnx")
