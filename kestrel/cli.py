@@ -43,8 +43,8 @@ COMMANDS: dict[str, Command] = {
                      "python -m serve"),
     "classify": Command("serve.client", "send image files to a server, print each model's and ensemble's top-k",
                         "python -m serve.client"),
-    "train": Command("train.__main__", "transfer learning on a folder of class folders; optionally export",
-                     "python -m train"),
+    "train": Command("train.__main__", "transfer learning on a folder of class folders; optionally export; "
+                     "`kestrel train fewshot` for every two-class pair", "python -m train"),
     "bench": Command("benchmarks.__main__", "server benchmark (Keras vs ONNX vs INT8 [+TensorRT] vs Flask); "
                      "`kestrel bench inprocess` for in-process latency", "python -m benchmarks"),
     "demo": Command("export.demo", "export an ImageNet ensemble, serve it, classify sample photos (make demo)",
@@ -61,6 +61,13 @@ BENCH_TOOLS: dict[str, Command] = {
     "docs": Command("benchmarks.docs", "regenerate docs/benchmarks.md's latest reports from benchmarks/results",
                     "python -m benchmarks.docs"),
 }
+# `kestrel train TOOL ...`: the other training programs
+TRAIN_TOOLS: dict[str, Command] = {
+    "fewshot": Command("train.fewshot", "every two-class pair of a dataset, 100 training photos per class",
+                       "python -m train.fewshot", ("../shared/datasets/flower_photos",
+                                                   "../shared/datasets/flower_photos --cold   # a fresh process per pair")),
+}
+TOOLS = {"bench": BENCH_TOOLS, "train": TRAIN_TOOLS}  # `kestrel COMMAND TOOL`: TOOL is never a data folder's name
 VERBOSE_FLAGS = ("-v", "--verbose")
 
 EXAMPLES = """examples:
@@ -170,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_offline_keras_home()
     console.quiet_native_logs()
     command, prog = COMMANDS[name], f"kestrel {name}"
-    if name == "bench" and rest and rest[0] in BENCH_TOOLS:
-        command, prog, rest = BENCH_TOOLS[rest[0]], f"kestrel bench {rest[0]}", rest[1:]
+    if rest and rest[0] in TOOLS.get(name, {}):
+        command, prog, rest = TOOLS[name][rest[0]], f"kestrel {name} {rest[0]}", rest[1:]
     entry = _load(command, prog)
     console.set_prog(prog)
     try:

@@ -19,6 +19,7 @@ from serve import console
 ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "train", "bench", "demo", "doctor"]
 BENCH_TOOLS = ["inprocess", "classify-latency", "docs"]
+TRAIN_TOOLS = ["fewshot"]
 
 
 def _has_evaluate() -> bool:
@@ -57,7 +58,8 @@ def test_kestrel_help_lists_every_subcommand_and_ends_with_examples():
     assert none.returncode == 2 and "a command is required" in none.stderr
 
 
-@pytest.mark.parametrize("command", SUBCOMMANDS + [f"bench {t}" for t in BENCH_TOOLS])
+@pytest.mark.parametrize("command", SUBCOMMANDS + [f"bench {t}" for t in BENCH_TOOLS]
+                         + [f"train {t}" for t in TRAIN_TOOLS])
 def test_every_subcommand_help_names_kestrel_and_ends_with_examples(command):
     if command == "evaluate" and not _has_evaluate():
         pytest.skip("export/evaluate.py comes with the accuracy branch; this passes once it is merged")
