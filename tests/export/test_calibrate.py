@@ -78,7 +78,8 @@ def test_ranges_are_the_quantile_of_every_activation_at_its_histogram_bins_edge(
             edges = np.hstack((edges, np.arange(edges[-1] + width, a.max() + width, width, dtype=np.float32)))
         edge = edges[min(np.searchsorted(edges, q, side="right") - 1, len(edges) - 2)]
         assert edge <= q and (q - edge) <= (edges[1] - edges[0]) * 1.001
-        assert ranges[name] == (max(-edge, v.min()), min(edge, v.max())), name
+        # (the calibration graph runs optimised, these activations unoptimised: equal up to float rounding)
+        assert ranges[name] == pytest.approx((max(-edge, v.min()), min(edge, v.max())), rel=1e-5, abs=1e-6), name
 
 
 def test_histogram_edge_rounds_down_to_the_grid_and_extends_it():
