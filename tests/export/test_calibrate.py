@@ -89,11 +89,12 @@ def test_histogram_edge_rounds_down_to_the_grid_and_extends_it():
     assert calibrate.histogram_edge(3000.5, 0.0, 2048.0, 3100.0) == 3000.0  # grid grown by bins of 1
 
 
-def test_ranges_agree_with_onnxruntimes_histogram_calibrator(prepared, images):
+def test_ranges_agree_with_onnxruntimes_histogram_calibrator(prepared, images, tmp_path):
     from onnxruntime.quantization import calibrate as ort_calibrate
 
     ours = calibrate.percentile_ranges(prepared, images, percentile=99.9)
     theirs = ort_calibrate.create_calibrator(prepared, calibrate.default_op_types(),
+                                             augmented_model_path=str(tmp_path / "augmented_model.onnx"),
                                              calibrate_method=ort_calibrate.CalibrationMethod.Percentile,
                                              extra_options={"percentile": 99.9})
     theirs.collect_data(quant._Reader("images", images))
