@@ -136,7 +136,7 @@ def histogram_edge(value: float, grid_low: float, grid_high: float, top: float, 
 
 def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name: str = "images",
                       percentile: float = 99.999, op_types: Iterable[str] | None = None, batch: int = BATCH,
-                      first_pass: int | None = None) -> dict[str, tuple[float, float]]:
+                      first_pass: int | None = None, progress: bool = False) -> dict[str, tuple[float, float]]:
     """{tensor: (low, high)}: onnxruntime's symmetric percentile range of every calibration tensor of the model
     at `model_path` (after quant_pre_process: shapes inferred) over the uint8 `images` (N, H, W, 3).
 
@@ -177,6 +177,11 @@ def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name:
     # The first image with no floor: every |value| comes out, so each tensor's size and a first K-th largest. The
     # K-th largest of part of the values never exceeds that of all, so it is a floor for the rest: only the few
     # values above it leave the graph.
+    bar = None
+    if progress:
+        from serve.console import progress as tqdm  # a bar on a terminal, a line per 10 % in logs
+
+        bar = tqdm(total=len(images), desc="calibrating", unit="img", leave=False)
     tails, lows, highs, absmins = run(images[:1], [-1.0] * n)
     sizes = [int(t.size) for t in tails]
     if not fits(dict(zip(tensors, sizes)), len(images), percentile):
@@ -187,6 +192,8 @@ def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name:
     grid_low, grid_high = [np.inf] * n, [-np.inf] * n  # |x| over the first pass: the histogram's grid
     start, done = 0, 1
     while True:
+        if bar is not None:
+            bar.update(done - start)
         for i, rank in enumerate(ranks):
             top = np.concatenate((kept[i], tails[i]))
             kept[i] = top if len(top) <= rank else np.partition(top, len(top) - rank)[len(top) - rank :]
@@ -200,6 +207,8 @@ def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name:
         done = min(start + batch, first_pass if start < first_pass else len(images), len(images))
         floors = [float(k.min()) if len(k) >= rank else -1.0 for k, rank in zip(kept, ranks)]
         tails, lows, highs, absmins = run(images[start:done], floors)
+    if bar is not None:
+        bar.close()
     ranges = {}
     for i, name in enumerate(tensors):
         q = float(kept[i].min()) if len(kept[i]) else 0.0  # the rank-th largest |x|: the quantile

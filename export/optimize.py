@@ -535,7 +535,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
         try:
             if precision == "int8":
                 result = quant.quantize(base.artifact(), model_path, imgs.calibration, qoptions,
-                                        input_name=base.input_spec.name)
+                                        input_name=base.input_spec.name, progress=progress)
                 extra["calibration"] = result.summary()
                 log(f"{variant}: quantized with {result.images_used} calibration images")
                 if result.float_between_qdq:

@@ -404,8 +404,8 @@ def float_layers_between_qdq(model) -> list[str]:
 
 def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet | np.ndarray,
              options: QuantizeOptions = QuantizeOptions(), *, input_name: str = "images",
-             calibration_cache: str | Path | None = None) -> QuantizeResult:
-    """Statically quantize `model_path` (FP32 ONNX) into a Q/DQ model at `out_path`."""
+             calibration_cache: str | Path | None = None, progress: bool = False) -> QuantizeResult:
+    """Statically quantize `model_path` (FP32 ONNX) into a Q/DQ model at `out_path` (`progress`: the calibration's)."""
     onnx = require("onnx", "INT8 quantization")
     q = require("onnxruntime.quantization", "INT8 quantization")
     images = calibration.images if isinstance(calibration, ImageSet) else np.asarray(calibration)
@@ -482,7 +482,8 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
             try:  # the quantile from each tensor's top values, found in the graph (export/calibrate.py): minutes -> seconds
                 ranges = calibrate.percentile_ranges(
                     prepared, images, input_name=input_name, percentile=float(options.percentile),
-                    op_types=options.op_types, first_pass=extra.get("CalibStridedMinMax", len(images)))
+                    op_types=options.op_types, first_pass=extra.get("CalibStridedMinMax", len(images)),
+                    progress=progress)
                 calibration_cache = calibrate.write_cache(ranges, Path(tmp) / "calibration.json")
             except ValueError:  # too many values to keep (a low percentile), or a graph it cannot tap: onnxruntime's
                 calibration_cache = None

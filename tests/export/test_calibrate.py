@@ -141,3 +141,14 @@ def test_too_many_values_to_keep_falls_back_to_onnxruntimes_calibrator(tiny_onnx
     result = quant.quantize(tiny_onnx, tmp_path / "fallback.onnx", images,
                             quant.QuantizeOptions(min_images=8, percentile=99.0))
     assert result.quantized_nodes > 0 and (tmp_path / "fallback.onnx").is_file()
+
+
+def test_calibration_reports_its_progress_in_one_line_when_piped(prepared, images, capsys, monkeypatch):
+    from serve import console
+
+    monkeypatch.setenv(console.PROGRESS_ENV, "lines")
+    calibrate.percentile_ranges(prepared, images, batch=3, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("calibrating: 23/23 img ["), lines
+    calibrate.percentile_ranges(prepared, images, batch=3)
+    assert capsys.readouterr().err == ""
