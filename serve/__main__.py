@@ -78,16 +78,23 @@ def check_listen(host: str, flag: str, port: int) -> None:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenError("--host", f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    unavailable = 0  # addresses this machine does not have (e.g. ::1 without IPv6): a problem only if all are
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # an address family this machine does not support
+            unavailable += 1
+            continue
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRNOTAVAIL:
-                    raise ListenError("--host", f"--host {host}: not an address of this machine") from None
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    unavailable += 1
+                    continue
                 if exc.errno == errno.EADDRINUSE:
                     why = "is already in use (another server?)"
                 elif exc.errno == errno.EACCES:
@@ -97,6 +104,8 @@ def check_listen(host: str, flag: str, port: int) -> None:
                 off = "" if flag == "--port" else " or -1 to turn it off"
                 raise ListenError(flag, f"cannot serve {flag} {port}: {host}:{port} {why}; choose another port "
                                         f"(0 = any free port){off}") from None
+    if addresses and unavailable == len(addresses):
+        raise ListenError("--host", f"--host {host}: not an address of this machine")
 
 
 def build_parser() -> argparse.ArgumentParser:

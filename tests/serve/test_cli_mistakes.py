@@ -239,3 +239,17 @@ def test_format_table_prints_every_prediction_it_was_given():
         result.predictions.add(index=i, label=f"class_{i}", probability=0.1)
     text = format_table("x.png", response)
     assert text.splitlines()[1].count("class_") == 6
+
+
+def test_a_host_with_one_unavailable_address_is_not_refused(monkeypatch):
+    """'localhost' resolves to 127.0.0.1 and ::1; a machine without IPv6 still serves on 127.0.0.1."""
+    from serve import __main__ as serve_main
+
+    real = socket.getaddrinfo
+
+    def with_a_missing_address(host, port, *args, **kwargs):
+        missing = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", port, 0, 0))  # documentation prefix
+        return real("127.0.0.1", port, *args, **kwargs) + [missing]
+
+    monkeypatch.setattr(serve_main.socket, "getaddrinfo", with_a_missing_address)
+    serve_main.check_listen("localhost", "--port", 0)  # no error: one address is this machine's
