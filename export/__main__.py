@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up lines, unless KESTREL_VERBOSE=1
+    console.quiet_onnxruntime_logs()  # onnxruntime's own warnings (unused initializers ...), unless --verbose
 
     from serve.errors import KestrelError
 

@@ -31,6 +31,8 @@ import numpy as np
 from serve._optional import require
 from serve.errors import ConfigError, KestrelError
 
+from . import _graph
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; larger models are saved with external data
@@ -122,6 +124,7 @@ def convert(model, path: str | Path, *, opset: int | None = None, optimize: bool
     graph.input.extend(keep_inputs)
     keep_inputs = inp = None  # sub-message references would keep the whole proto alive
     _rename_io(graph)
+    _graph.drop_unused_initializers(graph)  # else onnxruntime warns about each one whenever it loads the model
     if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
         raise ConversionError(
             f"unexpected ONNX interface: inputs {[i.name for i in graph.input]}, "

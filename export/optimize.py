@@ -531,7 +531,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
         try:
             if precision == "int8":
                 result = quant.quantize(base.artifact(), model_path, imgs.calibration, qoptions,
-                                        input_name=base.input_spec.name)
+                                        input_name=base.input_spec.name, progress=progress)
                 extra["calibration"] = result.summary()
                 log(f"{variant}: quantized with {result.images_used} calibration images")
                 if result.float_between_qdq:
@@ -671,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.quiet_native_logs()
+    console.quiet_onnxruntime_logs()  # onnxruntime's own warnings (unused initializers ...), unless --verbose
     try:
         keep = tuple(r for r in args.keep_float.split(",") if r and r != "none")
         qoptions = quant.QuantizeOptions(

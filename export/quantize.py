@@ -81,7 +81,7 @@ from serve import images as simages
 from serve._optional import require
 from serve.errors import ConfigError, ImageDecodeError
 
-from . import _graph, equalize, exact_input
+from . import _graph, calibrate, equalize, exact_input
 
 METHODS = ("minmax", "percentile", "entropy")
 QUANTIZERS = ("onnxruntime", "nncf")  # nncf: NNCF's ONNX post-training quantization (extra "nncf")
@@ -117,6 +117,7 @@ class QuantizeOptions:
     fast_bias_correction: bool = True  # nncf only
     exact_input: bool = True  # onnxruntime, CPU target: the uint8 image is the stem's quantized input (export.exact_input)
     equalize: str = "none"  # onnxruntime: range equalization of Conv -> ReLU -> depthwise pairs: all, first or none
+    fast_calibration: bool = True  # percentile: ranges from the top values, found in the graph (export/calibrate.py)
 
     def __post_init__(self):
         if self.quantizer not in QUANTIZERS:
@@ -403,8 +404,8 @@ def float_layers_between_qdq(model) -> list[str]:
 
 def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet | np.ndarray,
              options: QuantizeOptions = QuantizeOptions(), *, input_name: str = "images",
-             calibration_cache: str | Path | None = None) -> QuantizeResult:
-    """Statically quantize `model_path` (FP32 ONNX) into a Q/DQ model at `out_path`."""
+             calibration_cache: str | Path | None = None, progress: bool = False) -> QuantizeResult:
+    """Statically quantize `model_path` (FP32 ONNX) into a Q/DQ model at `out_path` (`progress`: the calibration's)."""
     onnx = require("onnx", "INT8 quantization")
     q = require("onnxruntime.quantization", "INT8 quantization")
     images = calibration.images if isinstance(calibration, ImageSet) else np.asarray(calibration)
@@ -476,6 +477,16 @@ def quantize(model_path: str | Path, out_path: str | Path, calibration: ImageSet
         if len(images) > CALIBRATION_CHUNK:
             extra["CalibStridedMinMax"] = chunk_size(len(images))
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        if (calibration_cache is None and options.method == "percentile" and options.fast_calibration
+                and size <= EXTERNAL_DATA_BYTES):
+            try:  # the quantile from each tensor's top values, found in the graph (export/calibrate.py): minutes -> seconds
+                ranges = calibrate.percentile_ranges(
+                    prepared, images, input_name=input_name, percentile=float(options.percentile),
+                    op_types=options.op_types, first_pass=extra.get("CalibStridedMinMax", len(images)),
+                    progress=progress)
+                calibration_cache = calibrate.write_cache(ranges, Path(tmp) / "calibration.json")
+            except ValueError:  # too many values to keep (a low percentile), or a graph it cannot tap: onnxruntime's
+                calibration_cache = None
         # onnxruntime's calibrator print()s its steps ("Collecting tensor data and making histogram ...",
         # once per chunk): kept off the user's terminal unless --verbose, like TensorFlow's start-up lines
         chatter = contextlib.nullcontext() if console.is_verbose() else contextlib.redirect_stdout(io.StringIO())

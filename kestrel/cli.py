@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from serve import console
@@ -43,8 +45,8 @@ COMMANDS: dict[str, Command] = {
                         "python -m serve.client"),
     "models": Command("serve.control", "a running server's models: list, load, unload (--model-control-mode explicit)",
                       "python -m serve.control"),
-    "train": Command("train.__main__", "transfer learning on a folder of class folders; optionally export",
-                     "python -m train"),
+    "train": Command("train.__main__", "transfer learning on a folder of class folders; optionally export; "
+                     "`kestrel train fewshot` for every two-class pair", "python -m train"),
     "bench": Command("benchmarks.__main__", "server benchmark (Keras vs ONNX vs INT8 [+TensorRT] vs Flask); "
                      "`kestrel bench inprocess` for in-process latency", "python -m benchmarks"),
     "demo": Command("export.demo", "export an ImageNet ensemble, serve it, classify sample photos (make demo)",
@@ -64,6 +66,13 @@ BENCH_TOOLS: dict[str, Command] = {
     "docs": Command("benchmarks.docs", "regenerate docs/benchmarks.md's latest reports from benchmarks/results",
                     "python -m benchmarks.docs"),
 }
+# `kestrel train TOOL ...`: the other training programs
+TRAIN_TOOLS: dict[str, Command] = {
+    "fewshot": Command("train.fewshot", "every two-class pair of a dataset, 100 training photos per class",
+                       "python -m train.fewshot", ("../shared/datasets/flower_photos",
+                                                   "../shared/datasets/flower_photos --cold   # a fresh process per pair")),
+}
+TOOLS = {"bench": BENCH_TOOLS, "train": TRAIN_TOOLS}  # `kestrel COMMAND TOOL`: TOOL is never a data folder's name
 VERBOSE_FLAGS = ("-v", "--verbose")
 
 EXAMPLES = """examples:
@@ -92,6 +101,20 @@ def usage() -> str:
         EXAMPLES,
     ]
     return "\n".join(lines) + "\n"
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+OFFLINE_KERAS_HOME = CHECKOUT / ".cache" / "keras_home"  # the Makefile's writable copy of ../shared/keras_home
+
+
+def use_offline_keras_home() -> Path | None:
+    """With KERAS_HOME unset, point Keras at the checkout's .cache/keras_home when `make demo` (or `make keras-home`)
+    made it, as every make target does: the README's commands then find the offline ImageNet weights in a new shell
+    too, not only under make. Returns the folder used, or None (KERAS_HOME set, or no such folder)."""
+    if os.environ.get("KERAS_HOME") or not (OFFLINE_KERAS_HOME / "models").is_dir():
+        return None
+    os.environ["KERAS_HOME"] = str(OFFLINE_KERAS_HOME)  # subprocesses (the demo's export and server) inherit it
+    return OFFLINE_KERAS_HOME
 
 
 def _load(command: Command, prog: str):
@@ -156,10 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {name!r}{hint} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     console.set_verbose(verbose)
+    use_offline_keras_home()
     console.quiet_native_logs()
     command, prog = COMMANDS[name], f"kestrel {name}"
-    if name == "bench" and rest and rest[0] in BENCH_TOOLS:
-        command, prog, rest = BENCH_TOOLS[rest[0]], f"kestrel bench {rest[0]}", rest[1:]
+    if rest and rest[0] in TOOLS.get(name, {}):
+        command, prog, rest = TOOLS[name][rest[0]], f"kestrel {name} {rest[0]}", rest[1:]
     entry = _load(command, prog)
     console.set_prog(prog)
     try:

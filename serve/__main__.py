@@ -12,10 +12,12 @@ requests within --grace seconds, exit 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -31,6 +33,79 @@ def _names(text: str | None) -> list[str] | None:
     if not text:
         return None
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def check_repository(path: Path) -> str | None:
+    """Why `path` cannot be a model repository (it does not exist, or is a file), or None."""
+    if not path.exists():
+        return (f"--repository {path}: the folder does not exist (export a model into it first, e.g. "
+                f"kestrel export mobilenet_v2 --repository {path})")
+    if not path.is_dir():
+        return f"--repository {path}: is a file, not a folder; expected a model repository (<name>/config.pbtxt ...)"
+    return None
+
+
+def check_ports(ports: dict[str, int]) -> str | None:
+    """Two flags naming the same fixed port: a message naming both, or None. `ports`: {flag: port}, -1 = off."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port < -1 or port > 65535 or (port == -1 and flag == "--port"):
+            allowed = "0-65535" if flag == "--port" else "0-65535, or -1 for off"
+            return f"{flag} {port}: expected a port number {allowed} (0 = any free port)"
+        if port <= 0:
+            continue
+        if port in seen:
+            return (f"{seen[port]} {port} and {flag} {port} name the same port; give each its own "
+                    "(0 = any free port)")
+        seen[port] = flag
+    return None
+
+
+class ListenError(Exception):
+    """A port cannot be listened on; `flag` is the flag to change ("--host" when the address is the problem)."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def check_listen(host: str, flag: str, port: int) -> None:
+    """Raise ListenError when `host:port` cannot be listened on: in use, not this machine's address, no permission.
+    Binds a probe socket and closes it at once, as the servers will (SO_REUSEADDR; on Linux that still refuses a
+    port another socket listens on), so the mistake shows before any model loads, in one line. Port 0 checks the
+    host only."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError("--host", f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    unavailable = 0  # addresses this machine does not have (e.g. ::1 without IPv6): a problem only if all are
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # an address family this machine does not support
+            unavailable += 1
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    unavailable += 1
+                    continue
+                if exc.errno == errno.EADDRINUSE:
+                    why = "is already in use (another server?)"
+                elif exc.errno == errno.EACCES:
+                    why = "needs privileges (ports below 1024)"
+                else:
+                    why = f"cannot be listened on ({exc.strerror})"
+                off = "" if flag == "--port" else " or -1 to turn it off"
+                raise ListenError(flag, f"cannot serve {flag} {port}: {host}:{port} {why}; choose another port "
+                                        f"(0 = any free port){off}") from None
+    if addresses and unavailable == len(addresses):
+        raise ListenError("--host", f"--host {host}: not an address of this machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,9 +182,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     console.quiet_native_logs()  # the Keras backend imports TensorFlow: no C++ start-up chatter
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
+    # mistakes found before any model loads (which may take a minute), each in one line naming the flag
+    problem = check_repository(args.repository) or check_ports(
+        {"--port": args.port, "--http-port": http_port, "--metrics-port": args.metrics_port})
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        for flag, port in (("--port", args.port), ("--http-port", http_port), ("--metrics-port", args.metrics_port)):
+            if port >= 0:
+                check_listen(args.host, flag, port)
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from .server import create_server  # grpc and the generated code: after --help
 
-    http_port = args.http_port if args.http_port is not None else (0 if args.port == 0 else 8000)
     runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
     if args.repository_poll_secs is not None and args.model_control_mode != "poll":
         print("error: --repository-poll-secs applies to --model-control-mode poll", file=sys.stderr)

@@ -9,6 +9,10 @@ Two things every CLI (export, optimize, demo, train, benchmarks, serve) shares:
   tf2onnx at WARNING, and, because TensorFlow writes some lines from C++ before it reads that
   variable, file descriptor 2 filtered while `tensorflow` is imported: known noise dropped, every
   other line written through. Python warnings and WARNING log records stay visible.
+- `quiet_onnxruntime_logs()`: onnxruntime's own log (coloured "[W:onnxruntime:...] Removing initializer
+  ..." lines from its graph optimizer) at ERROR unless verbose; for the offline tools (export, optimize,
+  evaluate, train), which make many sessions over models they wrote themselves. The server keeps
+  onnxruntime's default: a warning about a user's model is worth a line there.
 - `progress(...)`: a tqdm-compatible bar. On a terminal it is tqdm's bar; when the stream is not a
   terminal (CI logs, `make demo 2>&1 | tee`) it prints one line per finished step instead of
   carriage-return updates that run together ("export m: 0/5 [00:00] export m: 0/5 [00:00] ...").
@@ -101,17 +105,28 @@ def filtered_stderr(keep=lambda line: not is_noise(line)) -> Iterator[None]:
                     sys.stderr.flush()
 
 
+ORT_ERROR = 3  # onnxruntime's logging severity: 0 verbose, 1 info, 2 warning (its default), 3 error, 4 fatal
+_AFTER_IMPORT: dict = {}  # top-level package -> function(module) run once it is imported
+
+
 class _QuietLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self._loader = loader
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        with filtered_stderr():
+        if self._name in NOISY_PACKAGES:
+            with filtered_stderr():
+                self._loader.exec_module(module)
+            _quiet_loggers()
+        else:
             self._loader.exec_module(module)
-        _quiet_loggers()
+        after = _AFTER_IMPORT.get(self._name)
+        if after is not None:
+            with contextlib.suppress(Exception):
+                after(module)
 
     def __getattr__(self, name):  # resources, is_package, ... of the real loader
         return getattr(self._loader, name)
@@ -121,7 +136,7 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
     """Finds NOISY_PACKAGES as the path finder would, and imports them under filtered_stderr()."""
 
     def find_spec(self, name, path=None, target=None):
-        if name not in NOISY_PACKAGES:
+        if name not in NOISY_PACKAGES and name not in _AFTER_IMPORT:
             return None
         spec = None
         for finder in sys.meta_path:  # the others, in order: a finder that blocks the import still blocks it
@@ -132,7 +147,7 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
                 break
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _QuietLoader(spec.loader)
+        spec.loader = _QuietLoader(spec.loader, name)
         return spec
 
 
@@ -162,6 +177,30 @@ def quiet_native_logs() -> bool:
         if not _installed:
             if any(name in sys.modules for name in NOISY_PACKAGES):
                 _quiet_loggers()  # imported already: its start-up lines are out; quiet the rest
+            sys.meta_path.insert(0, _QuietFinder())
+            _installed = True
+    return True
+
+
+def _ort_errors_only(ort) -> None:
+    ort.set_default_logger_severity(ORT_ERROR)
+
+
+def quiet_onnxruntime_logs() -> bool:
+    """onnxruntime's default logger at ERROR in this process unless verbose (KESTREL_VERBOSE=1): its WARNING lines
+    ("Removing initializer ... It is not used by any node") say nothing a user of the offline tools can act on.
+    Applied when onnxruntime is imported (or now, if it already is): the command's --help stays light.
+    Returns False (and changes nothing) when verbose."""
+    global _installed
+    if is_verbose():
+        return False
+    module = sys.modules.get("onnxruntime")
+    if module is not None and hasattr(module, "set_default_logger_severity"):
+        _ort_errors_only(module)
+        return True
+    with _lock:
+        _AFTER_IMPORT["onnxruntime"] = _ort_errors_only
+        if not _installed:
             sys.meta_path.insert(0, _QuietFinder())
             _installed = True
     return True

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README] + [ROOT / "docs" / n for n in ("cli.md", "benchmarks.md", "export.md", "server.md", "training.md")]
 MODULES = {c.also.split()[-1]: name for name, c in cli.COMMANDS.items() if c.also.startswith("python -m ")}
-MODULES.update({c.also.split()[-1]: f"bench {name}" for name, c in cli.BENCH_TOOLS.items()})
+MODULES.update({c.also.split()[-1]: f"{group} {name}" for group, tools in cli.TOOLS.items()
+                for name, c in tools.items()})
 MODULES.pop("kestrel", None)
 
 
@@ -77,8 +78,8 @@ def parse_with_the_subcommand(words: list[str], monkeypatch) -> argparse.Namespa
     if words[0] == "kestrel":
         name, rest = words[1], words[2:]
         command = cli.COMMANDS[name]
-        if name == "bench" and rest and rest[0] in cli.BENCH_TOOLS:
-            command, rest = cli.BENCH_TOOLS[rest[0]], rest[1:]
+        if rest and rest[0] in cli.TOOLS.get(name, {}):
+            command, rest = cli.TOOLS[name][rest[0]], rest[1:]
         module = command.module
     else:  # python -m MODULE
         module, rest = words[2], words[3:]

@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
                    help="INT8 gate: minimum INT8/FP32 test accuracy ratio (default 0.99)")
     p.add_argument("--calibration-method", default="percentile", choices=("percentile", "minmax", "entropy"),
                    help="INT8 calibration method (export.quantize's; default percentile)")
+    p.add_argument("--calibration-images", type=int, default=300, metavar="N",
+                   help="with --precision int8: calibrate on at most N training photos, classes interleaved (default "
+                        "300; fewer is faster: the calibration's time grows with N)")
     p.add_argument("--latency-runs", type=int, default=30,
                    help="with --precision int8: interleaved batch-1 latency runs of FP32 and INT8 (0: skip)")
     p.add_argument("--force", action="store_true", help="write the INT8 variant even below the gate, and replace "
@@ -121,6 +124,7 @@ def options_from_args(args):
         train_per_class=args.train_per_class, test_per_class=args.test_per_class,
         label_smoothing=args.label_smoothing, precision=args.precision, int8_min_ratio=args.int8_min_ratio,
         latency_runs=args.latency_runs, force=args.force, calibration_method=args.calibration_method,
+        calibration_images=args.calibration_images,
         refit=args.refit,
     )
 
@@ -128,6 +132,7 @@ def options_from_args(args):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
+    console.quiet_onnxruntime_logs()  # onnxruntime's own warnings (unused initializers ...), unless --verbose
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices from predict()
     from .int8 import Int8GateError
 

@@ -163,7 +163,8 @@ def build_int8(repository: str | Path, name: str, *, calibration: Sequence[Path]
                                    parameters={"source": name, "precision": "int8"})
     try:
         model_path = staging / "1" / "model.onnx"
-        result = quant.quantize(base.artifact(), model_path, cal, options, input_name=base.input_spec.name)
+        result = quant.quantize(base.artifact(), model_path, cal, options, input_name=base.input_spec.name,
+                                progress=progress)
         log(f"{variant}: quantized with {result.images_used} training images")
         labels = np.asarray(test_labels, np.int64)
         fp32, int8 = _runner(name, base.artifact(), base), _runner(variant, model_path, base)

@@ -86,6 +86,9 @@ class TrainOptions:
     precision: str = "fp32"  # "int8": also the gated INT8 variant (implies export)
     int8_min_ratio: float = 0.99
     calibration_method: str = "percentile"  # export.quantize's: percentile, minmax, entropy
+    # training photos the INT8 variant is calibrated on (at most; classes interleaved). Calibration time grows with
+    # it: on flower_photos 300 gave INT8 0.940, 150 gave 0.933 (one test photo) in about 60 % of the INT8 step
+    calibration_images: int = 300
     latency_runs: int = 30
     force: bool = False
 
@@ -154,6 +157,8 @@ class TrainOptions:
         if self.flip_tta and self.fine_tune_layers:
             raise ConfigError("--flip-tta with --fine-tune-layers: not supported (the fine-tuned top is trained on "
                               "single views); use one of them")
+        if self.calibration_images < 1:
+            raise ConfigError(f"--calibration-images {self.calibration_images}: expected a positive number, e.g. 300")
         if self.calibration_method not in ("percentile", "minmax", "entropy"):
             raise ConfigError(f"--calibration-method {self.calibration_method}: expected percentile, minmax or "
                               "entropy")
@@ -205,6 +210,11 @@ def train(options: TrainOptions) -> TrainResult:
     """Run every phase; raises KestrelError subclasses (ConfigError, ModelLoadError...) for bad input."""
     phases = _Phases()
     report: dict = {"name": options.name, "options": _options_dict(options)}
+    variant = Path(options.repository) / f"{options.name}_int8"
+    if options.precision == "int8" and variant.exists() and not options.force:
+        # found before any work, and before the FP32 export replaces the model that INT8 variant was made from
+        raise ConfigError(f"{variant} already exists (an earlier --precision int8 run); pass --force to replace it, "
+                          "or --name / --repository to write elsewhere")
 
     with phases.run("scan"):
         dataset = data_lib.scan(options.data_dir, options.classes)
@@ -363,7 +373,7 @@ def train(options: TrainOptions) -> TrainResult:
         _rewrite_report(result, report)
 
     if options.precision == "int8":
-        from export.quantize import QuantizeOptions
+        from export.quantize import DEFAULT_MIN_IMAGES, QuantizeOptions
 
         from . import int8 as int8_lib
 
@@ -376,7 +386,9 @@ def train(options: TrainOptions) -> TrainResult:
                 q = int8_lib.build_int8(options.repository, options.name, calibration=train_paths,
                                         test_images=pixels, test_labels=y_test, min_ratio=options.int8_min_ratio,
                                         force=options.force, latency_runs=options.latency_runs,
-                                        quantize_options=QuantizeOptions(method=options.calibration_method),
+                                        quantize_options=QuantizeOptions(
+                                            method=options.calibration_method, max_images=options.calibration_images,
+                                            min_images=min(DEFAULT_MIN_IMAGES, options.calibration_images)),
                                         progress=options.progress, log=say)
             except int8_lib.Int8GateError as exc:
                 q, failure = exc.report, exc

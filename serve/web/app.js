@@ -1,8 +1,8 @@
 // Kestrel's upload page: GET /v1/models fills the choices, POST /v1/classify (multipart) classifies.
 // No framework, no CDN: plain DOM. Server text is only ever set with textContent.
+// How many predictions per model is the server's default (no top_k is sent); the page shows all it returns.
 "use strict";
 
-const TOP_K = 3;
 const $ = (id) => document.getElementById(id);
 const state = { file: null, previewUrl: null, catalog: null, busy: false };
 
@@ -94,6 +94,7 @@ async function loadCatalog() {
 
   const fusion = $("fusion-select");
   for (const name of catalog.fusions) fusion.append(el("option", { value: name, text: name }));
+  list.addEventListener("change", updateFusion);
 
   if (!firstReady) {
     $("mode-ensemble").disabled = true;
@@ -111,6 +112,17 @@ function updateMode() {
   const name = $("ensemble-select").value;
   const ens = state.catalog && state.catalog.ensembles.find((e) => e.name === name);
   $("ensemble-members").textContent = ens ? `members: ${ens.members.join(", ")} · fusion: ${ens.fusion}` : "";
+  updateFusion();
+}
+
+// A fusion combines several answers: with one chosen model there is nothing to fuse, so the control is off
+// (the server would refuse it: "a fusion applies to an ensemble or to several models").
+function updateFusion() {
+  const fusion = $("fusion-select");
+  const single = $("mode-models").checked &&
+    document.querySelectorAll("#model-list input:checked").length < 2;
+  fusion.disabled = single;
+  fusion.title = single ? "a fusion combines several models: choose two or more, or an ensemble" : "";
 }
 
 function selectedTargets() {
@@ -170,8 +182,7 @@ async function classify() {
   const form = new FormData();
   form.append("image", state.file, state.file.name);
   for (const [key, value] of Object.entries(targets)) form.append(key, value);
-  form.append("top_k", String(TOP_K));
-  if ($("fusion-select").value) form.append("fusion", $("fusion-select").value);
+  if ($("fusion-select").value && !$("fusion-select").disabled) form.append("fusion", $("fusion-select").value);
   const started = performance.now();
   try {
     const response = await fetch("/v1/classify", { method: "POST", body: form, headers: authHeaders() });
@@ -214,7 +225,7 @@ function render(result, roundTripMs) {
       el("p", { class: "meta", text: `members: ${ens.members.join(", ")}` }),
       best ? el("p", { class: "answer" }, el("span", { class: "answer-label", text: best.label }), " ",
         el("span", { class: "prob", text: pct(best.probability) })) : null,
-      ...predictionRows(ens.predictions.slice(0, TOP_K)));
+      ...predictionRows(ens.predictions));
     $("ensemble-results").append(card);
   }
   for (const model of result.models) {
@@ -224,7 +235,7 @@ function render(result, roundTripMs) {
           title: "time in the server's batcher: queue + compute" })),
       el("p", { class: "meta", text: `v${model.version} · queue ${ms(model.queue_ms)} · compute ` +
         `${ms(model.compute_ms)} · batch ${model.batch_size} · input ${model.input_size.join("×")}` }),
-      ...predictionRows(model.predictions.slice(0, TOP_K)));
+      ...predictionRows(model.predictions));
     $("model-results").append(card);
   }
   $("timings").textContent = `decoded at ${result.image.width}×${result.image.height} · decode ${ms(result.decode_ms)}` +

@@ -4,6 +4,7 @@ pyproject.toml, consistent flag names across subcommands, --verbose, bad input."
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from serve import console
 ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ["export", "optimize", "evaluate", "serve", "classify", "models", "train", "bench", "demo", "doctor"]
 BENCH_TOOLS = ["inprocess", "classify-latency", "docs"]
+TRAIN_TOOLS = ["fewshot"]
 
 
 def _has_evaluate() -> bool:
@@ -56,7 +58,8 @@ def test_kestrel_help_lists_every_subcommand_and_ends_with_examples():
     assert none.returncode == 2 and "a command is required" in none.stderr
 
 
-@pytest.mark.parametrize("command", SUBCOMMANDS + [f"bench {t}" for t in BENCH_TOOLS])
+@pytest.mark.parametrize("command", SUBCOMMANDS + [f"bench {t}" for t in BENCH_TOOLS]
+                         + [f"train {t}" for t in TRAIN_TOOLS])
 def test_every_subcommand_help_names_kestrel_and_ends_with_examples(command):
     if command == "evaluate" and not _has_evaluate():
         pytest.skip("export/evaluate.py comes with the accuracy branch; this passes once it is merged")
@@ -196,3 +199,18 @@ def test_a_module_without_examples_gets_the_dispatchers(monkeypatch, capsys):
     assert argparse.ArgumentParser.parse_known_args is original  # the hook is gone after one parse
     assert cli.main(["plain", "d"]) == 0 and argparse.ArgumentParser.parse_known_args is original
     assert cli.COMMANDS["evaluate"].examples  # evaluate's examples live here until its module has its own
+
+
+def test_the_checkouts_offline_keras_home_is_used_when_keras_home_is_unset(tmp_path, monkeypatch):
+    """make demo copies ../shared/keras_home to .cache/keras_home and sets KERAS_HOME for make's own commands only;
+    `kestrel export mobilenet_v2` typed in a new shell afterwards must find the same weights, not try to download."""
+    from kestrel import cli
+
+    home = tmp_path / ".cache" / "keras_home"
+    monkeypatch.setattr(cli, "OFFLINE_KERAS_HOME", home)
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    assert cli.use_offline_keras_home() is None and "KERAS_HOME" not in os.environ  # make demo has not run
+    (home / "models").mkdir(parents=True)
+    assert cli.use_offline_keras_home() == home and os.environ["KERAS_HOME"] == str(home)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "mine"))
+    assert cli.use_offline_keras_home() is None and os.environ["KERAS_HOME"] == str(tmp_path / "mine")  # kept

@@ -203,7 +203,7 @@ def test_list_models(client):
     assert {e.name: list(e.members) for e in listing.ensembles} == {"trio": ["a", "b", "c"], "pair": ["a", "c"]}
 
 
-def test_client_cli_prints_each_models_top3_and_the_ensemble(address, tmp_path, subprocess_env):
+def test_client_cli_prints_each_models_top_k_and_the_ensemble(address, tmp_path, subprocess_env):
     import subprocess
     import sys
 
@@ -220,7 +220,7 @@ def test_client_cli_prints_each_models_top3_and_the_ensemble(address, tmp_path, 
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {"a", "b", "c", "trio"} and "[mean]" in rows["trio"]
     for row in rows.values():
-        assert row.count("label_") == 3  # top 3 each
+        assert row.count("label_") == 5  # --top-k's default 0: the server's 5, each
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     result = subprocess.run(

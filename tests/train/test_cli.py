@@ -26,6 +26,7 @@ def _run(args, env, cwd):
         (["{data}", "--weights", "{tmp}/no_such.h5"], "weights file"),
         (["{data}", "--flip-tta", "--fine-tune-layers", "3"], "--flip-tta with --fine-tune-layers"),
         (["{data}", "--base", "{tmp}/no_such.keras"], "no such file"),
+        (["{data}", "--precision", "int8", "--calibration-images", "0"], "--calibration-images 0"),
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(args, message, tiny_dataset, tmp_path, python_env):

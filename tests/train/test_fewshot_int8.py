@@ -146,11 +146,12 @@ def int8_run(dataset_factory, tmp_path_factory):
     from train.pipeline import TrainOptions, train
 
     work = tmp_path_factory.mktemp("int8")
-    # 24 decodable images per class: 6 test, 5 validation, 13 training -> 39 calibration images (32 needed)
+    # 24 decodable images per class: 6 test, 5 validation, 13 training -> 39 training images, 35 calibrated on
+    # (--calibration-images; 32 needed)
     data = dataset_factory(work / "shapes", per_class=24, seed=1)
     opts = dict(data_dir=data, name="tiny", output=work / "out", cache_dir=work / "cache", epochs=3,
                 test_split=0.25, repository=work / "models", precision="int8", latency_runs=3,
-                calibration_method="minmax", **SMALL)  # percentile histograms fail on random weights' ranges
+                calibration_method="minmax", calibration_images=35, **SMALL)  # percentile histograms fail on random weights' ranges
     # min_ratio at its floor: with random weights INT8 may lose a test image; the gate's math is tested above
     result = train(TrainOptions(**opts, int8_min_ratio=1e-6, force=True))
     return {"work": work, "result": result, "opts": opts}
@@ -163,7 +164,8 @@ def test_int8_variant_is_written_and_reported(int8_run):
     assert report["export"]["name"] == "tiny"  # --precision int8 implies --export
     assert q["variant"] == "tiny_int8" and q["written"] is True
     assert q["test_images"] == report["test_images"] == 18
-    assert q["calibration_images"] == report["split"]["train"]["images"]  # the training photos
+    assert report["split"]["train"]["images"] == 39
+    assert q["calibration_images"] == 35  # --calibration-images caps the training photos calibrated on
     labels = [p["label"] for p in report["test_predictions"]]
     fp32 = [p["predicted"] for p in report["test_predictions"]]
     int8 = report["int8_test_predictions"]
@@ -222,6 +224,20 @@ def test_int8_below_the_gate_writes_nothing_and_carries_the_report(int8_run, mon
     assert forced.passed is False and forced.written is True and (repo.root / "tiny_int8" / "1" / "model.onnx").is_file()
     with pytest.raises(ConfigError, match="already exists"):
         int8_lib.build_int8(repo.root, "tiny", **kwargs)
+
+
+def test_rerun_without_force_stops_before_any_work_when_the_int8_variant_exists(int8_run):
+    """Re-running the same --precision int8 command: refused at once, the FP32 export it was made from untouched
+    (it used to retrain, replace the FP32 model, then refuse the INT8 variant: a pair that no longer matched)."""
+    from train.pipeline import TrainOptions, train
+
+    fp32 = int8_run["work"] / "models" / "tiny" / "1" / "model.onnx"
+    before = fp32.stat().st_mtime_ns
+    report = (int8_run["work"] / "out" / "report.json").read_text()
+    with pytest.raises(ConfigError, match=r"tiny_int8 already exists \(an earlier --precision int8 run\); pass --force"):
+        train(TrainOptions(**int8_run["opts"]))
+    assert fp32.stat().st_mtime_ns == before
+    assert (int8_run["work"] / "out" / "report.json").read_text() == report
 
 
 def test_int8_keeps_the_entry_layers_of_every_branch_in_float(tmp_path):

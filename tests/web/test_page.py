@@ -1,7 +1,8 @@
-"""The web page in a real browser: upload a photo, see each model's top 3 with bars, the ensemble's answer and
-latencies; a non-image shows a clear error and the next upload works; drag and drop.
+"""The web page in a real browser: upload a photo, see each model's top predictions (the server's default count)
+with bars, the ensemble's answer and latencies; a non-image shows a clear error and the next upload works; drag and
+drop; the fusion control is off when one model is chosen.
 
-What the page shows is compared with what POST /v1/classify answers for the same bytes.
+What the page shows is compared with what POST /v1/classify answers for the same bytes with no top_k (the default).
 """
 
 from __future__ import annotations
@@ -75,14 +76,15 @@ def _rows(card) -> list[tuple[str, float, float]]:
     return rows
 
 
-def test_upload_a_photo_shows_top3_bars_ensemble_and_latency(browser, base_url, photo, save_screenshot, labels):
+def test_upload_a_photo_shows_the_default_top_k_bars_ensemble_and_latency(browser, base_url, photo, save_screenshot, labels):
     from selenium.webdriver.common.by import By
 
     _open(browser, base_url)
     assert browser.find_element(By.ID, "ensemble-select").get_attribute("value") == "trio"
     _upload(browser, photo)
     cards = _cards(browser, "#model-results .card.model", 3)
-    expected = _api_classify(base_url, photo.read_bytes(), photo.name, ensemble="trio", top_k=3)
+    expected = _api_classify(base_url, photo.read_bytes(), photo.name, ensemble="trio")
+    assert all(len(m["predictions"]) == 5 for m in expected["models"])  # the server's default
 
     preview = browser.find_element(By.ID, "preview")
     assert preview.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", preview) > 0
@@ -119,7 +121,7 @@ def test_upload_a_photo_shows_top3_bars_ensemble_and_latency(browser, base_url, 
     cards = _cards(browser, "#model-results .card.model", 2)
     assert [c.get_attribute("data-model") for c in cards] == ["fake_a", "fake_b"]
     (ensemble,) = _cards(browser, "#ensemble-results .card.ensemble", 1)
-    expected = _api_classify(base_url, photo.read_bytes(), photo.name, models="fake_a,fake_b", top_k=3)
+    expected = _api_classify(base_url, photo.read_bytes(), photo.name, models="fake_a,fake_b")
     answer = ensemble.find_element(By.CSS_SELECTOR, ".answer-label").text
     assert answer == expected["ensembles"][0]["predictions"][0]["label"]
 
@@ -163,7 +165,7 @@ def test_drag_and_drop_a_png(browser, base_url):
         """, base64.b64encode(buffer.getvalue()).decode())
     cards = _cards(browser, "#model-results .card.model", 3)
     assert "dropped.png" in browser.find_element(By.ID, "file-name").text
-    expected = _api_classify(base_url, buffer.getvalue(), "dropped.png", ensemble="trio", top_k=3)
+    expected = _api_classify(base_url, buffer.getvalue(), "dropped.png", ensemble="trio")
     assert [label for label, _, _ in _rows(cards[0])] == [p["label"] for p in expected["models"][0]["predictions"]]
 
 
@@ -203,3 +205,26 @@ def test_a_server_with_tokens_asks_the_page_for_one(browser, photo, tmp_path, sa
     finally:
         browser.execute_script("sessionStorage.clear()")
         server.stop(grace=1)
+
+
+def test_the_fusion_control_is_off_with_one_chosen_model(browser, base_url, photo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _open(browser, base_url)
+    fusion = browser.find_element(By.ID, "fusion-select")
+    assert fusion.is_enabled()  # an ensemble: a fusion may override its own
+    browser.find_element(By.ID, "mode-models").click()
+    assert fusion.is_enabled()  # three models chosen
+    Select(fusion).select_by_value("majority")
+    for name in ("fake_b", "fake_c"):
+        browser.find_element(By.CSS_SELECTOR, f"#model-list input[value='{name}']").click()
+    _wait(browser, lambda b: not fusion.is_enabled(), "the fusion control stayed on with one model chosen")
+    assert "choose two or more" in fusion.get_attribute("title")
+    _upload(browser, photo)  # one model, a fusion still selected but off: classified, no HTTP 400
+    (card,) = _cards(browser, "#model-results .card.model", 1)
+    assert card.get_attribute("data-model") == "fake_a"
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#ensemble-results .card")
+    browser.find_element(By.CSS_SELECTOR, "#model-list input[value='fake_b']").click()
+    _wait(browser, lambda b: fusion.is_enabled(), "the fusion control stayed off with two models chosen")
