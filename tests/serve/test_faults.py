@@ -216,6 +216,8 @@ def test_a_backend_that_raises_on_every_batch(server, client, baseline):
         outcomes.append(client.infer("crash", IMAGE, deadline_s=2.0))
     assert {code for code, _, _ in outcomes} == {"INTERNAL"}
     assert all(seconds < 2.0 + SLACK_S for _, seconds, _ in outcomes)
+    print(f"\n[{client.transport}] raises on every batch: {len(outcomes)} requests, all INTERNAL, slowest "
+          f"{max(s for _, s, _ in outcomes) * 1e3:.1f} ms")
     assert all("batch of 1 failed: RuntimeError: fake model 'crash': simulated crash" in msg
                for _, _, msg in outcomes)
     # the worker lives on, and after failing on every batch for a while the model says so in its readiness
@@ -235,6 +237,8 @@ def test_a_backend_that_raises_on_one_batch_of_many(server, client, baseline):
     before = _stats(server, "flaky")
     outcomes = [client.infer("flaky", IMAGE, deadline_s=5.0) for _ in range(6)]
     assert [code for code, _, _ in outcomes] == ["OK", "INTERNAL", "OK", "OK", "OK", "OK"]
+    print(f"\n[{client.transport}] one bad batch of 6: codes {[c for c, _, _ in outcomes]}, slowest "
+          f"{max(s for _, s, _ in outcomes) * 1e3:.1f} ms")
     assert "simulated failure of batch 2" in outcomes[1][2]
     expected = fake_probabilities(IMAGE, 5, seed=0)
     assert all(np.allclose(out, expected, atol=1e-6) for code, _, out in outcomes if code == "OK")
@@ -258,6 +262,8 @@ def test_a_backend_slower_than_the_deadline(server, client, baseline):
     assert {code for code, _, _ in refused} == {"RESOURCE_EXHAUSTED"}
     assert all(seconds < 0.2 for _, seconds, _ in refused)  # refused before the deadline could pass
     assert "exceeds the request's remaining deadline" in refused[0][2]
+    print(f"\n[{client.transport}] slower than the deadline: first DEADLINE_EXCEEDED after {first[1] * 1e3:.0f} ms "
+          f"(deadline 200), then refused in {max(s for _, s, _ in refused) * 1e3:.1f} ms")
     code, seconds, out = client.infer("slow", IMAGE, deadline_s=5.0)  # a deadline it can meet: served
     assert code == "OK" and seconds < 5.0
     after = _stats(server, "slow")
@@ -289,6 +295,8 @@ def test_mixed_image_sizes_on_a_dynamic_model(server, client, baseline):
     for t in threads:
         t.join(30)
     assert len(results) == 80 and all(code == "OK" and right for code, _, right in results), results
+    print(f"\n[{client.transport}] mixed sizes: {sum(1 for c, _, r in results if c == 'OK' and r)}/80 correct, "
+          f"slowest {max(s for _, s, _ in results) * 1e3:.0f} ms")
     assert max(server.hub.models["dyn"].runner.batch_sizes) > 1  # batches did form (per size)
     assert client.ready("dyn") and server.hub.models["dyn"].batcher.health() is None
     code, _, out = client.infer("dyn", images[sizes[0]])
@@ -312,6 +320,7 @@ def test_a_member_refused_inside_an_ensemble_cancels_its_queued_siblings(server,
         duo_before = server.hub.ensembles["duo"].stats.snapshot()["fail_reasons"].get("REJECTED", 0)
         code, seconds, message = client.infer("duo", IMAGE, deadline_s=5.0)
         assert code == "RESOURCE_EXHAUSTED" and "queue full" in message and seconds < 1.0
+        print(f"\n[{client.transport}] member refused inside an ensemble: {code} in {seconds * 1e3:.1f} ms")
         gate.open.set()
         for t in holders:
             t.join(10)
@@ -353,6 +362,8 @@ def test_sigterm_with_requests_in_flight_longer_than_the_grace(tmp_path, serve_p
     for t in threads:
         t.join(10)
     assert code == 0, proc.output()
+    print(f"\nSIGTERM with requests in flight, --grace 1: exit {code} after {took:.2f} s, outcomes "
+          f"{sorted(c for c, _, _ in outcomes)}, each in {max(s for _, s, _ in outcomes):.2f} s at most")
     assert took < 1.0 + 3.0  # the grace and the answers: not the batch still inside the model (4 s)
     assert len(outcomes) == 3 and {c for c, _, _ in outcomes} <= {"UNAVAILABLE", "CANCELLED"}, outcomes
     assert "did not finish before the shutdown deadline" in proc.output()
