@@ -36,23 +36,33 @@ def format_index(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def connection(parser, defaults: bool) -> None:
+        """The server's address and credentials: before the action or after it (`models list --token T`)."""
+        default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+        parser.add_argument("--address", default=default(DEFAULT_ADDRESS),
+                            help=f"server host:port (default {DEFAULT_ADDRESS})")
+        parser.add_argument("--token", default=default(os.environ.get("KESTREL_TOKEN")),
+                            help="bearer token (the server runs with --auth-tokens; default: $KESTREL_TOKEN)")
+        parser.add_argument("--tls-ca", type=Path, default=default(None),
+                            help="CA certificate to trust (the server uses TLS)")
+        parser.add_argument("--timeout", type=float, default=default(300.0),
+                            help="seconds a call may take (a load returns once the model serves; default 300)")
+
     parser = argparse.ArgumentParser(prog="kestrel models", description=(
         "List, load and unload the models of a running Kestrel server (the repository extension, over gRPC)."))
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
-    parser.add_argument("--token", default=os.environ.get("KESTREL_TOKEN"),
-                        help="bearer token (the server runs with --auth-tokens; default: $KESTREL_TOKEN)")
-    parser.add_argument("--tls-ca", type=Path, help="CA certificate to trust (the server uses TLS)")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds a call may take (a load returns once the model serves; default 300)")
+    connection(parser, defaults=True)
     actions = parser.add_subparsers(dest="action", required=True, metavar="list|load|unload")
     listing = actions.add_parser("list", help="every model version the server knows, with state and reason")
+    connection(listing, defaults=False)
     listing.add_argument("--ready", action="store_true", help="only the versions that serve")
     load = actions.add_parser("load", help="load or reload a model or ensemble (returns once it serves)")
+    connection(load, defaults=False)
     load.add_argument("name")
     load.add_argument("--force", action="store_true", help="reload versions whose files did not change")
     load.add_argument("--config", type=Path, metavar="FILE",
                       help="a JSON model configuration (ModelConfig) to load with instead of config.pbtxt")
     unload = actions.add_parser("unload", help="unload a model or ensemble (returns once its requests are answered)")
+    connection(unload, defaults=False)
     unload.add_argument("name")
     unload.add_argument("--unload-dependents", action="store_true",
                         help="an ensemble: its members loaded with it too")

@@ -171,6 +171,7 @@ COVERED_BY = {
     "evaluate": [("tests/export/test_evaluate.py", "evaluate")],
     "serve": [("tests/serve/test_server_process.py", '"-m", "serve"')],
     "classify": [("tests/serve/test_classify.py", "serve.client")],
+    "models": [("tests/serve/test_lifecycle.py", "serve.control")],
     "train": [("tests/train/test_cli.py", '"-m", "train"')],
     "bench": [("tests/benchmarks/test_bench_smoke.py", "bench-smoke")],
     "bench inprocess": [("tests/benchmarks/test_inprocess.py", "benchmarks.inprocess")],

@@ -774,7 +774,7 @@ def test_kestrel_models_lists_loads_and_unloads(explicit_server, capsys):
     address = ["--address", f"127.0.0.1:{server.port}"]
     assert main(address + ["load", "cli"]) == 0
     assert "cli: loaded" in capsys.readouterr().out
-    assert main(address + ["list"]) == 0
+    assert main(["list"] + address) == 0  # the connection flags after the action work too
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["MODEL", "VERSION", "STATE", "REASON"]
     assert any(line.split()[:3] == ["cli", "1", "READY"] for line in table.splitlines())
