@@ -60,7 +60,7 @@ def test_demo_with_fake_models_prints_each_step_once(tmp_path, python_env):
     expected = [r"alpha: already in .*, skipping export", r"beta: already in .*, skipping export",
                 r"ensemble imagenet: defining it in .* \(imagenet=alpha,beta:mean\)",  # a repository ensemble
                 r"starting the server: -m serve --repository .* --models alpha,beta,imagenet .*",
-                r"server SERVING on 127\.0\.0\.1:\d+; classifying 2 photos"]
+                r"server SERVING on 127\.0\.0\.1:\d+; web page http://127\.0\.0\.1:\d+/; classifying 2 photos"]
     assert len(steps) == len(expected), steps
     for line, pattern in zip(steps, expected):
         assert re.fullmatch(r"\[demo\] " + pattern, line), (line, pattern)
