@@ -78,10 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run: fake models, tiny Flask model, one level, seconds per run (make bench-smoke)")
-    return console.add_examples(p, "--repository models --model mobilenet_v2    # about 35 min",
-                                "--model mobilenet_v2 --quick                 # about 4 min",
-                                "--model mobilenet_v2 --apis classify --levels 8 --repeats 3   # one API, one level",
-                                "--smoke --output /tmp/bench-smoke          # under a minute, fake models",
+    return console.add_examples(p, "--model mobilenet_v2                    # about 35 min",
+                                "--model mobilenet_v2 --quick            # about 4 min",
+                                "--smoke --output /tmp/bench-smoke       # under a minute, fake models",
                                 note="other benchmarks: `kestrel bench inprocess --help`, "
                                      "`kestrel bench classify-latency --help`, `kestrel bench vs-triton --help` "
                                      "(against Triton); `kestrel bench docs` puts the "

@@ -288,7 +288,7 @@ def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: in
             desc = f"{desc} (a sample of {wanted} of {len(paths)} images)"
         bar = tqdm(total=wanted, desc=desc, unit="img", leave=False)
     try:
-        for path in paths:
+        for index, path in enumerate(paths):
             if len(loaded) >= wanted:
                 break
             try:
@@ -296,8 +296,10 @@ def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: in
                 loaded.append(Path(path))
             except ImageDecodeError as exc:
                 skipped.append((Path(path), str(exc)))
-                if bar is not None:
-                    bar.set_postfix_str(f"{len(skipped)} undecodable, skipped")
+                if bar is not None:  # what can still be loaded: the last line never reads as a run stopped early
+                    bar.total = min(wanted, len(loaded) + len(paths) - index - 1)
+                    bar.set_postfix_str(f"({len(skipped)} undecodable, skipped)")
+                    bar.refresh()
                 continue
             if bar is not None:
                 bar.update(1)
