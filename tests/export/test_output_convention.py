@@ -147,7 +147,8 @@ def case_train(tmp: Path):
              "--repository", tmp / "models", "--precision", "int8", "--calibration-method", "minmax",
              "--calibration-images", "12", "--latency-runs", "2"],
             [r"decoding images: 25/25 img", r"features \(plain\): 24/24 img", r"training mlp head: 3/3 epoch", r"export shapes: 5/5 ",
-             r"calibration \(a sample of 12 of 15 images\)"])
+             r"calibration \(a sample of 12 of 15 images\)",
+             r"\nserve it: kestrel serve --repository \S+ --models shapes,shapes_int8\n"])
 
 
 def case_train_fewshot(tmp: Path):
