@@ -31,8 +31,9 @@ def _fraction(text: str) -> float:
 def _base(text: str) -> str:
     if text in applications.APPLICATIONS or text.lower().endswith(".keras"):
         return text
-    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (expected one of "
-                                     f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file)")
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r}{console.did_you_mean(text, sorted(applications.APPLICATIONS))}"
+                                     f" (expected one of {', '.join(sorted(applications.APPLICATIONS))} or a .keras "
+                                     "model file)")
 
 
 def parser() -> argparse.ArgumentParser:

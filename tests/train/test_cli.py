@@ -46,6 +46,8 @@ def test_unknown_base_is_an_argparse_error(tiny_dataset, tmp_path, python_env):
     proc = _run([str(tiny_dataset), "--base", "alexnet"], python_env, tmp_path)
     assert proc.returncode == 2
     assert "invalid choice: 'alexnet'" in proc.stderr and "mobilenet_v2" in proc.stderr
+    proc = _run([str(tiny_dataset), "--base", "MobileNetV2"], python_env, tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'MobileNetV2'; did you mean mobilenet_v2?" in proc.stderr
 
 
 def test_help_lists_the_issue_options(python_env, tmp_path):
