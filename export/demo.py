@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = _wait_ready(port_file, server, args.ready_timeout)
         address = f"127.0.0.1:{ports['port']}"
         web = f"; web page http://127.0.0.1:{ports['http_port']}/" if ports.get("http_port") else ""
-        _say(f"server SERVING on {address}{web}; classifying {len(photos)} photos")
+        _say(f"server SERVING on {address}{web}; classifying {len(photos)} photo{'s' if len(photos) != 1 else ''}")
         client_cmd = [sys.executable, "-m", "serve.client", *map(str, photos), "--models", ",".join(ready),
                       *(["--ensemble", ENSEMBLE] if len(ready) > 1 else []), "--address", address, "--top-k", "3"]
         result = subprocess.run(client_cmd, cwd=ROOT, env=_quiet_env())
