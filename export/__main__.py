@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
               "does not have yet", file=sys.stderr)
         return 2
     try:
+        if extra or args.engine:  # the variants' inputs, before the FP32 export that takes a while
+            from .optimize import check_image_inputs
+
+            check_image_inputs(calibration=args.calibration, accuracy_images=None,
+                               need_calibration="int8" in args.precision)
         report = export_model(
             args.source, name=args.name, weights=args.weights, repository=args.repository, labels=args.labels,
             parity_images=args.parity_images, opset=args.opset, input_size=args.input_size,

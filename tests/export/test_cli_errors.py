@@ -131,3 +131,13 @@ def test_missing_labels_are_found_before_the_model_loads(tmp_path, python_env, w
     _check(result, *expected)
     assert "tensorflow imported: False" in result.stdout
     assert not (tmp_path / "models").exists()
+
+
+def test_int8_without_calibration_is_refused_before_the_export(tmp_path):
+    result = cli(["mobilenet_v2", "--weights", "none", "--precision", "fp32,int8", "--repository",
+                  str(tmp_path / "models")])
+    _check(result, "INT8 needs calibration images", "--calibration DIR")
+    assert not (tmp_path / "models").exists()  # nothing exported first
+    result = cli(["mobilenet_v2", "--weights", "none", "--precision", "int8", "--calibration",
+                  str(tmp_path / "no_such"), "--repository", str(tmp_path / "models")])
+    _check(result, "--calibration", "no_such: the folder does not exist")
