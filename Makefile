@@ -8,7 +8,7 @@ EXTRAS ?= export,train,bench,dev
 # with internet the seeds' trio: make demo MODELS=vgg16,resnet50,xception
 MODELS ?= mobilenet_v2,mobilenet,$(SHARED)/models/efficientnet_lite0/efficientnet_lite0.keras
 REPO   ?= models
-PORT   ?= 8001
+PORT   ?=
 SHARED ?= ../shared
 PROTO_OUT := serve/_proto
 PROTOS := $(wildcard proto/*.proto)
@@ -58,8 +58,9 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+# PORT unset: gRPC 8001 and HTTP 8000, or free ports for both when either is taken; PORT=0: free ports
 demo: install keras-home
-	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) --port $(PORT) --photos $(SHARED)/photos $(DEMO_ARGS)
+	$(PY) -m export.demo --models $(MODELS) --repository $(REPO) $(if $(PORT),--port $(PORT)) --photos $(SHARED)/photos $(DEMO_ARGS)
 
 # The server benchmark (locust): the Keras path vs onnxruntime FP32 vs INT8 (+ TensorRT on a GPU)
 # and a Flask + model.predict app; exports what is missing. Report in benchmarks/results/<timestamp>/.

@@ -96,8 +96,8 @@ def measure(repository: Path, ensemble: str, images_dir: Path, *, repeats: int, 
             schedule = _method.interleaved(targets, repeats)
             bar = None
             if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=len(schedule), desc="ensemble latency", unit="req", file=sys.stderr, leave=False)
+                from serve.console import progress  # a bar on a terminal, lines in logs
+                bar = progress(total=len(schedule), desc="ensemble latency", unit="req", file=sys.stderr, leave=False)
             for r, target in schedule:
                 data = pictures[r % len(pictures)]
                 t0 = time.perf_counter()

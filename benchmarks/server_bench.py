@@ -73,9 +73,9 @@ class Settings:
     export: bool = True
     weights: str = "imagenet"
     calibration: Path | None = None  # INT8 calibration images; default ../shared/datasets/imagenet_val
-    # export.optimize keeps every calibration image's activations in memory (~75 MB each for
-    # MobileNetV2: its default of 300 images needs ~18 GB); 64 keeps the export at a few GB
-    calibration_images: int = 64
+    # None: export.optimize's own default (300, the INT8 variant `kestrel optimize` makes); its calibration runs
+    # 8 images at a time (export/calibrate.py), so the count no longer bounds memory
+    calibration_images: int | None = None
     server_args: list[str] = field(default_factory=list)
     server_env: dict[str, str] = field(default_factory=dict)  # e.g. TF_NUM_INTRAOP_THREADS for the Keras backend
     output: Path | None = None
@@ -119,6 +119,18 @@ class Settings:
         return s
 
 
+DEFAULT_RUNS = dict(levels=[1, 8, 32], repeats=3, duration_s=15.0, warmup_s=3.0)  # about 35 min on 2 cores
+QUICK_RUNS = dict(levels=[1, 8], repeats=1, duration_s=5.0, warmup_s=1.0)  # --quick: about 4 min
+
+
+def planned_runs(s: Settings) -> tuple[int, float]:
+    """(runs, seconds) the schedule will take: every (API, variant) pair and the Flask reference at each level and
+    repeat, each run warm-up + duration + locust's start and stop. Exports of missing variants come on top."""
+    targets = len(s.apis) * len(s.variants or []) + int(bool(s.flask))
+    runs = targets * len(s.levels) * s.repeats
+    return runs, runs * (s.warmup_s + s.duration_s + RUN_OVERHEAD_S)
+
+
 def _has_tensorrt() -> bool:
     from serve._optional import available
 
@@ -143,16 +155,17 @@ def export_command(variant: str, s: Settings) -> list[str] | None:
     base = [sys.executable]
     if variant in (s.model, f"{s.model}_keras"):
         return base + ["-m", "export", s.model, "--weights", s.weights, "--repository", str(s.repository)]
+    sample = ["--max-calibration-images", str(s.calibration_images)] if s.calibration_images else []
     if variant == f"{s.model}_int8":
         cmd = base + ["-m", "export.optimize", s.model, "--repository", str(s.repository), "--precision", "int8",
-                      "--max-calibration-images", str(s.calibration_images)]
+                      *sample]
         return cmd + (["--calibration", str(s.calibration)] if s.calibration else [])
     for precision in ("fp16", "fp32", "int8"):
         if variant == f"{s.model}_trt_{precision}":
             cmd = base + ["-m", "export.optimize", s.model, "--repository", str(s.repository),
                           "--precision", precision, "--engine-only"]
             if precision == "int8":
-                cmd += ["--max-calibration-images", str(s.calibration_images)]
+                cmd += sample
                 cmd += ["--calibration", str(s.calibration)] if s.calibration else []
             return cmd
     return None
@@ -274,6 +287,10 @@ def run(settings: Settings) -> Path:
         s = prepare_smoke(s, notes)
     started = time.time()
     machine_start = _method.machine_info()
+    runs, seconds = planned_runs(s)
+    print(f"plan: {runs} runs of {s.warmup_s:g}+{s.duration_s:g} s, about {seconds / 60:.1f} min"
+          + (" (--quick: about 4 min)" if seconds > 600 else "")
+          + (", after exporting the variants that are missing" if s.export else ""), flush=True)
 
     variants = export_missing(s, logs, notes) if s.export else [v for v in s.variants if _present(s.repository, v)]
     if not s.export:
@@ -315,8 +332,10 @@ def run(settings: Settings) -> Path:
             targets.append(("classify", FLASK))
         schedule = _method.grid(s.levels, targets, s.repeats)
         per_run = s.warmup_s + s.duration_s + RUN_OVERHEAD_S
-        print(f"{len(schedule)} runs of {s.warmup_s:g}+{s.duration_s:g} s: about {len(schedule) * per_run / 60:.1f} "
-              f"min (budget {s.budget_s / 60:.0f} min); results in {out}", flush=True)
+        if len(schedule) != runs:  # some variants are missing or not ready: fewer runs than planned
+            print(f"{len(schedule)} runs of {s.warmup_s:g}+{s.duration_s:g} s after all: about "
+                  f"{len(schedule) * per_run / 60:.1f} min", flush=True)
+        print(f"budget {s.budget_s / 60:.0f} min; results in {out}", flush=True)
         pids = [server.process.pid] + ([flask.process.pid] if flask else [])
         progress = _progress(len(schedule))
         for index, (level, repeat, (api, target)) in enumerate(schedule):

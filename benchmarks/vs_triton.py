@@ -80,7 +80,7 @@ class Settings:
     export: bool = True
     weights: str = "imagenet"
     calibration: Path | None = None  # INT8 calibration; default ../shared/datasets/imagenet_val
-    calibration_images: int = 64
+    calibration_images: int | None = None  # None: export.optimize's default (300)
     ensemble: str = "imagenet"  # "" skips the ensemble section
     ensemble_clients: int = 8
     ensemble_only: bool = False

@@ -3,7 +3,8 @@
     python -m export mobilenet_v2                          # ImageNet weights (KERAS_HOME offline)
     python -m export mobilenet --alpha 0.25                # MobileNet v1 at width 0.25 -> models/mobilenet_0.25
     python -m export resnet50 --weights none               # untrained, e.g. for speed tests
-    python -m export flowers.keras --labels labels.txt     # a fine-tuned model
+    python -m export runs/flower_photos/model.keras --labels runs/flower_photos/labels.txt --name flowers
+                                                           # a fine-tuned model (what `kestrel train` writes)
     python -m export mobilenet_v2 --precision fp32,int8 --calibration photos/
 
 Bad input prints one line on stderr and exits non-zero (2 for usage/input
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
               "does not have yet", file=sys.stderr)
         return 2
     try:
+        if extra or args.engine:  # the variants' inputs, before the FP32 export that takes a while
+            from .optimize import check_image_inputs
+
+            check_image_inputs(calibration=args.calibration, accuracy_images=None,
+                               need_calibration="int8" in args.precision)
         report = export_model(
             args.source, name=args.name, weights=args.weights, repository=args.repository, labels=args.labels,
             parity_images=args.parity_images, opset=args.opset, input_size=args.input_size,

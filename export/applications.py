@@ -126,9 +126,11 @@ def get(name: str) -> Application:
     try:
         return APPLICATIONS[name]
     except KeyError:
+        from serve.console import did_you_mean
+
         raise ConfigError(
-            f"unknown application {name!r}; expected one of {', '.join(sorted(APPLICATIONS))} "
-            "or a path to a .keras/.h5 model"
+            f"unknown application {name!r}{did_you_mean(name, sorted(APPLICATIONS))} (expected one of "
+            f"{', '.join(sorted(APPLICATIONS))} or a path to a .keras/.h5 model)"
         ) from None
 
 

@@ -1,7 +1,7 @@
 """`make demo`: export an ImageNet ensemble, serve it, classify sample photos through the server.
 
     python -m export.demo [--models mobilenet_v2,mobilenet,PATH/efficientnet_lite0.keras] [--repository models]
-                          [--port 8001] [--photos DIR] [--weights imagenet] [--fusion mean]
+                          [--port 8001|0] [--photos DIR] [--weights imagenet] [--fusion mean]
 
 The default trio runs offline: MobileNetV2 and MobileNet (v1) are Keras applications
 whose ImageNet weights are in ../shared/keras_home, and EfficientNet-Lite0 is a user's
@@ -20,12 +20,14 @@ some weights in KERAS_HOME) is reported and left out; the demo goes on with the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,17 +108,63 @@ def _quiet_env() -> dict:
     return dict(os.environ)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEFAULT_PORT, DEFAULT_HTTP_PORT = 8001, 8000  # serve's defaults: gRPC, HTTP + web page
 
 
-def _wait_ready(address: str, server: subprocess.Popen, timeout: float) -> None:
+def choose_ports(port: int | None, http_port: int | None, host: str = "127.0.0.1",
+                 defaults: tuple[int, int] = (DEFAULT_PORT, DEFAULT_HTTP_PORT)) -> tuple[int, int, str]:
+    """(gRPC port, HTTP port, a note or "") to pass to `python -m serve`.
+
+    --port 0: any free port for HTTP too (as `serve --help` says), unless --http-port names one. No --port:
+    the default ports, or, when one of them is taken (another server on this machine), free ports for both,
+    with a note saying so: the demo never fails for a port nobody asked for. A port the user named is used as
+    given (serve says clearly when it is taken)."""
+    from serve.__main__ import ListenError, check_listen  # light: no grpc, no model
+
+    note = ""
+    if port is None:
+        wanted = [("--port", defaults[0])] + ([("--http-port", defaults[1])] if http_port is None else [])
+        busy = []
+        for flag, number in wanted:
+            try:
+                check_listen(host, flag, number)
+            except ListenError:
+                busy.append(number)
+        if busy:
+            note = (f"port{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} in use (another server?): "
+                    "serving on free ports instead")
+            port = 0
+        else:
+            port = defaults[0]
+    if http_port is None:
+        http_port = 0 if port == 0 else defaults[1]
+    return port, http_port, note
+
+
+def serve_command(repository: Path, served: list[str], port: int, http_port: int, port_file: Path) -> list[str]:
+    return [sys.executable, "-m", "serve", "--repository", str(repository), "--models", ",".join(served),
+            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", str(http_port),
+            "--port-file", str(port_file)]
+
+
+def _wait_ready(port_file: Path, server: subprocess.Popen, timeout: float) -> dict:
+    """The server's ports (its --port-file, written once its models are loaded and its ports open), after its
+    gRPC health check says SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
+    ports = None
+    while ports is None:
+        if server.poll() is not None:
+            raise SystemExit(f"[demo] the server exited with code {server.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"[demo] the server had not opened its ports after {timeout:.0f} s")
+        try:
+            ports = json.loads(port_file.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    address = f"127.0.0.1:{ports['port']}"
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -125,7 +173,7 @@ def _wait_ready(address: str, server: subprocess.Popen, timeout: float) -> None:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                    return ports
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
@@ -140,12 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", default=DEFAULT_FUSION, help=f"the ensemble's fusion (default {DEFAULT_FUSION})")
     parser.add_argument("--repository", default="models")
     parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"gRPC port (default {DEFAULT_PORT}, or free ports for gRPC and HTTP when {DEFAULT_PORT} "
+                             f"or {DEFAULT_HTTP_PORT} is taken; 0: any free port, HTTP too)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared" / "photos"),
                         help="a folder of photos to classify")
     parser.add_argument("--limit", type=int, default=6, help="how many photos to send")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
-    parser.add_argument("--http-port", type=int, default=8000, help="web page / REST port (0: any free port)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help=f"web page / REST port (default {DEFAULT_HTTP_PORT}, any free port when --port is 0; "
+                             "0: any free port)")
     parser.add_argument("--keep-serving", action="store_true",
                         help="leave the server running after the photos (Ctrl-C stops it)")
     from serve import console
@@ -171,22 +223,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if len(ready) > 1:
         define_ensemble(repository, ready, args.fusion)
-    port = args.port or _free_port()
-    address = f"127.0.0.1:{port}"
+    port, http_port, note = choose_ports(args.port, args.http_port)
+    if note:
+        _say(note)
     served = ready + [ENSEMBLE] if len(ready) > 1 else ready
-    serve_cmd = [sys.executable, "-m", "serve", "--repository", str(repository), "--models", ",".join(served),
-                 "--host", "127.0.0.1", "--port", str(port),
-                 "--metrics-port", "0", "--http-port", str(args.http_port)]
-    _say(f"starting the server: {' '.join(serve_cmd[1:])}")
+    port_dir = Path(tempfile.mkdtemp(prefix="kestrel-demo-"))
+    port_file = port_dir / "ports.json"
+    serve_cmd = serve_command(repository, served, port, http_port, port_file)
+    _say(f"starting the server: {' '.join(serve_cmd[1:-2])}")
     server = subprocess.Popen(serve_cmd, cwd=ROOT, env=_quiet_env())
     try:
-        _wait_ready(address, server, args.ready_timeout)
-        _say(f"server SERVING on {address}; classifying {len(photos)} photos")
+        ports = _wait_ready(port_file, server, args.ready_timeout)
+        address = f"127.0.0.1:{ports['port']}"
+        web = f"; web page http://127.0.0.1:{ports['http_port']}/" if ports.get("http_port") else ""
+        _say(f"server SERVING on {address}{web}; classifying {len(photos)} photo{'s' if len(photos) != 1 else ''}")
         client_cmd = [sys.executable, "-m", "serve.client", *map(str, photos), "--models", ",".join(ready),
                       *(["--ensemble", ENSEMBLE] if len(ready) > 1 else []), "--address", address, "--top-k", "3"]
         result = subprocess.run(client_cmd, cwd=ROOT, env=_quiet_env())
         if args.keep_serving and result.returncode == 0:
-            _say(f"still serving: gRPC {address}; web page and REST on the HTTP port logged above. Ctrl-C stops.")
+            _say(f"still serving: gRPC {address}{web}. Ctrl-C stops.")
             try:
                 server.wait()
             except KeyboardInterrupt:
@@ -198,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+        shutil.rmtree(port_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m export.evaluate ../shared/datasets/imagenet_val --repository models \\
         --models mobilenet_v2,mobilenet_v2_int8,mobilenet_v2_fp16 --ensemble trio=mobilenet_v2,mobilenet,effnet \\
-        [--out runs/evaluate] [--limit N] [--resize model|stretch|crop] [--class-index FILE]
+        [--output runs/evaluate] [--limit N] [--resize model|stretch|crop] [--class-index FILE]
 
 Labelled data, one of:
 - a folder of class sub-folders (ImageFolder), each named by a label of the
@@ -30,7 +30,7 @@ fusion); its latency (members run concurrently) against its slowest member.
 Batch-1 and batch-8 latency per model (interleaved medians; on a shared machine
 the numbers say little: re-run with --latency-runs on a quiet one).
 
-Output in --out: evaluation.json, evaluation.md (the table, also printed), and
+Output in --output: evaluation.json, evaluation.md (the table, also printed), and
 evaluation.png (top-1 against batch-1 and batch-8 latency per variant; needs
 matplotlib: the bench extra).
 """
@@ -323,8 +323,8 @@ def reference_of(name: str, entry, names: Sequence[str]) -> str | None:
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", leave=False)
+    from serve.console import progress  # a bar on a terminal, lines in logs (docs/cli.md, Output)
+    return progress(total=total, desc=desc, unit="img", leave=False)
 
 
 def predict_all(members: Sequence[Member], samples: Sequence[Sample], *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -715,9 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature-folds", type=int, default=DEFAULT_TEMPERATURE_FOLDS,
                    help="ensembles: also report every fusion with per-member temperatures cross-fitted over this "
                         f"many folds (never fitted on the image scored; default {DEFAULT_TEMPERATURE_FOLDS}; 0: off)")
-    p.add_argument("--out", default="runs/evaluate", help="folder for evaluation.json/.md/.png (default: runs/evaluate)")
+    p.add_argument("--output", "--out", dest="out", default="runs/evaluate",
+                   help="folder for evaluation.json/.md/.png (default: runs/evaluate)")
     p.add_argument("--no-plot", action="store_true", help="do not draw evaluation.png")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -17,7 +17,8 @@ Accuracy report (accuracy.json, also printed) and gate: the variant against the
 Keras model (or the FP32 ONNX when there is no Keras entry or no TensorFlow) on
 real images not used for calibration (`--accuracy-images`, default: a held-out,
 class-stratified 20 % of the calibration folder plus its images beyond the ones
-calibrated on), resized with the model's resize mode:
+calibrated on; quantize.hold_out, whose count and reason are printed), resized
+with the model's resize mode; synthetic images only when no real image was given:
 
 - labelled images (class folders named by the model's labels or ImageNet wnids):
   top-1 accuracy of both, the ratio, a paired 95 % interval and McNemar's p; the
@@ -26,7 +27,8 @@ calibrated on), resized with the model's resize mode:
   at least `--min-agreement` (default 98 % INT8, 99 % FP16 / FP32 engines).
 
 Also: top-1/top-5 agreement, relative L2 of the probability vectors, the worst
-images, batch-1 latency against FP32 (interleaved medians). A variant failing
+images, batch-1 latency against FP32 (one interleaved run of FP32 and every
+variant, medians: all reports share one FP32 figure). A variant failing
 its gate is not written and the command fails with the report, unless `--force`.
 
 With `--engine`: TensorRT engines for every requested precision (fp32 and fp16
@@ -38,6 +40,7 @@ with a clear message *after* the ONNX variants were written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -138,8 +141,11 @@ class AccuracyReport:
                          f"{self.calibration.get('method')}, kept in float: "
                          f"{ {k: len(v) for k, v in self.calibration.get('kept_float_by_rule', {}).items()} }")
         if self.latency:
+            together = [v for v in self.latency.get("measured_with", []) if v != self.variant]
+            also = f" and {', '.join(together)}" if together else ""
             lines.append(f"  batch-1 latency: {self.latency['variant_ms']:.2f} ms vs FP32 {self.latency['fp32_ms']:.2f} ms "
-                         f"= {self.latency['ratio']:.2f}x ({self.latency['runs']} interleaved runs, medians)")
+                         f"= {self.latency['ratio']:.2f}x ({self.latency['runs']} runs, interleaved with FP32{also}; "
+                         "medians)")
         if self.worst:
             lines.append("  worst images:")
             for w in self.worst:
@@ -366,6 +372,24 @@ class Images:
     calibration: quant.ImageSet | None
     evaluation: quant.ImageSet
     source: str
+    calibration_note: str = ""  # how the calibration images relate to the folder ("a sample of 300 of the 926 ...")
+    holdout_note: str = ""  # why the hold-out has the size it has (quantize.HoldOut.why)
+
+
+def image_folders(accuracy_images) -> list:
+    return [] if accuracy_images is None else (
+        [accuracy_images] if isinstance(accuracy_images, (str, Path)) else list(accuracy_images))
+
+
+def check_image_inputs(*, calibration, accuracy_images, need_calibration: bool) -> None:
+    """The image folders exist and INT8 has calibration images: checked before anything else (an existing
+    variant, the reference model), so the first message names what is missing."""
+    if need_calibration and calibration is None:
+        raise ConfigError("INT8 needs calibration images: pass --calibration DIR (a folder searched recursively)")
+    for flag, folder in [("--calibration", calibration)] + [("--accuracy-images", f)
+                                                           for f in image_folders(accuracy_images)]:
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{flag} {folder}: the folder does not exist")
 
 
 def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions, need_calibration,
@@ -374,43 +398,59 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
 
     Evaluation = every `accuracy_images` folder, plus the held-out `holdout`
     fraction of the calibration folder (default: 20 % when no accuracy folder
-    is given, none otherwise). With the default holdout, the calibration part's
-    images beyond the `max_images` calibrated on are evaluated too (never
-    calibrated on; more images, a tighter gate), up to `max_eval` in all.
+    is given, none otherwise; quantize.hold_out: stratified by class folder,
+    single-image folders held out whole when nothing else can be). With the
+    default holdout, the calibration part's images beyond the `max_images`
+    calibrated on are evaluated too (never calibrated on; more images, a
+    tighter gate), up to `max_eval` in all.
+
+    Synthetic images stand in only when no real image was given at all; real
+    images that leave nothing to evaluate on are an error naming --holdout and
+    --accuracy-images.
     """
-    default_holdout = holdout is None and not (accuracy_images or [])
-    folders = [] if accuracy_images is None else (
-        [accuracy_images] if isinstance(accuracy_images, (str, Path)) else list(accuracy_images))
+    default_holdout = holdout is None and not image_folders(accuracy_images)
+    folders = image_folders(accuracy_images)
     if holdout is None:
         holdout = 0.0 if folders else quant.DEFAULT_HOLDOUT
-    if need_calibration and calibration is None:
-        raise ConfigError("INT8 needs calibration images: pass --calibration DIR (a folder searched recursively)")
-    cal_paths: list[Path] = simages.find_images(calibration) if calibration is not None else []
+    check_image_inputs(calibration=calibration, accuracy_images=folders, need_calibration=need_calibration)
+    all_cal: list[Path] = simages.find_images(calibration) if calibration is not None else []
+    cal_paths = list(all_cal)
     eval_paths: list[Path] = []
     sources = []
+    held_count, holdout_note = 0, ""
     if cal_paths and holdout > 0:
-        cal_paths, held = quant.split_calibration(cal_paths, holdout)
-        eval_paths += held
-        sources.append(f"held-out {holdout:.0%} of {calibration} (stratified, not used for calibration)")
+        split = quant.hold_out(cal_paths, holdout)
+        cal_paths, held_count = split.calibration, len(split.held)
+        eval_paths += split.held
+        if split.held:
+            sources.append(split.count(calibration))
+            holdout_note = split.why()
     extra: list[Path] = []
     for folder in folders:
         found = simages.find_images(folder)
         extra += found
         sources.append(f"{folder} ({len(found)} files)")
     cal_set = None
+    note = ""
     if need_calibration:
         overlap = set(map(str, cal_paths)) & set(map(str, extra))
         if overlap:
             raise ConfigError(f"{len(overlap)} accuracy images are also calibration images (e.g. {sorted(overlap)[0]}); "
                               "use a separate --accuracy-images folder or --holdout")
         cal_set = quant.load_calibration(cal_paths, image_size, qoptions, source=calibration, progress=progress,
-                                         mode=mode)
+                                         mode=mode, held_out=held_count)
+        rest = f"the {len(cal_paths)} not held out" if held_count else f"its {len(cal_paths)} images"
+        if len(cal_set) + len(cal_set.skipped) < len(cal_paths):
+            note = (f"a sample of {len(cal_set)} of {rest}, every class in turn (--max-calibration-images "
+                    f"{qoptions.max_images})")
+        else:
+            note = f"all {rest}" + (f" but {len(cal_set.skipped)} undecodable" if cal_set.skipped else "")
         if default_holdout:
             used = set(map(str, cal_set.paths)) | {str(p) for p, _ in cal_set.skipped}
             unused = [p for p in cal_paths if str(p) not in used]
             if unused:
                 eval_paths += unused
-                sources.append(f"{len(unused)} more images of {calibration} not calibrated on")
+                sources.append(f"{len(unused)} more of its images not calibrated on")
     held_set = quant.load_images(eval_paths, image_size, limit=max_eval, progress=progress, desc="held-out images",
                                  mode=mode)
     extra_set = quant.load_images(extra, image_size, progress=progress, desc="accuracy images", mode=mode)
@@ -418,10 +458,20 @@ def gather_images(image_size, *, calibration, accuracy_images, holdout, qoptions
                               held_set.skipped + extra_set.skipped)
     source = " + ".join(sources)
     if len(eval_set) == 0:
+        if all_cal or extra:  # real images were given: never judge on synthetic ones instead
+            why = []
+            if folders:
+                why.append(f"--accuracy-images {', '.join(map(str, folders))}: no decodable image")
+            if all_cal:
+                why.append(f"--calibration {calibration}: " + (
+                    f"--holdout {holdout:g} holds none of its {len(all_cal)} images out" if not held_count else
+                    f"none of the {held_count} images held out could be decoded"))
+            raise ConfigError("no real images are left for the accuracy report (" + "; ".join(why) + "): pass "
+                              "--holdout 0.2 to hold out a fifth of the calibration folder, or --accuracy-images DIR")
         eval_set = quant.ImageSet(simages.synthetic_images(32, image_size, seed=1),
                                   [Path(f"synthetic-{i}") for i in range(32)])
         source = "32 synthetic images (no real images were given: pass --accuracy-images or --calibration)"
-    return Images(cal_set, eval_set, source)
+    return Images(cal_set, eval_set, source, note, holdout_note)
 
 
 def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | str, calibration: str | Path | None = None,
@@ -460,6 +510,8 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     if not build_engines and not onnx_variants:
         raise ConfigError(f"nothing to build: --precision {','.join(wanted)} without --engine "
                           f"(ONNX variants exist for {', '.join(VARIANT_PRECISIONS)}; fp32 is the export itself)")
+    need_cal = "int8" in wanted
+    check_image_inputs(calibration=calibration, accuracy_images=accuracy_images, need_calibration=need_cal)
     for variant in [f"{name}_{p}{suffix}" for p in onnx_variants] + (
             [trt_build.engine_name(name, p) for p in wanted] if build_engines else []):
         if repo.folder(variant).exists() and not force:
@@ -467,14 +519,14 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     device = trt_build.probe_device() if build_engines and engine_only else None
 
     image_size = (int(base.input_spec.shape[0]), int(base.input_spec.shape[1]))
-    need_cal = "int8" in wanted
     imgs = gather_images(image_size, calibration=calibration, accuracy_images=accuracy_images, holdout=holdout,
                          qoptions=qoptions, need_calibration=need_cal, max_eval=max_eval_images, progress=progress,
                          mode=base.resize)
     if imgs.calibration is not None:
-        log(f"calibration: {len(imgs.calibration)} images from {calibration}"
-            + (f" ({len(imgs.calibration.skipped)} undecodable, skipped)" if imgs.calibration.skipped else ""))
+        log(f"calibration: {len(imgs.calibration)} images from {calibration} ({imgs.calibration_note})")
     log(f"accuracy images: {len(imgs.evaluation)} ({imgs.source})")
+    if imgs.holdout_note:
+        log(f"hold-out: {imgs.holdout_note}; never calibrated on")
 
     ref_runner, ref_name = reference_runner(repo, name, base, reference)
     with ref_runner:
@@ -491,44 +543,62 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     reports: dict[str, AccuracyReport] = {}
     failures: list[AccuracyReport] = []
 
-    def finish(variant: str, precision: str, staging: Path, runner, extra: dict) -> None:
+    def judge(variant: str, precision: str, staging: Path, runner, extra: dict) -> AccuracyReport:
+        """The variant's accuracy report (latency comes later, for all variants of a group at once)."""
+        with runner:
+            probs = predict(runner, imgs.evaluation.images, progress=progress, desc=variant)
+        report = make_report(variant, precision, ref_name, ref_probs, probs, names, image_source=imgs.source,
+                             min_agreement=thresholds[precision], labels=base.labels(), truth=truth,
+                             min_accuracy_ratio=accuracy_ratio)
+        report.calibration = extra.get("calibration", {})
+        report.notes = extra.get("notes", [])
+        return report
+
+    def finish(group: list) -> None:
+        """Batch-1 latency of FP32 and every variant of `group` [(variant, staging, runner, report)] in one
+        interleaved run, so each variant is compared with the same FP32 figure (measured per variant, FP32 gave
+        5.84 ms in one section and 9.10 ms in the next of one run); then write, print, commit or refuse each."""
         try:
-            with runner:
-                probs = predict(runner, imgs.evaluation.images, progress=progress, desc=variant)
-                latency = {}
-                if latency_runs > 0:
-                    with fp32:
-                        v_ms, f_ms = interleaved_latency([runner, fp32], imgs.evaluation.images[0], latency_runs)
-                    latency = {"variant_ms": v_ms, "fp32_ms": f_ms, "ratio": v_ms / f_ms, "runs": latency_runs,
-                               "batch": 1, "fp32": f"onnxruntime {name}"}
-            report = make_report(variant, precision, ref_name, ref_probs, probs, names, image_source=imgs.source,
-                                 min_agreement=thresholds[precision], labels=base.labels(), truth=truth,
-                                 min_accuracy_ratio=accuracy_ratio)
-            report.latency = latency
-            report.calibration = extra.get("calibration", {})
-            report.notes = extra.get("notes", [])
-            (staging / REPORT_FILE).write_text(report.to_json())
-            reports[variant] = report
-            log(report.text())
-            if not report.passed and not force:
-                failures.append(report)
+            if latency_runs > 0 and group:
+                with contextlib.ExitStack() as stack:
+                    for runner in [fp32] + [g[2] for g in group]:
+                        stack.enter_context(runner)
+                    f_ms, *v_ms = interleaved_latency([fp32] + [g[2] for g in group],
+                                                      imgs.evaluation.images[0], latency_runs)
+                others = [g[0] for g in group]
+                log(f"batch-1 latency ({latency_runs} interleaved runs, medians): FP32 {f_ms:.2f} ms; "
+                    + "; ".join(f"{v} {ms:.2f} ms = {ms / f_ms:.2f}x" for v, ms in zip(others, v_ms)))
+                for (variant, _, _, report), ms in zip(group, v_ms):
+                    report.latency = {"variant_ms": ms, "fp32_ms": f_ms, "ratio": ms / f_ms, "runs": latency_runs,
+                                      "batch": 1, "fp32": f"onnxruntime {name}", "measured_with": others}
+            while group:
+                variant, staging, _, report = group[0]
+                (staging / REPORT_FILE).write_text(report.to_json())
+                reports[variant] = report
+                log(report.text())
+                if not report.passed and not force:
+                    failures.append(report)
+                    shutil.rmtree(staging, ignore_errors=True)
+                else:
+                    if not report.passed:
+                        log(f"{variant}: below the threshold, written anyway (--force)")
+                    target = commit_entry(repo, staging, variant, force=force)
+                    log(f"wrote {target}")
+                group.pop(0)
+        finally:
+            for _, staging, _, _ in group:  # an error: nothing half-made is left behind
                 shutil.rmtree(staging, ignore_errors=True)
-                return
-            if not report.passed:
-                log(f"{variant}: below the threshold, written anyway (--force)")
-            target = commit_entry(repo, staging, variant, force=force)
-            log(f"wrote {target}")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     # ---- ONNX variants
-    for precision in onnx_variants:
-        variant = f"{name}_{precision}{suffix}"
-        staging = stage_entry(repo, base, variant, PLATFORM_ONNX, parameters={"source": name, "precision": precision})
-        model_path = staging / "1" / "model.onnx"
-        extra: dict = {}
-        try:
+    group: list = []
+    try:
+        for precision in onnx_variants:
+            variant = f"{name}_{precision}{suffix}"
+            staging = stage_entry(repo, base, variant, PLATFORM_ONNX,
+                                  parameters={"source": name, "precision": precision})
+            group.append((variant, staging, None, None))
+            model_path = staging / "1" / "model.onnx"
+            extra: dict = {}
             if precision == "int8":
                 result = quant.quantize(base.artifact(), model_path, imgs.calibration, qoptions,
                                         input_name=base.input_spec.name, progress=progress)
@@ -543,22 +613,27 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
                 from . import fp16
                 fp16.convert(base.artifact(), model_path)
                 extra["notes"] = ["FP16 is meant for GPU runtimes; on CPU onnxruntime runs it through casts (slower)"]
-        except BaseException:
+            runner = _onnx_runner(variant, model_path, base)
+            group[-1] = (variant, staging, runner, judge(variant, precision, staging, runner, extra))
+    except BaseException:
+        for _, staging, _, _ in group:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finish(variant, precision, staging, _onnx_runner(variant, model_path, base), extra)
+        raise
+    finish(group)
 
     # ---- TensorRT engines
     if build_engines:
         device = device or trt_build.probe_device()  # raises with a clear message; ONNX variants are written
         cache_path = trt_build.timing_cache_path(timing_cache, repo.root, device)
-        for precision in wanted:
-            variant = trt_build.engine_name(name, precision)
-            staging = stage_entry(repo, base, variant, PLATFORM_TENSORRT, max_batch_size=profile.max,
-                                  parameters={"source": name, "precision": precision})
-            plan = staging / "1" / "model.plan"
-            extra = {}
-            try:
+        group = []
+        try:
+            for precision in wanted:
+                variant = trt_build.engine_name(name, precision)
+                staging = stage_entry(repo, base, variant, PLATFORM_TENSORRT, max_batch_size=profile.max,
+                                      parameters={"source": name, "precision": precision})
+                group.append((variant, staging, None, None))
+                plan = staging / "1" / "model.plan"
+                extra = {}
                 source = base.artifact()
                 if precision == "int8":
                     source = staging / "qdq_tensorrt.onnx"
@@ -578,13 +653,15 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
                                        timing_cache=cache_path)
                 if precision == "int8":
                     Path(source).unlink(missing_ok=True)
-            except BaseException:
+                from serve.backends.tensorrt import TensorRTRunner
+                runner = TensorRTRunner(variant, plan, base.input_spec, base.output_spec, labels=base.labels(),
+                                        max_batch_size=profile.max)
+                group[-1] = (variant, staging, runner, judge(variant, precision, staging, runner, extra))
+        except BaseException:
+            for _, staging, _, _ in group:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
-            from serve.backends.tensorrt import TensorRTRunner
-            runner = TensorRTRunner(variant, plan, base.input_spec, base.output_spec, labels=base.labels(),
-                                    max_batch_size=profile.max)
-            finish(variant, precision, staging, runner, extra)
+            raise
+        finish(group)  # the engines against FP32 on onnxruntime, measured together once more
 
     if failures:
         text = "\n".join(r.text() for r in failures)
@@ -610,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the calibration folder)")
     p.add_argument("--holdout", type=float,
                    help="fraction of the calibration folder held out for the report, never calibrated on "
-                        "(default: 0.2 without --accuracy-images, 0 with)")
+                        "(default: 0.2 without --accuracy-images, 0 with): that fraction of each class folder, at "
+                        "least one image each, topped up with whole single-image folders to reach it overall")
     p.add_argument("--min-accuracy-ratio", type=float, default=DEFAULT_MIN_ACCURACY_RATIO,
                    help="labelled accuracy images (class folders named by the model's labels or ImageNet wnids): "
                         "a variant's top-1 accuracy must be at least this fraction of the reference's "

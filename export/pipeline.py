@@ -280,6 +280,16 @@ def export_model(
             raise ConfigError(f"input size {input_size} is too small; expected at least 32x32")
     mode = applications.check_mode(preprocessing) if preprocessing is not None else None
     resize = image_lib.check_mode(resize or DEFAULT_RESIZE)
+    if parity and parity_images is not None and not Path(parity_images).is_dir():
+        raise ConfigError(f"--parity-images {parity_images}: the folder does not exist")
+    file_labels = None
+    if kind == "file":  # the labels before the model: a missing --labels file fails at once, not after the load
+        file_labels = _resolve_labels(labels, default_path=resolved.parent / labels_lib.LABELS_FILE)
+        if file_labels[0] is None:
+            raise ConfigError(f"no class labels for model {name!r}: put {labels_lib.LABELS_FILE} beside {resolved} "
+                              "or pass labels (--labels FILE)")
+    elif isinstance(labels, (str, Path)):
+        file_labels = _resolve_labels(labels, default_path=None)
 
     steps = _Steps(progress, 4 + int(parity), name)
     try:
@@ -289,7 +299,7 @@ def export_model(
             app = resolved
             if mode not in (None, app.preprocessing):
                 raise ConfigError(f"{app.name} uses {app.preprocessing!r} preprocessing; it cannot be changed")
-            class_names, label_source = _resolve_labels(labels, default_path=None)
+            class_names, label_source = file_labels or _resolve_labels(labels, default_path=None)
             if class_names is None:  # before the (slow) build, so a missing class index fails fast
                 try:
                     class_names, label_source = labels_lib.imagenet_labels(), "ImageNet class index"
@@ -318,7 +328,7 @@ def export_model(
                     network.load_weights(weights)
                 except Exception as exc:
                     raise ModelLoadError(f"cannot load weights {weights}: {' '.join(str(exc).split())[:300]}") from None
-            class_names, label_source = _resolve_labels(labels, default_path=default_labels)
+            class_names, label_source = file_labels or _resolve_labels(labels, default_path=default_labels)
             model, info = contract.wrap_user_model(network, preprocessing=mode, input_size=input_size)
             mode = applications.check_mode(mode)
             classes = info.classes

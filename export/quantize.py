@@ -151,12 +151,61 @@ class QuantizeOptions:
 
 
 # ---- calibration images ---------------------------------------------------------------------
-def split_calibration(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0
-                      ) -> tuple[list[Path], list[Path]]:
-    """Deterministic split into (calibration, held-out), stratified by parent folder (class).
+@dataclass
+class HoldOut:
+    """A calibration folder split into images to calibrate on and images held out for the accuracy report."""
 
-    Each class is shuffled with `seed` and its last `holdout` fraction is held
-    out (at least one image per class once a class has two or more images).
+    calibration: list[Path]
+    held: list[Path]
+    fraction: float
+    classes: int = 0  # class folders (parent folders) among the images
+    multi_classes: int = 0  # of them, with two or more images: each gives `fraction` of its images, at least one
+    single_held: int = 0  # single-image folders held out whole to reach `fraction` of all images
+
+    def count(self, source: str | Path = "") -> str:
+        """'held out 374 of the 1300 images of SOURCE'."""
+        total = len(self.calibration) + len(self.held)
+        return f"held out {len(self.held)} of the {total} images" + (f" of {source}" if source else "")
+
+    def why(self) -> str:
+        """Why that many: the count is not always `fraction` of the images."""
+        total = len(self.calibration) + len(self.held)
+        if not self.held:
+            return f"hold-out fraction {self.fraction:.0%}" + (
+                f": {self.fraction:.0%} of {total} images rounds to none" if self.fraction > 0 else "")
+        singles = self.classes - self.multi_classes
+        if self.classes <= 1:
+            return f"{self.fraction:.0%} of them"
+        parts = []
+        if self.multi_classes:
+            from_multi = len(self.held) - self.single_held
+            in_multi = total - singles
+            folders = f"{self.multi_classes} class folder" + ("s" if self.multi_classes > 1 else "")
+            which = f"its {folders}" if not singles else f"the {folders} with two or more images"
+            text = f"{self.fraction:.0%} of each of {which}"
+            if from_multi > round(in_multi * self.fraction):
+                text += (f", at least one from each ({from_multi / in_multi:.0%} of their {in_multi} images: small "
+                         "folders round up)")
+            parts.append(text)
+        if self.single_held:
+            parts.append(f"{self.single_held} of the {singles} single-image folders whole, to reach "
+                         f"{self.fraction:.0%} of all images")
+        elif singles:
+            parts.append(f"the {singles} single-image folders are all calibrated on")
+        return "; ".join(parts)
+
+    def describe(self, source: str | Path = "") -> str:
+        """How many of the images (of folder `source`) were held out, and why."""
+        return f"{self.count(source)} ({self.why()})"
+
+
+def hold_out(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0) -> HoldOut:
+    """Deterministic split into calibration and held-out images, stratified by parent folder (class).
+
+    Each class folder with two or more images is shuffled with `seed` and its last `holdout` fraction held
+    out (at least one image). Classes of a single image cannot give part of themselves: when the classes
+    above held out fewer than `holdout` of all images (a set of one photo per class holds out none), whole
+    single-image classes, chosen with `seed`, are held out until `holdout` of all images is reached.
     """
     if not 0.0 <= holdout < 1.0:
         raise ConfigError(f"holdout fraction must be in [0, 1), got {holdout}")
@@ -164,17 +213,36 @@ def split_calibration(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *
     for path in sorted(Path(p) for p in paths):
         groups[path.parent].append(path)
     rng = np.random.default_rng(seed)
-    calibration, held = [], []
+    parts: dict[Path, tuple[list[Path], list[Path]]] = {}  # class folder -> (calibration, held out)
+    singles: list[Path] = []
     for parent in sorted(groups):
         files = groups[parent]
         order = rng.permutation(len(files))
+        if len(files) == 1:
+            singles.append(parent)
+            continue
         n_held = int(round(len(files) * holdout))
-        if holdout > 0 and n_held == 0 and len(files) >= 2:
+        if holdout > 0 and n_held == 0:
             n_held = 1
         cut = len(files) - n_held
-        calibration += [files[i] for i in order[:cut]]
-        held += [files[i] for i in order[cut:]]
-    return calibration, held
+        parts[parent] = ([files[i] for i in order[:cut]], [files[i] for i in order[cut:]])
+    total = sum(len(f) for f in groups.values())
+    held_so_far = sum(len(h) for _, h in parts.values())
+    single_held = max(0, min(len(singles), int(round(total * holdout)) - held_so_far)) if holdout > 0 else 0
+    chosen = {singles[i] for i in rng.permutation(len(singles))[:single_held]} if single_held else set()
+    for parent in singles:
+        parts[parent] = ([], groups[parent]) if parent in chosen else (groups[parent], [])
+    calibration = [p for parent in sorted(parts) for p in parts[parent][0]]
+    held = [p for parent in sorted(parts) for p in parts[parent][1]]
+    return HoldOut(calibration, held, float(holdout), classes=len(groups), multi_classes=len(groups) - len(singles),
+                   single_held=single_held)
+
+
+def split_calibration(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0
+                      ) -> tuple[list[Path], list[Path]]:
+    """(calibration, held-out): `hold_out`'s lists."""
+    split = hold_out(paths, holdout, seed=seed)
+    return split.calibration, split.held
 
 
 def interleave_classes(paths: Sequence[Path]) -> list[Path]:
@@ -205,40 +273,60 @@ class ImageSet:
 def load_images(paths: Sequence[Path], image_size: tuple[int, int], *, limit: int | None = None,
                 progress: bool = False, desc: str = "images", mode: str = simages.DEFAULT_RESIZE) -> ImageSet:
     """Decode + resize (by the model's resize `mode`) through `serve.images`, the serving path;
-    undecodable files are reported."""
+    undecodable files are reported. With `limit`, a class-interleaved sample of at most `limit` images:
+    the progress counts towards the sample ("calibration (a sample of 300 of 926 images): 300/300 img"),
+    not the files (a last line of "300/926" read as a run stopped early)."""
     paths = list(paths)
     if limit is not None:
         paths = interleave_classes(paths)
     arrays, loaded, skipped = [], [], []
-    iterator = paths
+    wanted = len(paths) if limit is None else min(limit, len(paths))
+    bar = None
     if progress:
         from serve.console import progress as tqdm  # bar on a terminal, lines in logs
-        iterator = tqdm(paths, desc=desc, unit="img", leave=False)
-    for path in iterator:
-        if limit is not None and len(loaded) >= limit:
-            break
-        try:
-            arrays.append(simages.load(path, image_size, mode=mode))
-            loaded.append(Path(path))
-        except ImageDecodeError as exc:
-            skipped.append((Path(path), str(exc)))
+        if wanted < len(paths):
+            desc = f"{desc} (a sample of {wanted} of {len(paths)} images)"
+        bar = tqdm(total=wanted, desc=desc, unit="img", leave=False)
+    try:
+        for index, path in enumerate(paths):
+            if len(loaded) >= wanted:
+                break
+            try:
+                arrays.append(simages.load(path, image_size, mode=mode))
+                loaded.append(Path(path))
+            except ImageDecodeError as exc:
+                skipped.append((Path(path), str(exc)))
+                if bar is not None:  # what can still be loaded: the last line never reads as a run stopped early
+                    bar.total = min(wanted, len(loaded) + len(paths) - index - 1)
+                    bar.set_postfix_str(f"({len(skipped)} undecodable, skipped)")
+                    bar.refresh()
+                continue
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     h, w = int(image_size[0]), int(image_size[1])
     batch = np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)
     return ImageSet(batch, loaded, skipped)
 
 
 def load_calibration(paths: Sequence[Path], image_size: tuple[int, int], options: QuantizeOptions, *,
-                     source: str | Path = "", progress: bool = False, mode: str = simages.DEFAULT_RESIZE) -> ImageSet:
-    """Calibration images, at most `max_images`; refuses fewer than `min_images` with the count received."""
-    found = len(paths)
+                     source: str | Path = "", progress: bool = False, mode: str = simages.DEFAULT_RESIZE,
+                     held_out: int = 0) -> ImageSet:
+    """Calibration images, at most `max_images`; refuses fewer than `min_images` with the count received
+    (and `held_out`: how many of the folder's files were held out for the accuracy report)."""
+    found = len(paths) + held_out
     images = load_images(paths, image_size, limit=options.max_images, progress=progress, desc="calibration",
                          mode=mode)
     if len(images) < options.min_images:
         where = f" in {source}" if source else ""
-        bad = f" ({len(images.skipped)} undecodable)" if images.skipped else ""
+        bad = f", {len(images.skipped)} undecodable" if images.skipped else ""
+        held = f", {held_out} of them held out for the accuracy report" if held_out else ""
+        hint = " (or calibrate on all of them: --holdout 0 with --accuracy-images DIR)" if held_out else ""
         raise ConfigError(
-            f"INT8 calibration received {len(images)} usable images{where} ({found} image files found{bad}); "
-            f"it needs at least {options.min_images}. Add images or lower --min-calibration-images"
+            f"INT8 calibration received {len(images)} usable images{where} ({found} image files found{held}{bad}); "
+            f"it needs at least {options.min_images}. Add images or lower --min-calibration-images{hint}"
         )
     return images
 

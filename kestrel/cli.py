@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose = True
         rest = [a for a in rest if a not in VERBOSE_FLAGS[1:]]
     if name not in COMMANDS:
-        close = [n for n in COMMANDS if n.startswith(name[:2])]
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = console.did_you_mean(name, COMMANDS)
         print(f"error: unknown command {name!r}{hint} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     console.set_verbose(verbose)

@@ -352,6 +352,32 @@ def progress(iterable: Iterable | None = None, **kwargs):
 progress.write = lambda s, file=None, end="\n": print(s, end=end, file=file or sys.stderr, flush=True)  # type: ignore[attr-defined]
 
 
+# ---- mistyped names --------------------------------------------------------------------------------------
+def _folded(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]", "", name.lower())
+
+
+def close_names(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The names a mistyped `word` probably meant: the same once case, '_' and '-' are ignored
+    ("mobilenetv2" -> mobilenet_v2, "ResNet-50" -> resnet50), else difflib's close matches, else the names
+    sharing its first two letters ("exprot" -> export)."""
+    import difflib
+
+    choices = list(choices)
+    same = [c for c in choices if _folded(c) == _folded(word)]
+    if same:
+        return same[:n]
+    folded = {_folded(c): c for c in choices}
+    close = [folded[m] for m in difflib.get_close_matches(_folded(word), list(folded), n=n, cutoff=0.75)]
+    return close or [c for c in choices if len(word) >= 2 and c.startswith(word[:2].lower())][:n]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' (or 'X or Y') for a mistyped name, '' when nothing is close: for error lines."""
+    close = close_names(word, choices)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 # ---- --help: program name and examples -------------------------------------------------------------------
 _prog_override: str | None = None
 

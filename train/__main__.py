@@ -31,8 +31,9 @@ def _fraction(text: str) -> float:
 def _base(text: str) -> str:
     if text in applications.APPLICATIONS or text.lower().endswith(".keras"):
         return text
-    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (expected one of "
-                                     f"{', '.join(sorted(applications.APPLICATIONS))} or a .keras model file)")
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r}{console.did_you_mean(text, sorted(applications.APPLICATIONS))}"
+                                     f" (expected one of {', '.join(sorted(applications.APPLICATIONS))} or a .keras "
+                                     "model file)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,6 +130,24 @@ def options_from_args(args):
     )
 
 
+def next_step(result, repository: Path) -> str:
+    """The command that serves what was trained: `kestrel serve` with the exported models (the INT8 variant too
+    when it was written), or, without --export, the `kestrel export` that puts the model into the repository."""
+    import shlex
+
+    report = result.report
+    if result.export is None:
+        name = report.get("name") or result.output.name
+        return (f"serve it: kestrel export {shlex.quote(str(result.model_path))} --name {shlex.quote(name)} "
+                f"--repository {shlex.quote(str(repository))} (labels.txt is beside the model), then "
+                f"kestrel serve --repository {shlex.quote(str(repository))} --models {shlex.quote(name)}")
+    models = [result.export.name]
+    if (report.get("int8") or {}).get("written"):
+        models.append(report["int8"]["variant"])
+    return (f"serve it: kestrel serve --repository {shlex.quote(str(repository))} "
+            f"--models {shlex.quote(','.join(models))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console.quiet_native_logs()  # TensorFlow's C++ start-up chatter, unless KESTREL_VERBOSE=1
@@ -163,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(s["path"] for s in report["skipped_images"]))
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     if result.export is not None:
-        print(f"exported: {result.export.folder} (serve it: python -m serve --repository {args.repository})")
+        print(f"exported: {result.export.folder}")
     if report.get("int8"):
         q = report["int8"]
         print(f"int8: {q['variant']} test accuracy {q['int8_accuracy']:.4f} vs FP32 {q['fp32_accuracy']:.4f} "
               f"({q['ratio']:.2%}, gate {q['min_ratio']:.0%}: {'PASS' if q['passed'] else 'FAIL'}); "
               + ("written" if q["written"] else "not written"))
+    print(next_step(result, args.repository))
     return 0
 
 

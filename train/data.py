@@ -106,6 +106,18 @@ def imbalance(counts: dict[str, int]) -> dict:
     }
 
 
+def describe_sizes(images: int, counts: dict[str, int]) -> str:
+    """The dataset line train prints: '1500 images in 5 classes, 300 in each', or the smallest and largest class
+    and the imbalance ratio when the sizes differ."""
+    head = f"{images} images in {len(counts)} class{'es' if len(counts) != 1 else ''}"
+    if len(set(counts.values())) == 1:
+        return f"{head}, {next(iter(counts.values()))} in each"
+    info = imbalance(counts)
+    return (f"{head}; class sizes {info['smallest_count']} ({info['smallest']}) .. {info['largest_count']} "
+            f"({info['largest']}), imbalance ratio {info['ratio']}"
+            + ("" if info["balanced"] else ": unbalanced, using balanced class weights"))
+
+
 def stratified_split(labels: np.ndarray, *, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
     """Indices of train / val / test, the same fractions in every class, reproducible for a seed.
 

@@ -130,7 +130,7 @@ def run(args) -> dict:
     rows: list[dict] = []
     mode = "cold: a fresh process and an empty cache per pair" if args.cold else \
         "in process, one cache: the first pair converts the base, the others reuse it"
-    print(f"{len(pairs)} pairs of {len(classes)} classes, {args.per_class} training images per class ({mode})",
+    print(f"{len(pairs)} pair{'s' if len(pairs) != 1 else ''} of {len(classes)} classes, {args.per_class} training images per class ({mode})",
           file=sys.stderr)
     for number, (a, b) in enumerate(pairs, 1):
         out_dir = output / "pairs" / pair_dir(a, b)

@@ -220,9 +220,7 @@ def train(options: TrainOptions) -> TrainResult:
         dataset = data_lib.scan(options.data_dir, options.classes)
     report["dataset"] = data_lib.summary(dataset)
     info = report["dataset"]["imbalance"]
-    say(f"{len(dataset.paths)} images in {len(dataset.classes)} classes; class sizes "
-        f"{info['smallest_count']} ({info['smallest']}) .. {info['largest_count']} ({info['largest']}), "
-        f"imbalance ratio {info['ratio']}" + ("" if info["balanced"] else ": unbalanced, using balanced class weights"))
+    say(data_lib.describe_sizes(len(dataset.paths), report["dataset"]["per_class"]))
     for path in dataset.ignored:
         say(f"ignored (not in a class folder): {path}")
 

@@ -41,8 +41,11 @@ def test_export_commands_use_the_export_clis(tmp_path):
     assert server_bench.export_command("mobilenet_v2_keras", s) == fp32  # one export writes both
     int8 = server_bench.export_command("mobilenet_v2_int8", s)
     assert int8[1:4] == ["-m", "export.optimize", "mobilenet_v2"]
-    assert int8[-6:] == ["--precision", "int8", "--max-calibration-images", "64", "--calibration",
-                         str(tmp_path / "cal")]
+    # export.optimize's own calibration sample (300): the INT8 variant `kestrel optimize` makes
+    assert int8[-4:] == ["--precision", "int8", "--calibration", str(tmp_path / "cal")]
+    s.calibration_images = 64
+    assert server_bench.export_command("mobilenet_v2_int8", s)[-6:-2] == ["--precision", "int8",
+                                                                        "--max-calibration-images", "64"]
     trt = server_bench.export_command("mobilenet_v2_trt_fp16", s)
     assert trt[-3:] == ["--precision", "fp16", "--engine-only"]
     assert server_bench.export_command("resnet50", s) is None
@@ -76,3 +79,36 @@ def test_http_vs_grpc_schedule_rotates_and_the_table_gives_the_ratios():
     assert "before: HTTP / gRPC Classify throughput = 0.95" in text
     assert "after: HTTP / gRPC Classify throughput = 0.85" in text  # the median of 80 and 90
     assert "http: after / before throughput = 0.89" in text
+
+
+def _settings(*argv):
+    from benchmarks.__main__ import build_parser, settings_from_args
+
+    return settings_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_quick_shortens_the_schedule_and_explicit_flags_still_win(tmp_path):
+    full = _settings("--repository", str(tmp_path)).resolved()
+    assert (full.levels, full.repeats, full.duration_s, full.warmup_s) == ([1, 8, 32], 3, 15.0, 3.0)
+    runs, seconds = server_bench.planned_runs(full)
+    assert runs == 90 and 30 * 60 < seconds < 40 * 60  # the README's "about 35 minutes"
+    quick = _settings("--repository", str(tmp_path), "--quick").resolved()
+    assert (quick.levels, quick.repeats, quick.duration_s, quick.warmup_s) == ([1, 8], 1, 5.0, 1.0)
+    runs, seconds = server_bench.planned_runs(quick)
+    assert runs == 20 and seconds < 5 * 60  # "about 4 minutes"
+    mixed = _settings("--repository", str(tmp_path), "--quick", "--levels", "4", "--duration", "8")
+    assert (mixed.levels, mixed.repeats, mixed.duration_s, mixed.warmup_s) == ([4], 1, 8.0, 1.0)
+    assert _settings("--repository", str(tmp_path), "--repeats", "2").levels == [1, 8, 32]
+    assert _settings("--repository", str(tmp_path)).calibration_images is None
+    assert _settings("--repository", str(tmp_path), "--calibration-images", "150").calibration_images == 150
+    with pytest.raises(KestrelError, match="KEY=VALUE"):
+        _settings("--server-env", "NOPE")
+
+
+def test_help_says_how_long_the_default_run_takes_and_how_to_shorten_it():
+    result = subprocess.run([sys.executable, "-m", "kestrel", "bench", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "about 35 minutes" in text and "--quick" in text and "about 4 minutes" in text
+    assert "activations in memory" not in text  # stale since export/calibrate.py

@@ -91,3 +91,53 @@ def test_input_is_not_an_image_and_output_not_a_distribution(tmp_path):
 def test_unknown_precision_is_a_usage_error(tmp_path):
     result = cli(["mobilenet_v2", "--precision", "fp8", "--repository", str(tmp_path / "models")])
     assert result.returncode == 2 and "unknown precision" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_mistyped_application_gets_a_did_you_mean(tmp_path):
+    # `kestrel export mobilenetv2` listed the names without saying which one was meant
+    result = cli(["mobilenetv2", "--repository", str(tmp_path / "models")])
+    line = _check(result, "unknown application 'mobilenetv2'; did you mean mobilenet_v2?", "vgg16")
+    assert not (tmp_path / "models").exists()
+    assert "did you mean resnet50?" in _check(cli(["ResNet-50", "--repository", str(tmp_path / "m")]))
+    assert "did you mean" not in _check(cli(["alexnet", "--repository", str(tmp_path / "m")])), line
+
+
+LABELS_FIRST = """
+import sys
+from export.__main__ import main
+code = main(sys.argv[1:])
+print("tensorflow imported:", "tensorflow" in sys.modules)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("with_flag", [True, False])
+def test_missing_labels_are_found_before_the_model_loads(tmp_path, python_env, with_flag):
+    """export loaded the Keras model (4 s, TensorFlow included) before it noticed a missing --labels file."""
+    import subprocess
+    import sys
+    import zipfile
+
+    model = tmp_path / "flowers.keras"
+    with zipfile.ZipFile(model, "w") as archive:  # a .keras archive TensorFlow would fail to load: never reached
+        archive.writestr("config.json", "{}")
+    args = [str(model), "--repository", str(tmp_path / "models")]
+    if with_flag:
+        args += ["--labels", str(tmp_path / "no_such_labels.txt")]
+    result = subprocess.run([sys.executable, "-c", LABELS_FIRST, *args], capture_output=True, text=True,
+                            env=python_env, timeout=120)
+    expected = ("cannot read labels file", "no_such_labels.txt") if with_flag else (
+        "no class labels for model 'flowers'", "put labels.txt beside", "--labels FILE")
+    _check(result, *expected)
+    assert "tensorflow imported: False" in result.stdout
+    assert not (tmp_path / "models").exists()
+
+
+def test_int8_without_calibration_is_refused_before_the_export(tmp_path):
+    result = cli(["mobilenet_v2", "--weights", "none", "--precision", "fp32,int8", "--repository",
+                  str(tmp_path / "models")])
+    _check(result, "INT8 needs calibration images", "--calibration DIR")
+    assert not (tmp_path / "models").exists()  # nothing exported first
+    result = cli(["mobilenet_v2", "--weights", "none", "--precision", "int8", "--calibration",
+                  str(tmp_path / "no_such"), "--repository", str(tmp_path / "models")])
+    _check(result, "--calibration", "no_such: the folder does not exist")

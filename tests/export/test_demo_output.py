@@ -38,6 +38,14 @@ def _env(python_env):
     return env
 
 
+def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with str output that keeps carriage returns (text=True turns each "\r" into "\n")."""
+    result = subprocess.run(cmd, capture_output=True, **kwargs)
+    result.stdout = result.stdout.decode("utf-8", errors="replace")
+    result.stderr = result.stderr.decode("utf-8", errors="replace")
+    return result
+
+
 def _no_terminal_noise(text: str):
     assert "\r" not in text, "carriage-return progress updates in a log"
     bad = [line for line in text.splitlines() if NOISE.search(line)]
@@ -51,16 +59,16 @@ def test_demo_with_fake_models_prints_each_step_once(tmp_path, python_env):
         write_fake_model(repo, name, labels=labels, seed=seed)
         write_fake_model(repo, f"{name}_keras", labels=labels, seed=seed)
     photos = _photos(tmp_path / "photos")
-    result = subprocess.run(
+    result = _run(
         [sys.executable, "-m", "kestrel", "demo", "--models", "alpha,beta", "--repository", str(repo), "--port", "0",
          "--http-port", "0", "--photos", str(photos)],
-        cwd=ROOT, env=_env(python_env), capture_output=True, text=True, timeout=180)
+        cwd=ROOT, env=_env(python_env), timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [line for line in result.stdout.splitlines() if line.startswith("[demo] ")]
     expected = [r"alpha: already in .*, skipping export", r"beta: already in .*, skipping export",
                 r"ensemble imagenet: defining it in .* \(imagenet=alpha,beta:mean\)",  # a repository ensemble
                 r"starting the server: -m serve --repository .* --models alpha,beta,imagenet .*",
-                r"server SERVING on 127\.0\.0\.1:\d+; classifying 2 photos"]
+                r"server SERVING on 127\.0\.0\.1:\d+; web page http://127\.0\.0\.1:\d+/; classifying 2 photos"]
     assert len(steps) == len(expected), steps
     for line, pattern in zip(steps, expected):
         assert re.fullmatch(r"\[demo\] " + pattern, line), (line, pattern)
@@ -94,8 +102,8 @@ def test_export_steps_and_tensorflow_import_in_a_log(tmp_path, python_env):
     """))
     env = _env(python_env)
     env["PYTHONPATH"] = f"{stub.parent}:{env['PYTHONPATH']}"
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(STEPS_CODE)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = _run([sys.executable, "-c", textwrap.dedent(STEPS_CODE)], cwd=ROOT, env=env,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [re.sub(r" \[[^]]*\]$", "", ln) for ln in lines] == [
@@ -112,10 +120,10 @@ def test_export_steps_and_tensorflow_import_in_a_log(tmp_path, python_env):
 def test_real_demo_export_output_in_a_log(tmp_path, python_env):
     """The demo exporting a real model with TensorFlow, its output piped: the export's 5 steps one line each."""
     photos = _photos(tmp_path / "photos", 1)
-    result = subprocess.run(
+    result = _run(
         [sys.executable, "-m", "export.demo", "--models", "mobilenet_v2", "--weights", "none", "--repository",
          str(tmp_path / "models"), "--port", "0", "--http-port", "0", "--photos", str(photos), "--limit", "1"],
-        cwd=ROOT, env=_env(python_env), capture_output=True, text=True, timeout=900)
+        cwd=ROOT, env=_env(python_env), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [ln for ln in result.stderr.splitlines() if ln.startswith("export mobilenet_v2: ")]
     counts = [re.match(r"export mobilenet_v2: (\d+)/(\d+) ", ln).groups() for ln in steps]

@@ -385,7 +385,9 @@ def test_evaluation_images_combine_folders_and_holdout_without_overlap(tmp_path,
                              need_calibration=True, max_eval=100, progress=False)
     assert len(imgs.evaluation) == 6 + 3  # 10 % of each 20-image class, plus the photos folder
     assert not set(imgs.calibration.paths) & set(imgs.evaluation.paths)
-    assert "held-out 10%" in imgs.source and str(photos) in imgs.source
+    assert f"held out 6 of the 61 images of {image_folder}" in imgs.source
+    assert imgs.holdout_note == "10% of each of its 3 class folders"
+    assert str(photos) in imgs.source
     # with an accuracy folder and no --holdout, the whole calibration folder calibrates
     imgs = opt.gather_images(SIZE, calibration=image_folder, accuracy_images=str(photos), holdout=None,
                              qoptions=options, need_calibration=True, max_eval=100, progress=False)
@@ -462,3 +464,114 @@ def test_onnxruntime_calibration_chatter_stays_off_stdout_unless_verbose(tiny_on
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     quant.quantize(tiny_onnx, tmp_path / "verbose.onnx", images, options)
     assert "Collecting tensor data" in capsys.readouterr().out  # --verbose shows what onnxruntime says
+
+
+# ---- the hold-out and the report (issue #26: items 1 and 10) --------------------------------------------
+def _one_image_per_folder(root: Path, folders: int, seed: int = 5) -> Path:
+    from PIL import Image
+    from serve.images import synthetic_images
+
+    for i, picture in enumerate(synthetic_images(folders, (20, 20), seed=seed)):
+        (root / f"kind_{i:02d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(root / f"kind_{i:02d}" / "only.png")
+    return root
+
+
+def test_hold_out_takes_whole_single_image_folders_when_per_class_gives_none(tmp_path):
+    singles = [tmp_path / f"c{i:02d}" / "a.jpg" for i in range(48)]
+    split = quant.hold_out(singles, 0.2)
+    assert len(split.held) == 10 and len(split.calibration) == 38  # 20 % of 48, not 0
+    assert not set(split.held) & set(split.calibration) and quant.hold_out(singles, 0.2) == split
+    assert split.count("DIR") == "held out 10 of the 48 images of DIR"
+    assert "10 of the 48 single-image folders whole" in split.why()
+    # folders of two or more keep their rule (20 %, at least one each); singles only fill up to 20 % of all
+    mixed = [tmp_path / "big" / f"{i}.jpg" for i in range(10)] + singles[:30]
+    split = quant.hold_out(mixed, 0.2)
+    assert len(split.held) == 8 and sum(p.parent.name == "big" for p in split.held) == 2
+    many_pairs = [tmp_path / f"p{i}" / f"{j}.jpg" for i in range(10) for j in range(2)] + singles[:5]
+    split = quant.hold_out(many_pairs, 0.2)  # 10 held from the pairs: 40 % of them, more than 20 % of all 25
+    assert len(split.held) == 10 and all(p.parent.name.startswith("p") for p in split.held)
+    assert "at least one from each (50% of their 20 images" in split.why()
+    assert "the 5 single-image folders are all calibrated on" in split.why()
+    flat = [tmp_path / "photos" / f"{i}.jpg" for i in range(13)]
+    assert len(quant.hold_out(flat, 0.2).held) == 3
+
+
+def test_int8_on_one_image_per_class_is_judged_on_real_held_out_images(tiny_repo, tmp_path):
+    folder = _one_image_per_folder(tmp_path / "one_each", 40)
+    lines: list[str] = []
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=folder, latency_runs=0,
+                           quantize_options=quant.QuantizeOptions(min_images=16), progress=False, log=lines.append)
+    report = reports["tiny_int8"]
+    assert report.images == 8 and "synthetic" not in report.image_source
+    saved = json.loads((tiny_repo / "tiny_int8" / "accuracy.json").read_text())
+    judged = {w["image"] for w in saved["worst"]}
+    assert judged and all(Path(p).parent.parent == folder for p in judged)
+    assert report.calibration["images_used"] == 32  # the other 32 calibrate: none of the 8 judged
+    assert any(line.startswith("hold-out: 8 of the 40 single-image folders whole") for line in lines)
+
+
+def test_real_images_that_leave_nothing_to_judge_on_are_refused_not_replaced(tiny_repo, tmp_path, image_folder):
+    folder = _one_image_per_folder(tmp_path / "one_each", 40)
+    with pytest.raises(ConfigError, match=r"no real images are left.*--holdout 0 holds none.*--accuracy-images"):
+        opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=folder, holdout=0, latency_runs=0,
+                     quantize_options=quant.QuantizeOptions(min_images=16), progress=False, log=lambda *_: None)
+    assert not (tiny_repo / "tiny_int8").exists()
+    # with no real image at all, synthetic images still stand in (FP16 needs no calibration)
+    report = opt.optimize(tiny_repo, "tiny", precisions="fp16", latency_runs=0, progress=False,
+                          log=lambda *_: None)["tiny_fp16"]
+    assert "32 synthetic images" in report.image_source
+
+
+def test_too_few_calibration_images_counts_the_held_out_ones(tmp_path):
+    flat = write_image_folders(tmp_path / "flat", per_class=13, classes=1)
+    (flat / "class0" / "broken.jpg").unlink()
+    options = quant.QuantizeOptions(min_images=32)
+    with pytest.raises(ConfigError) as info:
+        opt.gather_images(SIZE, calibration=flat, accuracy_images=None, holdout=None, qoptions=options,
+                          need_calibration=True, max_eval=100, progress=False)
+    message = str(info.value)
+    assert "received 10 usable images" in message and "13 image files found, 3 of them held out" in message
+    assert "--holdout 0 with --accuracy-images" in message
+
+
+def test_missing_calibration_is_named_before_an_existing_variant(tiny_repo, image_folder):
+    (tiny_repo / "tiny_int8").mkdir()
+    with pytest.raises(ConfigError, match="INT8 needs calibration images"):
+        opt.optimize(tiny_repo, "tiny", precisions="int8", progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--calibration .*no_such: the folder does not exist"):
+        opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=tiny_repo / "no_such", progress=False,
+                     log=lambda *_: None)
+    with pytest.raises(ConfigError, match="already exists"):  # the inputs are right: now the existing entry
+        opt.optimize(tiny_repo, "tiny", precisions="int8", calibration=image_folder, progress=False,
+                     log=lambda *_: None)
+
+
+def test_every_variant_is_compared_with_one_fp32_latency(tiny_repo, image_folder, monkeypatch):
+    calls = []
+    real = opt.interleaved_latency
+
+    def spy(runners, image, runs=opt.DEFAULT_LATENCY_RUNS, warmup=3):
+        calls.append([r.name for r in runners])
+        return real(runners, image, runs, warmup)
+
+    monkeypatch.setattr(opt, "interleaved_latency", spy)
+    lines: list[str] = []
+    reports = opt.optimize(tiny_repo, "tiny", precisions="int8,fp16", calibration=image_folder, latency_runs=3,
+                           quantize_options=quant.QuantizeOptions(min_images=16), progress=False, log=lines.append)
+    assert calls == [["tiny", "tiny_fp16", "tiny_int8"]]  # FP32 measured once, interleaved with both
+    (fp32,) = {r.latency["fp32_ms"] for r in reports.values()}
+    for report in reports.values():
+        assert report.latency["ratio"] == pytest.approx(report.latency["variant_ms"] / fp32)
+    summary = [line for line in lines if line.startswith("batch-1 latency")]
+    assert len(summary) == 1 and summary[0].count("FP32") == 1
+
+
+def test_a_calibration_sample_reads_as_a_sample_in_a_log(image_folder, capsys, monkeypatch):
+    from serve import console, images as simages
+
+    monkeypatch.setenv(console.PROGRESS_ENV, "lines")
+    quant.load_calibration(simages.find_images(image_folder), SIZE, quant.QuantizeOptions(min_images=10, max_images=30),
+                           progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("calibration (a sample of 30 of 61 images): 30/30 img")

@@ -87,15 +87,15 @@ def _options(command: str) -> set[str]:
 
 # flag -> the commands that must all spell it that way
 CONSISTENT = {
-    "--repository": ["export", "optimize", "serve", "train", "bench", "demo", "bench inprocess",
+    "--repository": ["export", "optimize", "evaluate", "serve", "train", "bench", "demo", "bench inprocess",
                      "bench classify-latency"],
-    "--models": ["serve", "classify", "demo", "bench inprocess"],
+    "--models": ["serve", "classify", "evaluate", "demo", "bench inprocess"],
     "--port": ["serve", "classify", "demo"],
     "--host": ["serve", "classify"],
     "--http-port": ["serve", "demo"],
-    "--output": ["train", "bench", "bench inprocess"],
-    "--quiet": ["export", "optimize", "train"],
-    "--no-progress": ["export", "optimize", "train"],
+    "--output": ["evaluate", "train", "train fewshot", "bench", "bench inprocess"],
+    "--quiet": ["export", "optimize", "evaluate", "train"],
+    "--no-progress": ["export", "optimize", "evaluate", "train"],
     "--weights": ["export", "train", "bench", "demo"],
     "--precision": ["export", "optimize"],
     "--calibration": ["export", "optimize", "bench"],
@@ -118,6 +118,11 @@ def test_aliases_parse_to_the_same_settings(tmp_path):
     assert export_parser().parse_args(["m", "--quiet"]).quiet is True
     assert train_parser().parse_args([str(tmp_path), "--quiet"]).no_progress is True
     assert train_parser().parse_args([str(tmp_path), "--no-progress"]).no_progress is True
+    from export.evaluate import build_parser as evaluate_parser
+
+    for flag in ("--output", "--out"):  # evaluate took only --out, unlike train and bench
+        assert evaluate_parser().parse_args(["data", flag, str(tmp_path)]).out == str(tmp_path)
+    assert evaluate_parser().parse_args(["data", "--no-progress"]).quiet is True
 
 
 def test_classify_host_and_port_build_the_address(monkeypatch):

@@ -213,3 +213,14 @@ def test_an_import_blocker_earlier_on_the_path_still_blocks(tmp_path):
     """
     result = _run(code, _stub_tensorflow(tmp_path))
     assert "blocked: tensorflow is blocked" in result.stdout, result.stdout + result.stderr
+
+
+def test_did_you_mean_finds_the_name_a_user_meant():
+    from serve.console import close_names, did_you_mean
+
+    apps = ["densenet121", "efficientnet_b0", "mobilenet", "mobilenet_v2", "resnet50", "vgg16", "xception"]
+    assert close_names("mobilenetv2", apps) == ["mobilenet_v2"]  # case, '_' and '-' do not count
+    assert close_names("ResNet-50", apps) == ["resnet50"]
+    assert close_names("xcepton", apps) == ["xception"]
+    assert did_you_mean("alexnet", apps) == ""
+    assert did_you_mean("exprot", ["export", "optimize", "serve"]) == "; did you mean export?"

@@ -46,6 +46,8 @@ def test_unknown_base_is_an_argparse_error(tiny_dataset, tmp_path, python_env):
     proc = _run([str(tiny_dataset), "--base", "alexnet"], python_env, tmp_path)
     assert proc.returncode == 2
     assert "invalid choice: 'alexnet'" in proc.stderr and "mobilenet_v2" in proc.stderr
+    proc = _run([str(tiny_dataset), "--base", "MobileNetV2"], python_env, tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'MobileNetV2'; did you mean mobilenet_v2?" in proc.stderr
 
 
 def test_help_lists_the_issue_options(python_env, tmp_path):
@@ -54,3 +56,36 @@ def test_help_lists_the_issue_options(python_env, tmp_path):
     for option in ("--base", "--name", "--output", "--epochs", "--val-split", "--test-split", "--augment",
                    "--fine-tune-layers", "--pool-stages", "--no-refit", "--seed", "--weights", "--export", "--repository"):
         assert option in proc.stdout
+
+
+def test_the_last_line_is_the_kestrel_command_that_serves_what_was_trained(tmp_path):
+    """train ended with "serve it: python -m serve --repository models", not the tour's `kestrel serve`, and
+    without the models' names; without --export it said nothing about how to serve the model."""
+    import shlex
+    from types import SimpleNamespace
+
+    from export.__main__ import build_parser as export_parser
+    from serve.__main__ import build_parser as serve_parser
+    from train.__main__ import next_step
+    from train.pipeline import TrainResult
+
+    run = tmp_path / "runs" / "flower photos"
+    result = TrainResult(output=run, model_path=run / "model.keras", report_path=run / "report.json",
+                         test_accuracy=0.9, report={"name": "flower_photos", "int8": {"variant": "flower_photos_int8",
+                                                                                      "written": True}},
+                         export=SimpleNamespace(name="flower_photos"))
+    line = next_step(result, tmp_path / "models")
+    assert line.startswith("serve it: kestrel serve ")
+    words = shlex.split(line.split(": ", 1)[1])
+    served = serve_parser().parse_args(words[2:])
+    assert served.models == "flower_photos,flower_photos_int8" and served.repository == tmp_path / "models"
+    result.report["int8"]["written"] = False  # below the gate: only the FP32 model is there to serve
+    assert serve_parser().parse_args(shlex.split(next_step(result, tmp_path / "models").split(": ", 1)[1])[2:]
+                                     ).models == "flower_photos"
+
+    result.export = None  # trained without --export: first the export, then the server
+    export_cmd, serve_cmd = next_step(result, tmp_path / "models").split(": ", 1)[1].split(" (labels.txt is beside "
+                                                                                          "the model), then ")
+    exported = export_parser().parse_args(shlex.split(export_cmd)[2:])
+    assert exported.source == str(run / "model.keras") and exported.name == "flower_photos"
+    assert serve_parser().parse_args(shlex.split(serve_cmd)[2:]).models == "flower_photos"

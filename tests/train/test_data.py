@@ -48,6 +48,16 @@ def test_imbalance_names_largest_and_smallest():
     assert data_lib.imbalance({"a": 10, "b": 12})["balanced"] is True
 
 
+def test_dataset_line_says_equal_class_sizes_once():
+    # was "class sizes 300 (daisy) .. 300 (daisy)" for five classes of 300
+    equal = {name: 300 for name in ("daisy", "dandelion", "roses", "sunflowers", "tulips")}
+    assert data_lib.describe_sizes(1500, equal) == "1500 images in 5 classes, 300 in each"
+    line = data_lib.describe_sizes(70, {"a": 10, "b": 40, "c": 20})
+    assert line.startswith("70 images in 3 classes; class sizes 10 (a) .. 40 (b), imbalance ratio 4.0")
+    assert line.endswith("unbalanced, using balanced class weights")
+    assert data_lib.describe_sizes(22, {"a": 10, "b": 12}).endswith("imbalance ratio 1.2")
+
+
 def test_split_is_stratified_disjoint_and_complete():
     labels = np.repeat(np.arange(4), [100, 50, 30, 20])
     split = data_lib.stratified_split(labels, val=0.2, test=0.1, seed=3)

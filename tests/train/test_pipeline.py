@@ -93,6 +93,26 @@ def test_saved_model_follows_the_serving_contract(runs):
     assert check["images"] == 3 and check["top1_agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
 
 
+def test_the_readme_exports_what_train_wrote(runs, tmp_path, python_env):
+    """The tour's `kestrel export runs/flower_photos/model.keras --labels runs/flower_photos/labels.txt --name
+    flowers`, on a train output folder: the model and its labels.txt become a served entry."""
+    import subprocess
+    import sys
+
+    from serve.repository import ModelRepository
+
+    out = runs["first"].output
+    repo = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "kestrel", "export", str(out / "model.keras"), "--labels",
+                             str(out / "labels.txt"), "--name", "flowers", "--repository", str(repo), "--quiet"],
+                            capture_output=True, text=True, env=python_env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity PASS" in result.stdout
+    entry = ModelRepository(repo).entry("flowers")
+    assert entry.labels() == (out / "labels.txt").read_text().split()
+    assert entry.input_spec.shape[:2] == (96, 96)
+
+
 def test_first_run_extracts_and_rerun_hits_the_cache(runs):
     cold = runs["first"].report["features"]
     # plain: every photo; flip and zoom of the training photos, then of the validation photos (for the refit)
