@@ -245,3 +245,37 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once():
         batcher.submit(_images(1), deadline=time.monotonic() + 0.02)
     assert batcher.infer(_images(1), deadline=time.monotonic() + 5).probabilities.shape == (1, 5)
     batcher.close()
+
+
+def test_the_clients_of_a_batch_coming_back_regroup_instead_of_alternating_half_batches():
+    """4 closed-loop clients on a 30 ms model: after the start, every batch holds all 4 (not 2 + 2), while a
+    lone client still takes the idle fast path."""
+    runner = _runner(delay_ms=30, thread_safe=False, max_batch_size=8)
+    batcher = DynamicBatcher(runner, max_queue_delay_us=5000).start()
+    stop = threading.Event()
+
+    def client(seed):
+        while not stop.is_set():
+            batcher.infer(_images(1, seed=seed))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(runner.batch_sizes) < 14 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    steady = runner.batch_sizes[4:14]
+    assert steady.count(4) >= 8, runner.batch_sizes  # regrouped (before: 2, 2, 2, 2, ...)
+    runner.batch_sizes.clear()
+    batcher._last_batch = (time.monotonic() - 1.0, 4)  # long idle: the next request is a lone one
+    lone = batcher.submit(_images(1))
+    assert lone.alone and lone.company == 0
+    lone.result(5)
+    batcher._last_batch = (time.monotonic(), 3)  # a batch of 3 just finished: its clients are coming back
+    first_back = batcher.submit(_images(1))
+    assert not first_back.alone and first_back.company == 3
+    first_back.result(5)
+    batcher.close()
