@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "RESOURCE_EXHAUSTED at once (default: --threads minus an eighth, kept for health checks, "
                              "metadata and control: 56)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    parser.add_argument("--ort-adaptive-threads", action="store_true",
+                        help="onnxruntime models without a thread count run a lone batch on every core and, while "
+                             "others run or wait, each batch on one core side by side: more throughput under load, "
+                             "longer tails (docs/server.md; a model's config parameter adaptive_threads wins)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
     parser.add_argument("--drain-delay", type=float, default=0.0,
                         help="on SIGTERM, seconds to keep serving with readiness false before closing the ports "
@@ -198,7 +202,12 @@ def main(argv=None) -> int:
         return 1
     from .server import create_server  # grpc and the generated code: after --help
 
-    runner_options = {"onnxruntime_onnx": {"intra_op_threads": args.ort_threads}} if args.ort_threads else None
+    ort = {}
+    if args.ort_threads:
+        ort["intra_op_threads"] = args.ort_threads
+    if args.ort_adaptive_threads:
+        ort["adaptive_threads"] = True
+    runner_options = {"onnxruntime_onnx": ort} if ort else None
     if args.repository_poll_secs is not None and args.model_control_mode != "poll":
         print("error: --repository-poll-secs applies to --model-control-mode poll", file=sys.stderr)
         return 1

@@ -206,7 +206,7 @@ class DynamicBatcher:
         self.max_batch_size = max(1, int(limit or 1))
         self.max_queue_delay_s = max(0, int(max_queue_delay_us)) / 1e6
         self.max_queue_size = max(0, int(max_queue_size))
-        self.workers = 1 if not runner.thread_safe else max(1, int(workers))
+        self.workers = 1 if not runner.thread_safe else max(1, int(workers), int(runner.preferred_workers))
         self.stats = stats  # serve.metrics.ModelStats or None
         self.idle_fast_path = idle_fast_path
         self.close_runner = close_runner
@@ -373,7 +373,7 @@ class DynamicBatcher:
         recent = now - finished < max(0.01, 5 * self.max_queue_delay_s)
         return images if images > 1 and recent and self.max_queue_delay_s > 0 else 0
 
-    def _take(self, returning: int = 0) -> list[Pending] | None:
+    def _take(self, returning: int = 0) -> tuple[list[Pending], bool] | None:
         """Block until a batch is due; None when closing with an empty queue. `returning`: images of the batch
         this worker just finished, whose clients may be about to send again."""
         with self._cond:
@@ -425,21 +425,23 @@ class DynamicBatcher:
                     self._shape_images[shape] = left_of_shape
                 else:
                     del self._shape_images[shape]
+                busy = bool(self._running) or bool(self._queue)  # other batches run or wait meanwhile
                 self._running.update(taken)
                 self._running_images += images
                 if self._queue:
                     self._cond.notify()  # let another worker start on the rest
-                return taken
+                return taken, busy
 
     def _work(self) -> None:
         returning = 0
         try:
             while True:
-                taken = self._take(returning)
-                if taken is None:
+                took = self._take(returning)
+                if took is None:
                     return
+                taken, busy = took
                 try:
-                    outcomes = self._process(taken)
+                    outcomes = self._process(taken, busy)
                 except BaseException as exc:  # noqa: BLE001 - never strand a request, never lose the worker
                     message = f"model '{self.name}': the batcher failed: {type(exc).__name__}: {exc}"
                     self._errors.error(message)
@@ -460,7 +462,8 @@ class DynamicBatcher:
             if last and self._closing:
                 self._after_workers()
 
-    def _process(self, taken: list[Pending]) -> list[tuple[Pending, BatchResult | None, BaseException | None]]:
+    def _process(self, taken: list[Pending], busy: bool = False
+                 ) -> list[tuple[Pending, BatchResult | None, BaseException | None]]:
         now = time.monotonic()
         live, outcomes = [], []
         for request in taken:
@@ -477,15 +480,16 @@ class DynamicBatcher:
                 continue
             live.append(request)
         if live:
-            outcomes.extend(self._run(live, now))
+            outcomes.extend(self._run(live, now, busy))
         return outcomes
 
-    def _run(self, requests: list[Pending], started: float) -> list[tuple[Pending, BatchResult | None, BaseException | None]]:
+    def _run(self, requests: list[Pending], started: float, busy: bool = False
+             ) -> list[tuple[Pending, BatchResult | None, BaseException | None]]:
         size = sum(r.size for r in requests)
         try:
             batch = requests[0].batch if len(requests) == 1 else np.concatenate([r.batch for r in requests])
             t0 = time.perf_counter()
-            out = self.runner.run(batch)
+            out = self.runner.run(batch, busy)
             compute = time.perf_counter() - t0
             if out.ndim < 1 or out.shape[0] != batch.shape[0]:
                 raise RuntimeError(f"returned {out.shape[0] if out.ndim else 'no'} rows for a batch of "

@@ -106,12 +106,20 @@ class Runner(abc.ABC):
         """Check `batch`, run it, return FP32 (N, classes) probabilities (loads on first use)."""
         return self.run(self.check(batch))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    #: batches the runner would like to run at once (a batcher gives it that many workers at least)
+    preferred_workers: int = 1
+
+    def run(self, batch: np.ndarray, busy: bool = False) -> np.ndarray:
         """Run a batch already checked against the input contract (the batcher's path: a request is
-        validated once, where it enters the server)."""
+        validated once, where it enters the server). `busy`: other batches run or wait meanwhile (a
+        runner may then use fewer threads for this one: see the onnxruntime backend)."""
         if not self._loaded:
             self.load()
-        return np.asarray(self._infer(batch), dtype=np.float32)
+        return np.asarray(self._infer_busy(batch) if busy else self._infer(batch), dtype=np.float32)
+
+    def _infer_busy(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch while others run too (default: as any batch)."""
+        return self._infer(batch)
 
     # ---- backend hooks ---------------------------------------------------------------------
     @abc.abstractmethod

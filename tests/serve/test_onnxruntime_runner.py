@@ -182,3 +182,30 @@ def test_float_layers_inside_an_int8_model_keep_their_float_weights(tmp_path):
     runner = create_runner(repo.ModelRepository(tmp_path).entry("mixed"))
     np.testing.assert_allclose(runner.infer(batch), exact, atol=1e-6)
     runner.close()
+
+
+def test_adaptive_threads_run_busy_batches_in_a_one_thread_session(entry, monkeypatch):
+    """Opt-in (config parameter adaptive_threads): a second one-thread session for batches that run while
+    others do; the batcher gives the runner a worker per core; both sessions answer the same."""
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+    from serve.batching import DynamicBatcher
+
+    entry, _ = entry
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv("KESTREL_ORT_THREADS", raising=False)
+    assert create_runner(entry).preferred_workers == 1  # off by default
+    entry.config.parameters["adaptive_threads"].string_value = "true"
+    runner = create_runner(entry).load()
+    assert isinstance(runner, OnnxRuntimeRunner) and runner.adaptive and runner.preferred_workers == 2
+    assert runner._narrow is not None and runner._narrow is not runner.session
+    batch = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_allclose(runner.run(batch, busy=True), runner.run(batch), rtol=1e-6)
+    assert DynamicBatcher(runner).workers == 2
+    runner.close()
+    assert runner._narrow is None and runner.session is None
+    entry.config.parameters["adaptive_threads"].string_value = "maybe"
+    with pytest.raises(ModelLoadError, match="adaptive_threads"):
+        create_runner(entry)
+    entry.config.parameters["adaptive_threads"].string_value = "true"
+    entry.config.parameters["intra_op_thread_count"].string_value = "1"  # an explicit thread count wins
+    assert not create_runner(entry).adaptive
