@@ -314,7 +314,7 @@ def setup_lines(meta: dict) -> list[str]:
                      f"{threads.get('inter_op_thread_count') or 'default'}; the same config.pbtxt for both servers "
                      "but the platform.")
     lines += [f"- Load: benchmarks/triton_load.py, one process per run, one thread and one tritonclient "
-              f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, binary tensors over HTTP; the "
+              f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, gRPC or HTTP (binary tensors); the "
               f"same decoded images ({s.get('images') or 'synthetic'}) resized to the model's input, client i "
               "starting at image i, for both servers. A request counts when it completes inside the window and its "
               "answer is an FP32 (batch, classes) finite tensor; anything else is an error.",

@@ -63,6 +63,9 @@ BENCH_TOOLS: dict[str, Command] = {
     "vs-triton": Command("benchmarks.vs_triton", "Kestrel vs Triton (python backend) on the same ONNX, "
                          "servers alternated under one tritonclient load (make bench-triton)",
                          "python -m benchmarks.vs_triton"),
+    "ceiling-share": Command("benchmarks.ceiling_share", "the server's img/s against onnxruntime alone in "
+                             "process at the batch it formed, interleaved round by round",
+                             "python -m benchmarks.ceiling_share"),
     "docs": Command("benchmarks.docs", "regenerate docs/benchmarks.md's latest reports from benchmarks/results",
                     "python -m benchmarks.docs"),
 }
