@@ -14,10 +14,7 @@ with assertions on outcomes only; the numbers belong here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,23 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_server(repository: Path, work: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, dict]:
-    """python -m serve on free ports with its defaults; returns (process, port file contents)."""
-    port_file = work / "ports.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(repository), "--port", "0",
-                             "--metrics-port", "0", "--port-file", str(port_file), "--log-level", "WARNING", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    return proc, json.loads(port_file.read_text())
+from ._procs import KestrelServer
 
 
 def write_model(repository: Path, name: str = "four", batch: int = 4, batch_ms: float = 200.0) -> None:
@@ -117,11 +98,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_model(work / "repo", batch_ms=args.batch_ms)
-        proc, ports = start_server(work / "repo", work)
+        server = KestrelServer(work / "repo", ["four"], work / "server.log")
         try:
+            server.wait_ready(60)
             print(f"CPU: {cpu_model()}, {isa()}, {os.cpu_count()} cores; server: python -m serve (defaults), model: 4 images / {args.batch_ms:g} ms")
             for round_ in range(1, args.rounds + 1):
-                stats = summary(burst(f"127.0.0.1:{ports['port']}", args.clients, args.deadline))
+                stats = summary(burst(server.address, args.clients, args.deadline))
                 print(f"round {round_}: {stats['requests']} requests, {args.deadline:g} s deadlines: "
                       f"answered {stats['answered']} (p50 {stats['answered_p50_s']:.2f} s, p95 "
                       f"{stats['answered_p95_s']:.2f} s, max {stats['answered_max_s']:.2f} s), refused "
@@ -129,8 +111,7 @@ def main(argv=None) -> int:
                       f"max {stats['refused_max_ms']:.0f} ms), other {stats['other'] or 'none'}")
                 time.sleep(args.deadline)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            server.stop()
     return 0
 
 

@@ -4,6 +4,8 @@ importable by name reliably when several test folders have one)."""
 from __future__ import annotations
 
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,33 @@ def tiny_onnx_expected(batch: np.ndarray, classes: int = 4, seed: int = 0) -> np
     logits = (batch.astype(np.float32) / 255).mean(axis=(1, 2)) @ weights + bias
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll `condition()` every 5 ms; AssertionError naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+class Gate:
+    """Wraps a runner's _infer: records each batch that reaches the model, which then waits until the gate
+    opens (`open.set()`); `restore()` opens it and puts the runner's own _infer back."""
+
+    def __init__(self, runner):
+        self.runner, self.original = runner, runner._infer
+        self.calls: list[int] = []
+        self.open = threading.Event()
+
+        def infer(batch):
+            self.calls.append(int(batch.shape[0]))
+            assert self.open.wait(10), "the test never opened the gate"
+            return self.original(batch)
+
+        runner._infer = infer
+
+    def restore(self):
+        self.open.set()
+        self.runner._infer = self.original

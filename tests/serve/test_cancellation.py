@@ -15,41 +15,16 @@ import json
 import logging
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from serve_helpers import png_bytes
+from serve_helpers import Gate, png_bytes, wait_for
 
 PICTURE = np.random.default_rng(11).integers(0, 256, (40, 50, 3), dtype=np.uint8)
 IMAGE = png_bytes(PICTURE)
 TENSOR_HEADER = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
                                         "parameters": {"binary_data_size": 32 * 32 * 3}}]}).encode()
-
-
-def wait_for(condition, what: str, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
-class Gate:
-    """Wraps a runner's _infer: records each batch that reached the model, then blocks until opened."""
-
-    def __init__(self, runner):
-        self.calls: list[int] = []
-        self.open = threading.Event()
-        self._original = runner._infer
-
-        def infer(batch):
-            self.calls.append(int(batch.shape[0]))
-            assert self.open.wait(10), "the test never opened the gate"
-            return self._original(batch)
-
-        runner._infer = infer
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +43,9 @@ def server(tmp_path_factory):
 @pytest.fixture
 def gate(server):
     served = server.hub.models["gate"]
-    original = served.runner._infer
     gate = Gate(served.runner)
     yield gate
-    gate.open.set()
-    served.runner._infer = original
+    gate.restore()
     wait_for(lambda: served.batcher._outstanding == 0, "the batcher to be idle")
 
 

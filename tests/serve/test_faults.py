@@ -27,6 +27,7 @@ import pytest
 
 from serve._proto import grpc_service_pb2 as pb
 from serve.backends.fake import fake_probabilities
+from serve_helpers import Gate, wait_for
 
 rng = np.random.default_rng(5)
 IMAGE = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
@@ -111,34 +112,6 @@ class Http:
 
     def close(self):
         pass
-
-
-class Gate:
-    """Wraps a runner's _infer: each batch that reaches the model waits until the gate opens."""
-
-    def __init__(self, runner):
-        self.runner, self.original = runner, runner._infer
-        self.calls: list[int] = []
-        self.open = threading.Event()
-
-        def infer(batch):
-            self.calls.append(int(batch.shape[0]))
-            assert self.open.wait(10), "the test never opened the gate"
-            return self.original(batch)
-
-        runner._infer = infer
-
-    def restore(self):
-        self.open.set()
-        self.runner._infer = self.original
-
-
-def wait_for(condition, what: str, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 # ---- the server and its baseline ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 from serve._proto import grpc_service_pb2 as pb
 from serve.backends.fake import fake_probabilities, write_fake_model
 from serve.repository import read_config, write_config
+from serve_helpers import wait_for
 
 rng = np.random.default_rng(3)
 IMAGE = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
@@ -154,14 +155,6 @@ class HttpClient:
 
 def make_client(transport: str, server, token: str | None = None):
     return GrpcClient(server.port, token) if transport == "grpc" else HttpClient(server.http_port, token)
-
-
-def wait_for(condition, what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def rows(server, name: str) -> dict[str, dict]:

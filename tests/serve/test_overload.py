@@ -6,24 +6,24 @@ admitted requests' p95) are printed here and measured by `python -m benchmarks.o
 from __future__ import annotations
 
 import re
-import signal
 import urllib.request
 
 import pytest
 
-from benchmarks.overload import burst, start_server, summary, write_model
+from benchmarks._procs import KestrelServer
+from benchmarks.overload import burst, summary, write_model
 
 
 @pytest.mark.timeout(120)
 def test_300_clients_with_deadlines_are_answered_in_time_or_refused_at_once(tmp_path):
     write_model(tmp_path / "repo")
-    proc, ports = start_server(tmp_path / "repo", tmp_path)
+    server = KestrelServer(tmp_path / "repo", ["four"], tmp_path / "server.log")
     try:
-        results = burst(f"127.0.0.1:{ports['port']}", clients=300, deadline_s=5.0)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_port']}/metrics", timeout=5).read().decode()
+        server.wait_ready(60)
+        results = burst(server.address, clients=300, deadline_s=5.0)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        code = server.stop()
     stats = summary(results)
     print(f"\n300 clients: answered {stats['answered']} (p95 {stats['answered_p95_s']:.2f} s), refused "
           f"{stats['refused']} (p95 {stats['refused_p95_ms']:.0f} ms, max {stats['refused_max_ms']:.0f} ms)")
@@ -33,7 +33,7 @@ def test_300_clients_with_deadlines_are_answered_in_time_or_refused_at_once(tmp_
     assert stats["answered_max_s"] < 5.0  # every admitted request finished within its deadline
     # refused at once, not after waiting: well under the deadline (the benchmark measures how far under)
     assert stats["refused"] > 0 and stats["refused_max_ms"] < 2000
-    assert proc.returncode == 0
+    assert code == 0
     # refusals the server itself made are counted: at admission (server busy, no model yet) or by the model
     # (expected wait past the deadline: REJECTED); grpc's own, beyond its handler threads, never reach it
     admission = re.search(r'^kestrel_requests_refused_total\{transport="grpc"\} (\S+)', metrics, re.M)
