@@ -26,7 +26,6 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .ensemble import Ensemble
 from .errors import KestrelError
 from .repository import CONFIG_FILE
 
@@ -114,16 +113,8 @@ class RepositoryPoller:
             return [d for d in done if d]
 
     def _load(self, name: str) -> str:
-        repository, registry = self.hub.repository, self.hub.registry
         try:
-            if name in repository.ensemble_names():
-                ensemble = Ensemble.from_entry(repository.ensemble(name))
-                for member in ensemble.members:
-                    if member not in registry.records or not registry.records[member].serving():
-                        registry.load(member)
-                registry.add_ensemble(ensemble)
-            else:
-                registry.load(name)
+            self.hub.registry.load(name)  # a model, or an ensemble: its members loaded, their labels checked
             log.info("repository poll: %s loaded", name)
             return f"load {name}"
         except KestrelError as exc:

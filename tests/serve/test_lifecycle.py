@@ -778,6 +778,32 @@ def test_kestrel_models_lists_loads_and_unloads(explicit_server, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_poll_mode_checks_a_new_ensembles_members_as_a_load_call_does(tmp_path):
+    """An ensemble folder appearing in poll mode is loaded through the same path as RepositoryModelLoad: members
+    whose labels disagree are refused (not served as an ensemble), members that agree serve."""
+    from serve import create_server
+    from serve.repository import write_ensemble
+
+    repo = tmp_path / "repo"
+    write_fake_model(repo, "left", classes=CLASSES, seed=1)
+    write_fake_model(repo, "right", classes=CLASSES, seed=2)
+    write_fake_model(repo, "other", classes=CLASSES, seed=3, labels=[f"other_{i}" for i in range(CLASSES)])
+    server, _ = create_server(repo, port=0, metrics_port=None, control_mode="poll", poll_secs=3600)
+    poller, client = server.poller, GrpcClient(server.port)
+    try:
+        write_ensemble(repo, "mixed", ["left", "other"])
+        assert poller.poll_once() == []
+        assert poller.poll_once() == ["load mixed failed"]
+        assert client.infer("mixed").code != "OK"
+        write_ensemble(repo, "pair", ["left", "right"])
+        assert poller.poll_once() == []
+        assert poller.poll_once() == ["load pair"]
+        assert client.infer("pair").code == "OK"
+    finally:
+        client.close()
+        server.stop(1)
+
+
 def test_poll_mode_follows_whole_models_appearing_and_disappearing(tmp_path):
     from serve import create_server
 
