@@ -516,7 +516,7 @@ class DynamicBatcher:
                 self._failures += 1
                 self._last_error = message
             return [(request, None, error) for request in requests]
-        with self._cond:
+        with self._cond:  # submit() reads the times under this lock (expected-wait admission)
             self._failures, self._failing_since = 0, None
-        self._times.observe(size, compute)
+            self._times.observe(size, compute)
         return outcomes

@@ -279,3 +279,21 @@ def test_the_clients_of_a_batch_coming_back_regroup_instead_of_alternating_half_
     assert not first_back.alone and first_back.company == 3
     first_back.result(5)
     batcher.close()
+
+
+def test_batch_times_are_recorded_under_the_lock_submit_reads_them_with():
+    """submit() reads the measured batch times (expected-wait admission) under the batcher's lock; a worker
+    recording a new batch size outside it could change the dict while a submit iterates over it."""
+    batcher = DynamicBatcher(_runner(), max_batch_size=16, max_queue_delay_us=0).start()
+    observed, original = [], batcher._times.observe
+
+    def observe(size, seconds):
+        observed.append(batcher._cond._is_owned())
+        original(size, seconds)
+
+    batcher._times.observe = observe
+    try:
+        batcher.infer(_images(2), deadline=time.monotonic() + 10)
+    finally:
+        batcher.close()
+    assert observed == [True]
