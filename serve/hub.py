@@ -93,13 +93,14 @@ def _label(labels, index: int) -> str:
 
 
 def submit_all(work: Sequence[tuple[ModelVersion, np.ndarray]], deadline: float | None,
-               submitted: list | None) -> list[Pending]:
+               submitted: list | None, *, checked: bool = True) -> list[Pending]:
     """Queue each (version, batch); every request joins `submitted` as soon as it is queued. If one is refused,
-    the ones queued before it are cancelled (never run) and the refusal is raised."""
+    the ones queued before it are cancelled (never run) and the refusal is raised. `checked`: the batches were
+    validated against each version's input already (the data plane's tensors); False: the batcher checks them."""
     pending: list[Pending] = []
     try:
         for version, batch in work:
-            item = version.batcher.submit(batch, deadline, checked=True)
+            item = version.batcher.submit(batch, deadline, checked=checked)
             pending.append(item)
             if submitted is not None:
                 submitted.append(item)
@@ -363,7 +364,10 @@ class ModelHub:
         picture = images.decode(image, min_size=biggest, max_pixels=self.max_pixels)
         pixels = {(size, mode): images.resize(picture, size, mode)[None] for size, mode in sizes}
         decode_s = time.perf_counter() - t0
-        pending = submit_all([(m, pixels[(m.image_size, m.resize)]) for m in models], deadline, submitted)
+        # decoded pixels are uint8 RGB: a model whose input is not (a config may say FP32, or one channel) is
+        # refused by the batcher's check as INVALID_ARGUMENT, never handed to the backend
+        pending = submit_all([(m, pixels[(m.image_size, m.resize)]) for m in models], deadline, submitted,
+                             checked=False)
         runs = dict(zip(unique, collect_all(pending)))
         answers = []
         for m in models:

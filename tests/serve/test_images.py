@@ -195,3 +195,23 @@ def test_classify_resizes_each_model_by_its_own_mode(tmp_path):
         want = fake_probabilities(images.resize(picture, (24, 24), mode)[None], 5, 4)[0]
         np.testing.assert_allclose(got[name], want, rtol=1e-6)
     assert not np.allclose(got["stretchy"], got["croppy"])
+
+
+def test_classify_on_a_model_whose_input_is_not_uint8_rgb_is_invalid_input_not_a_backend_failure(tmp_path):
+    """The photo is decoded to uint8 RGB; a model that takes something else is refused before its backend."""
+    from serve.backends.fake import write_fake_model
+    from serve._proto import model_config_pb2
+    from serve.errors import InvalidInputError
+    from serve.hub import ModelHub
+    from serve.repository import read_config, write_config
+
+    write_fake_model(tmp_path, "floaty", classes=5, size=(24, 24))
+    config = read_config(tmp_path / "floaty" / "config.pbtxt")
+    config.input[0].data_type = model_config_pb2.TYPE_FP32
+    write_config(config, tmp_path / "floaty")
+    hub = ModelHub(tmp_path).load()
+    try:
+        with pytest.raises(InvalidInputError, match="dtype uint8, expected float32"):
+            hub.classify(_encode(_gradient(40, 40), "PNG"), ["floaty"], top=3)
+    finally:
+        hub.close()
