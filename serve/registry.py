@@ -443,11 +443,12 @@ class ModelRegistry:
             if name in self._ensembles:
                 return self._acquire_ensemble(self._ensembles[name], version)
             record = self._records.get(name)
-            if record is None:
-                if isinstance(name, str) and name in self.repository.names():
-                    raise ModelLoadError(f"model '{name}' is not ready: not loaded")
-                raise self._unknown(name)
-            return Handle(name, [self._acquire_version(record, version)])
+            if record is not None:
+                return Handle(name, [self._acquire_version(record, version)])
+        # not served: the repository's folders are read outside the lock every request takes
+        if isinstance(name, str) and name in self.repository.names():
+            raise ModelLoadError(f"model '{name}' is not ready: not loaded")
+        raise self._unknown(name)
 
     def _acquire_version(self, record: ModelRecord, version: str | int = "") -> ModelVersion:
         text = "" if version in (None, "", 0) else str(version)
