@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # `locust -f benchmarks/locustfile.py` from a che
     sys.path.insert(0, str(ROOT))
 
 # the image set, shared with the threaded tritonclient load generator (no gevent there)
-from benchmarks._images import DEFAULT_PHOTOS, MAX_IMAGES, image_arrays, image_files, rotated  # noqa: E402,F401
+from benchmarks._images import DEFAULT_PHOTOS, image_arrays, image_files, rotated  # noqa: E402,F401
 
 
 # Users of one locust process are numbered from KESTREL_SEED, so each starts at another image and the

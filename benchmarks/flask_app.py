@@ -26,7 +26,6 @@ path (Pillow with JPEG draft mode: faster than the apps' usual
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import threading
 import time

@@ -221,7 +221,6 @@ class DynamicBatcher:
         self._running_images = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._abandoned = False
         self._threads: list[threading.Thread] = []
         self._live_workers = 0
         self._stopped = threading.Event()  # every worker has returned (and the runner is closed)
@@ -273,7 +272,6 @@ class DynamicBatcher:
 
     def _abandon(self) -> None:
         with self._cond:
-            self._abandoned = True
             queued, running = list(self._queue), list(self._running)
             self._queue.clear()
             self._queued_images = 0
@@ -301,10 +299,6 @@ class DynamicBatcher:
     def queued(self) -> int:
         """Requests waiting (not yet taken into a batch)."""
         return len(self._queue)
-
-    @property
-    def accepting(self) -> bool:
-        return not self._closing
 
     def health(self) -> str | None:
         """None while the model serves; else why it does not (every batch failing, or a worker gone)."""

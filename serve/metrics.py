@@ -218,7 +218,7 @@ class ModelStats:
 
     def unwatch_queue(self, owner) -> None:
         """Stop reading the queue of `owner` (a closed batcher: nothing keeps it alive from here)."""
-        if getattr(self, "_depth_owner", None) is owner:
+        if self._depth_owner is owner:
             self._depth = self._depth_owner = None
 
     def pending(self) -> int:

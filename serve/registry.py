@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 from google.protobuf import text_format
 
@@ -758,16 +758,15 @@ class ModelRegistry:
         try:
             if batcher is not None:
                 batcher.close(deadline=deadline if deadline is not None else time.monotonic() + 1.0)
-                if hasattr(batcher, "wait_stopped"):
-                    batcher.wait_stopped(1.0)
-                if not getattr(batcher, "close_runner", False) and runner is not None:
+                batcher.wait_stopped(1.0)
+                if not batcher.close_runner and runner is not None:
                     runner.close()
             elif runner is not None:
                 runner.close()
         except Exception as exc:  # noqa: BLE001 - a close that fails must not stop the others
             log.warning("model %s version %s: close failed: %s: %s", version.name, version.label,
                         type(exc).__name__, exc)
-        if version.stats is not None and batcher is not None and hasattr(version.stats, "unwatch_queue"):
+        if version.stats is not None and batcher is not None:
             version.stats.unwatch_queue(batcher)
         version.state, version.reason = UNAVAILABLE, why
         version.batcher = version.runner = None
@@ -787,14 +786,10 @@ class ModelRegistry:
                     version._routable = False
         for version in versions:
             if version.batcher is not None:
-                version.batcher.stop_accepting() if hasattr(version.batcher, "stop_accepting") else None
+                version.batcher.stop_accepting()
         for version in versions:
             self._close_now(version, "server shut down", deadline)
         with self._lock:
             drains = list(self._drains)
         for thread in drains:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-    def all_versions(self) -> Sequence[ModelVersion]:
-        with self._lock:
-            return [v for r in self._records.values() for v in r.serving()]

@@ -245,7 +245,6 @@ def create_server(
         if not bound:
             raise ConfigError(f"cannot listen on {address} (in use, or not an address of this machine)")
         server = Server(grpc_server, hub, health_servicer, metrics, host, bound, None, plane=plane)
-        server.admission = admission
         holder["server"] = server
         if metrics_port is not None:
             try:

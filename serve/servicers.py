@@ -20,7 +20,6 @@ import threading
 import time
 
 import grpc
-import numpy as np
 
 from ._cancel import CancelOnEnd
 from ._proto import grpc_service_pb2 as pb
@@ -75,7 +74,6 @@ class Admission:
     def __init__(self, limit: int | None, why: str = "", on_refused=None):
         self.limit, self.why, self.on_refused = limit, why, on_refused
         self.active = 0
-        self.refused = 0
         self._lock = threading.Lock()
 
     def enter(self) -> None:
@@ -83,7 +81,6 @@ class Admission:
             return
         with self._lock:
             if self.active >= self.limit:
-                self.refused += 1
                 if self.on_refused is not None:
                     self.on_refused()
                 raise ResourceExhaustedError(f"the server is busy: {self.active} requests in progress, its limit "

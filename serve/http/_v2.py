@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from starlette.responses import Response
 
 from ..dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor
