@@ -294,7 +294,7 @@ def commit_entry(repo: ModelRepository, staging: Path, name: str, *, force: bool
         raise ConfigError(f"{target} already exists; pass --force to replace it")
     previous = publish_folder(staging, target)  # in one step: a polling server never sees half a model
     if previous is not None:
-        shutil.rmtree(previous.parent if previous.parent.name.startswith(".old-") else previous, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     return target
 
 

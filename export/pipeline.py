@@ -232,8 +232,6 @@ def _replace_folder(new: Path, dest: Path, backup_dir: Path) -> Path | None:
         return None
     backup = backup_dir / f"previous-{dest.name}"
     os.replace(previous, backup)
-    if previous.parent.name.startswith(".old-"):  # the fallback's own folder
-        shutil.rmtree(previous.parent, ignore_errors=True)
     return backup
 
 

@@ -104,15 +104,16 @@ def publish_folder(new: str | Path, dest: str | Path) -> Path | None:
     """Put the complete folder `new` at `dest` in one step, so that a server polling the repository sees the
     old folder or the new one, never neither nor half of one. An existing `dest` is swapped out (Linux
     renameat2 RENAME_EXCHANGE; elsewhere moved aside, then `new` renamed: a moment without it) and its
-    path returned, for the caller to delete (or to put back); None when `dest` did not exist."""
+    path returned, for the caller to delete (or to put back): a folder beside `dest` either way; None when
+    `dest` did not exist."""
     new, dest = Path(new), Path(dest)
     if not dest.exists():
         os.replace(new, dest)
         return None
     if _exchange(new, dest):
         return new  # the previous folder, now where `new` was
-    backup = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent)) / dest.name
-    os.replace(dest, backup)
+    backup = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+    os.replace(dest, backup)  # a folder renamed onto an empty one replaces it
     os.replace(new, dest)
     return backup
 

@@ -123,7 +123,7 @@ def test_publish_folder_swaps_a_model_folder_in_one_step(tmp_path):
             assert previous is not None and previous.is_dir()
             import shutil
 
-            shutil.rmtree(previous.parent if previous.parent.name.startswith(".old-") else previous)
+            shutil.rmtree(previous)
     finally:
         stop.set()
         watcher.join(10)
@@ -131,3 +131,18 @@ def test_publish_folder_swaps_a_model_folder_in_one_step(tmp_path):
     assert "missing" not in seen  # renameat2 RENAME_EXCHANGE on Linux: never a moment without the folder
     fresh = tmp_path / "fresh"
     assert publish_folder(dest, fresh) is None and (fresh / "config.pbtxt").is_file()
+
+
+def test_publish_folder_without_renameat2_returns_the_previous_folder_beside_dest(tmp_path, monkeypatch):
+    from serve import _files
+
+    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)  # a kernel or file system without it
+    dest, new = tmp_path / "m", tmp_path / ".tmp-m"
+    for folder, text in ((dest, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "config.pbtxt").write_text(text)
+    previous = _files.publish_folder(new, dest)
+    assert (dest / "config.pbtxt").read_text() == "new"
+    assert previous.parent == tmp_path and previous.name.startswith(".old-m-")
+    assert (previous / "config.pbtxt").read_text() == "old"
+    assert not new.exists()
