@@ -171,7 +171,10 @@ def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name:
     def run(chunk: np.ndarray, floors: Sequence[float]) -> list:
         feed = {input_name: np.ascontiguousarray(chunk),
                 **{f"{PREFIX}_{i}_t": np.array(t, np.float32) for i, t in enumerate(floors)}}
-        out = session.run(None, feed)
+        try:
+            out = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 (onnxruntime's own types): the caller falls back, as above
+            raise ValueError(f"cannot run the tapped graph for calibration: {type(exc).__name__}: {exc}") from exc
         return [[out[slot[f"{PREFIX}_{i}_{what}"]] for i in range(n)] for what in ("tail", "min", "max", "absmin")]
 
     # The first image with no floor: every |value| comes out, so each tensor's size and a first K-th largest. The
@@ -182,33 +185,35 @@ def percentile_ranges(model_path: str | Path, images: np.ndarray, *, input_name:
         from serve.console import progress as tqdm  # a bar on a terminal, a line per 10 % in logs
 
         bar = tqdm(total=len(images), desc="calibrating", unit="img", leave=False)
-    tails, lows, highs, absmins = run(images[:1], [-1.0] * n)
-    sizes = [int(t.size) for t in tails]
-    if not fits(dict(zip(tensors, sizes)), len(images), percentile):
-        raise ValueError(f"percentile {percentile} keeps more than {MAX_KEPT} values of a tensor")
-    ranks = [quantile_rank(size * len(images), percentile) for size in sizes]
-    kept: list[np.ndarray] = [np.empty(0, np.float32)] * n
-    low, high = [np.inf] * n, [-np.inf] * n
-    grid_low, grid_high = [np.inf] * n, [-np.inf] * n  # |x| over the first pass: the histogram's grid
-    start, done = 0, 1
-    while True:
+    try:
+        tails, lows, highs, absmins = run(images[:1], [-1.0] * n)
+        sizes = [int(t.size) for t in tails]
+        if not fits(dict(zip(tensors, sizes)), len(images), percentile):
+            raise ValueError(f"percentile {percentile} keeps more than {MAX_KEPT} values of a tensor")
+        ranks = [quantile_rank(size * len(images), percentile) for size in sizes]
+        kept: list[np.ndarray] = [np.empty(0, np.float32)] * n
+        low, high = [np.inf] * n, [-np.inf] * n
+        grid_low, grid_high = [np.inf] * n, [-np.inf] * n  # |x| over the first pass: the histogram's grid
+        start, done = 0, 1
+        while True:
+            if bar is not None:
+                bar.update(done - start)
+            for i, rank in enumerate(ranks):
+                top = np.concatenate((kept[i], tails[i]))
+                kept[i] = top if len(top) <= rank else np.partition(top, len(top) - rank)[len(top) - rank :]
+                low[i], high[i] = min(low[i], float(lows[i])), max(high[i], float(highs[i]))
+                if start < first_pass:
+                    grid_low[i] = min(grid_low[i], float(absmins[i]))
+                    grid_high[i] = max(grid_high[i], float(-lows[i]), float(highs[i]))
+            if done >= len(images):
+                break
+            start = done
+            done = min(start + batch, first_pass if start < first_pass else len(images), len(images))
+            floors = [float(k.min()) if len(k) >= rank else -1.0 for k, rank in zip(kept, ranks)]
+            tails, lows, highs, absmins = run(images[start:done], floors)
+    finally:
         if bar is not None:
-            bar.update(done - start)
-        for i, rank in enumerate(ranks):
-            top = np.concatenate((kept[i], tails[i]))
-            kept[i] = top if len(top) <= rank else np.partition(top, len(top) - rank)[len(top) - rank :]
-            low[i], high[i] = min(low[i], float(lows[i])), max(high[i], float(highs[i]))
-            if start < first_pass:
-                grid_low[i] = min(grid_low[i], float(absmins[i]))
-                grid_high[i] = max(grid_high[i], float(-lows[i]), float(highs[i]))
-        if done >= len(images):
-            break
-        start = done
-        done = min(start + batch, first_pass if start < first_pass else len(images), len(images))
-        floors = [float(k.min()) if len(k) >= rank else -1.0 for k, rank in zip(kept, ranks)]
-        tails, lows, highs, absmins = run(images[start:done], floors)
-    if bar is not None:
-        bar.close()
+            bar.close()
     ranges = {}
     for i, name in enumerate(tensors):
         q = float(kept[i].min()) if len(kept[i]) else 0.0  # the rank-th largest |x|: the quantile

@@ -143,6 +143,32 @@ def test_too_many_values_to_keep_falls_back_to_onnxruntimes_calibrator(tiny_onnx
     assert result.quantized_nodes > 0 and (tmp_path / "fallback.onnx").is_file()
 
 
+def test_a_tapped_graph_that_fails_to_run_is_a_value_error_the_quantizer_falls_back_on(prepared, images,
+                                                                                        monkeypatch):
+    """onnxruntime failing inside session.run (not only when the session is made) is the ValueError quantize()
+    falls back to onnxruntime's calibrator on; the progress bar is closed on the way out."""
+    from serve import console
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.closed = False
+            bars.append(self)
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(console, "progress", Bar)
+    wrong = images.astype(np.float32)  # the model takes uint8: onnxruntime refuses the feed at run time
+    with pytest.raises(ValueError, match="cannot run the tapped graph"):
+        calibrate.percentile_ranges(prepared, wrong, batch=3, progress=True)
+    assert [bar.closed for bar in bars] == [True]
+
+
 def test_calibration_reports_its_progress_in_one_line_when_piped(prepared, images, capsys, monkeypatch):
     from serve import console
 
