@@ -40,7 +40,7 @@ from .errors import (ConfigError, ControlModeError, InvalidInputError, KestrelEr
                      ModelNotFoundError, ServerUnavailableError, shown, status_of)
 from .hub import ENSEMBLE_PLATFORM, ClassifyResult, ModelHub, Targets
 from .metrics import RequestRecord
-from .registry import ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, not_loaded
+from .registry import ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, not_loaded, shared_input_spec
 from .repository import config_from_json
 
 log = logging.getLogger(__name__)
@@ -220,17 +220,6 @@ def _value_chars(dtype: np.dtype) -> int:
     return 28  # "-1.2345678901234567e-308, "
 
 
-def target_spec(target: Handle):
-    """The input spec a V2 request to `target` must match (an ensemble's members must share one)."""
-    specs = {v.input_spec for v in target.versions}
-    if len(specs) != 1:
-        raise InvalidInputError(
-            f"ensemble '{target.name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
-            "send images through Classify, or infer each member"
-        )
-    return next(iter(specs))
-
-
 def target_max_batch(target: Handle) -> int:
     return min(max(1, v.max_batch_size) for v in target.versions)
 
@@ -238,7 +227,7 @@ def target_max_batch(target: Handle) -> int:
 def request_size_limit(target: Handle, binary: bool) -> int | None:
     """The most bytes a V2 infer request for `target` can need: max_batch_size images of its input,
     as JSON numbers or (binary) raw bytes after a JSON header. None when the input has dynamic dims."""
-    spec = target_spec(target)
+    spec = target.input_spec
     if any(d < 0 for d in spec.shape):
         return None
     values = target_max_batch(target) * int(np.prod(spec.shape))
@@ -421,11 +410,7 @@ class DataPlane:
         platform = ENSEMBLE_PLATFORM if isinstance(record, EnsembleRecord) else entries[0].platform
         inputs = outputs = []
         if entries:
-            specs = {e.input_spec for e in entries}
-            if len(specs) != 1:
-                raise InvalidInputError(
-                    f"ensemble '{name}' members take different inputs ({sorted(str(s.shape) for s in specs)}); "
-                    "send images through Classify, or infer each member")
+            shared_input_spec(name, (e.input_spec for e in entries))
             inputs, outputs = [tensor_metadata(entries[0].input_spec)], [tensor_metadata(entries[0].output_spec)]
         return {"name": name, "versions": self._versions(record), "platform": platform, "inputs": inputs,
                 "outputs": outputs}
@@ -576,7 +561,7 @@ class DataPlane:
                 return self.infer(request, scope)
         name = request.model
         target = scope.acquire(name, request.version or "")
-        spec = target_spec(target)
+        spec = target.input_spec
         output_spec = target.versions[0].output_spec
         batch = input_array(name, spec, request.inputs, target_max_batch(target))
         wanted = list(request.outputs) or [RequestedOutput(output_spec.name)]
@@ -618,4 +603,4 @@ class DataPlane:
 
 __all__ = ["DataPlane", "EXTENSIONS", "InferInput", "InferRequest", "InferResponse", "OutputTensor",
            "RequestScope", "RequestedOutput", "SERVER_NAME", "bytes_tensor", "classification", "input_array",
-           "request_size_limit", "server_version", "target_max_batch", "target_spec", "tensor_metadata"]
+           "request_size_limit", "server_version", "target_max_batch", "tensor_metadata"]

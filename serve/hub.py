@@ -27,7 +27,7 @@ from .backends import create_runner
 from .backends.base import Runner
 from .batching import UNHEALTHY_AFTER_S, BatchResult, DynamicBatcher, Pending
 from .ensemble import Ensemble, check_top_k, rank, resolve_fusion, top_k
-from .errors import ConfigError, InvalidInputError, KestrelError, ModelLoadError
+from .errors import ConfigError, KestrelError, ModelLoadError
 from .metrics import Metrics
 from .registry import READY, UNAVAILABLE, EnsembleRecord, Handle, ModelRecord, ModelRegistry, ModelVersion
 from .repository import ModelEntry, ModelRepository
@@ -404,10 +404,7 @@ class ModelHub:
               fusion: str | None = None, submitted: list | None = None) -> InferResult:
         """Acquire, check the batch against the model's input, run, release."""
         with self.acquire(name, version) as target:
-            specs = {v.input_spec for v in target.versions}
-            if len(specs) != 1:
-                raise InvalidInputError(f"ensemble '{name}' members take different inputs; send images "
-                                        "through Classify, or infer each member")
+            target.input_spec  # an ensemble's members must share one input, else InvalidInputError
             return self.run(target, target.versions[0].runner.check(batch), deadline, fusion, submitted)
 
     def classify(self, image: bytes, names: Sequence[str] = (), top: int = 0, fusion: str = "",

@@ -36,9 +36,9 @@ from typing import Callable
 from google.protobuf import text_format
 
 from .ensemble import Ensemble
-from .errors import (ConfigError, KestrelError, ModelLoadError, ModelNotFoundError, ServerUnavailableError,
-                     SupersededError, shown)
-from .repository import ModelEntry, ModelRepository
+from .errors import (ConfigError, InvalidInputError, KestrelError, ModelLoadError, ModelNotFoundError,
+                     ServerUnavailableError, SupersededError, shown)
+from .repository import ModelEntry, ModelRepository, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,17 @@ class EnsembleRecord:
         return self.state == READY
 
 
+def shared_input_spec(name: str, specs) -> TensorSpec:
+    """The one input spec of a model, or of an ensemble whose members must share it to take one tensor."""
+    unique = set(specs)
+    if len(unique) != 1:
+        raise InvalidInputError(
+            f"ensemble '{name}' members take different inputs ({sorted(str(s.shape) for s in unique)}); "
+            "send images through Classify, or infer each member"
+        )
+    return next(iter(unique))
+
+
 class Handle:
     """What one request holds: the model version it runs on, or an ensemble's member versions (in member
     order). Released once, when the request ends; a version leaves only after its last handle is released."""
@@ -268,6 +279,11 @@ class Handle:
     @property
     def is_ensemble(self) -> bool:
         return self.ensemble is not None
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        """The input a V2 request to this target must match (InvalidInputError: members that differ)."""
+        return shared_input_spec(self.name, (v.input_spec for v in self.versions))
 
     @property
     def version(self) -> str:
