@@ -220,6 +220,13 @@ def _value_chars(dtype: np.dtype) -> int:
     return 28  # "-1.2345678901234567e-308, "
 
 
+def flag(value, what: str) -> bool:
+    """A true/false request parameter: a JSON boolean ("true" or 1 are refused)."""
+    if isinstance(value, bool):
+        return value
+    raise InvalidInputError(f"received {what}={shown(value)}; expected true or false")
+
+
 def target_max_batch(target: Handle) -> int:
     return min(max(1, v.max_batch_size) for v in target.versions)
 
@@ -487,13 +494,6 @@ class DataPlane:
             raise ServerUnavailableError("the server is shutting down; models are not loaded or unloaded any more")
         return name
 
-    @staticmethod
-    def _flag(parameters: dict, key: str) -> bool:
-        value = parameters.get(key, False)
-        if not isinstance(value, bool):
-            raise InvalidInputError(f"received parameter {key}={shown(value)}; expected true or false")
-        return value
-
     def repository_load(self, name: str, repository: str = "", parameters: dict | None = None) -> None:
         """Load or reload `name` (Triton's repository load): returns once it serves, or raises why it does not
         (then what served before still serves). Parameters: "config" (a JSON ModelConfig used instead of
@@ -516,7 +516,7 @@ class DataPlane:
             except ConfigError as exc:
                 raise InvalidInputError(str(exc)) from None
         t0 = time.perf_counter()
-        self.hub.registry.load(name, config=config, force=self._flag(parameters, "force"))
+        self.hub.registry.load(name, config=config, force=flag(parameters.get("force", False), "parameter force"))
         log.info("model %s loaded by a repository load call in %.2f s", name, time.perf_counter() - t0)
 
     def repository_unload(self, name: str, repository: str = "", parameters: dict | None = None) -> None:
@@ -530,8 +530,8 @@ class DataPlane:
         if unknown:
             raise InvalidInputError(f"received unload parameter(s) {shown(unknown)}; expected "
                                     "\"unload_dependents\"")
-        self.hub.registry.unload(name, unload_dependents=self._flag(parameters, "unload_dependents"),
-                                 timeout=self.unload_timeout_s)
+        dependents = flag(parameters.get("unload_dependents", False), "parameter unload_dependents")
+        self.hub.registry.unload(name, unload_dependents=dependents, timeout=self.unload_timeout_s)
         log.info("model %s unloaded by a repository unload call", name)
 
     def list_models(self) -> dict:
@@ -602,5 +602,5 @@ class DataPlane:
 
 
 __all__ = ["DataPlane", "EXTENSIONS", "InferInput", "InferRequest", "InferResponse", "OutputTensor",
-           "RequestScope", "RequestedOutput", "SERVER_NAME", "bytes_tensor", "classification", "input_array",
+           "RequestScope", "RequestedOutput", "SERVER_NAME", "bytes_tensor", "classification", "flag", "input_array",
            "request_size_limit", "server_version", "target_max_batch", "tensor_metadata"]

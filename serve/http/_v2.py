@@ -8,18 +8,12 @@ import json
 
 from starlette.responses import Response
 
-from ..dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor
+from ..dataplane import DataPlane, InferInput, InferRequest, RequestedOutput, bytes_tensor, flag
 from ..ensemble import FUSIONS
 from ..errors import InvalidInputError, shown
 from ..hub import ClassifyResult
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def flag(value, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise InvalidInputError(f"received {what}={shown(value)}; expected true or false")
 
 
 def loads(data: bytes | memoryview, what: str, optional: bool = False):
