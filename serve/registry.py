@@ -767,7 +767,8 @@ class ModelRegistry:
             with self._lock:
                 self._drains.discard(threading.current_thread())
 
-    def _close_now(self, version: ModelVersion, why: str, deadline: float | None = None) -> None:
+    def _close_now(self, version: ModelVersion, why: str, deadline: float | None = None, *,
+                   trim: bool = True) -> None:
         """Stop the version's batcher (which closes its runner once its workers stopped) and forget both."""
         version._retire(why)
         batcher, runner = version.batcher, version.runner
@@ -787,7 +788,8 @@ class ModelRegistry:
         version.state, version.reason = UNAVAILABLE, why
         version.batcher = version.runner = None
         batcher = runner = None
-        trim_heap()
+        if trim:
+            trim_heap()
         version.closed.set()
 
     def close(self, deadline: float | None = None) -> None:
@@ -804,7 +806,9 @@ class ModelRegistry:
             if version.batcher is not None:
                 version.batcher.stop_accepting()
         for version in versions:
-            self._close_now(version, "server shut down", deadline)
+            self._close_now(version, "server shut down", deadline, trim=False)
+        if versions:
+            trim_heap()  # once for all: a garbage collection and malloc_trim per version added up at shutdown
         with self._lock:
             drains = list(self._drains)
         for thread in drains:
