@@ -35,7 +35,6 @@ def newest_inprocess(results: Path) -> Path | None:
     return found[-1] if found else None
 
 
-TRITON_KIND = "vs-triton"  # results.json meta["kind"] of `kestrel bench vs-triton` (benchmarks/vs_triton.py)
 
 
 def _newest(results: Path, kind: str | None, skip: str) -> Path | None:
@@ -59,7 +58,9 @@ def newest_server_report(results: Path) -> Path | None:
 
 def newest_triton_report(results: Path) -> Path | None:
     """The newest `kestrel bench vs-triton` <time>/report.md that is not a --quick run."""
-    return _newest(results, TRITON_KIND, "quick")
+    from .vs_triton import KIND
+
+    return _newest(results, KIND, "quick")
 
 
 def _sections(markdown: str, keep: tuple[str, ...]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import threading
@@ -145,7 +144,6 @@ class _Run:
         self.ready = threading.Barrier(args.clients + 1)
         self.samples: list[tuple[float, float]] = []  # (completion time, latency ms) of successes
         self.errors: list[tuple[float, str]] = []  # (time, message)
-        self.requests_sent = 0
 
     def client(self, index: int) -> None:
         args, io = self.args, self.io
@@ -185,7 +183,6 @@ class _Run:
             with self.lock:
                 self.samples += samples
                 self.errors += errors
-                self.requests_sent += k
 
 
 def run(args) -> dict:
@@ -283,10 +280,10 @@ def _write(path: Path | None, data: dict) -> None:
     if path is None:
         print(text)
         return
+    from serve._files import write_text_atomic  # serve's pure parts: no serve._proto in this process
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,7 @@ from serve.errors import KestrelError
 
 from . import _method
 from ._procs import ROOT, BenchmarkError, KestrelServer, Process
+from .vs_triton_report import _num
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared"
@@ -208,10 +209,6 @@ def _row(record: dict, error: str, **fields) -> dict:
     return row
 
 
-def _fmt(value, digits: int = 1) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 # ---- step 6: the in-process ceiling --------------------------------------------------------------
 def _batch_of(images: list, size: int):
     import numpy as np
@@ -285,7 +282,7 @@ def ensemble_runs(s: Settings, logs: Path, raw: Path) -> dict:
             row["members"] = {m: (record.get("executed") or {}).get(m, {}).get("mean_batch") for m in members}
             runs.append(row)
             print(f"ensemble {name}, {s.ensemble_clients} clients, round {repeat + 1}: "
-                  f"{_fmt(row['images_per_s'])} img/s, p95 {_fmt(row['p95_ms'])} ms, errors {row['errors']}",
+                  f"{_num(row['images_per_s'])} img/s, p95 {_num(row['p95_ms'])} ms, errors {row['errors']}",
                   flush=True)
     finally:
         server.stop()
@@ -449,8 +446,8 @@ def _grid(s: Settings, variants: list[str], kestrel, triton, raw: Path, logs: Pa
         row = _row(record, error, order=index, load_average_1m=(load_before or [None])[0], **where, **usage)
         rows.append(row)
         print(f"[{index + 1}/{len(plan)}] {precision} {protocol} batch {batch} x {clients} clients, round "
-              f"{repeat + 1}, {server}: {_fmt(row['images_per_s'])} img/s, p95 {_fmt(row['p95_ms'])} ms, batch "
-              f"{_fmt(row['mean_batch'], 2)}, errors {row['errors'] if row['errors'] is not None else 'n/a'}"
+              f"{repeat + 1}, {server}: {_num(row['images_per_s'])} img/s, p95 {_num(row['p95_ms'])} ms, batch "
+              f"{_num(row['mean_batch'], 2)}, errors {row['errors'] if row['errors'] is not None else 'n/a'}"
               + (f" ({error.splitlines()[0]})" if error else ""), flush=True)
     return rows
 
