@@ -542,9 +542,9 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
     failures: list[AccuracyReport] = []
 
     def judge(variant: str, precision: str, staging: Path, runner, extra: dict) -> AccuracyReport:
-        """The variant's accuracy report (latency comes later, for all variants of a group at once)."""
-        with runner:
-            probs = predict(runner, imgs.evaluation.images, progress=progress, desc=variant)
+        """The variant's accuracy report (latency comes later, for all variants of a group at once: the runner
+        stays loaded until then, and finish() closes it)."""
+        probs = predict(runner.load(), imgs.evaluation.images, progress=progress, desc=variant)
         report = make_report(variant, precision, ref_name, ref_probs, probs, names, image_source=imgs.source,
                              min_agreement=thresholds[precision], labels=base.labels(), truth=truth,
                              min_accuracy_ratio=accuracy_ratio)
@@ -556,6 +556,7 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
         """Batch-1 latency of FP32 and every variant of `group` [(variant, staging, runner, report)] in one
         interleaved run, so each variant is compared with the same FP32 figure (measured per variant, FP32 gave
         5.84 ms in one section and 9.10 ms in the next of one run); then write, print, commit or refuse each."""
+        runners = [g[2] for g in group if g[2] is not None]
         try:
             if latency_runs > 0 and group:
                 with contextlib.ExitStack() as stack:
@@ -586,6 +587,8 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
         finally:
             for _, staging, _, _ in group:  # an error: nothing half-made is left behind
                 shutil.rmtree(staging, ignore_errors=True)
+            for runner in runners:  # loaded since judge()
+                runner.close(final=False)
 
     # ---- ONNX variants
     group: list = []
@@ -614,8 +617,10 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
             runner = _onnx_runner(variant, model_path, base)
             group[-1] = (variant, staging, runner, judge(variant, precision, staging, runner, extra))
     except BaseException:
-        for _, staging, _, _ in group:
+        for _, staging, runner, _ in group:
             shutil.rmtree(staging, ignore_errors=True)
+            if runner is not None:
+                runner.close(final=False)
         raise
     finish(group)
 
@@ -656,8 +661,10 @@ def optimize(repository: str | Path, name: str, *, precisions: Sequence[str] | s
                                         max_batch_size=profile.max)
                 group[-1] = (variant, staging, runner, judge(variant, precision, staging, runner, extra))
         except BaseException:
-            for _, staging, _, _ in group:
+            for _, staging, runner, _ in group:
                 shutil.rmtree(staging, ignore_errors=True)
+                if runner is not None:
+                    runner.close(final=False)
             raise
         finish(group)  # the engines against FP32 on onnxruntime, measured together once more
 

@@ -312,6 +312,20 @@ def test_optimize_builds_int8_and_fp16_entries(tiny_repo, image_folder):
         opt.optimize(tiny_repo, "tiny", precisions="fp16", progress=False, log=lambda *_: None)
 
 
+def test_optimize_loads_each_variant_once_for_accuracy_and_latency(tiny_repo, image_folder, monkeypatch):
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+
+    loads, closes, original = [], [], OnnxRuntimeRunner._load
+    monkeypatch.setattr(OnnxRuntimeRunner, "_load", lambda self: (loads.append(self.name), original(self))[1])
+    original_close = OnnxRuntimeRunner._close
+    monkeypatch.setattr(OnnxRuntimeRunner, "_close", lambda self: (closes.append(self.name), original_close(self))[1])
+    opt.optimize(tiny_repo, "tiny", precisions="int8,fp16", calibration=image_folder,
+                 quantize_options=quant.QuantizeOptions(min_images=16), latency_runs=3, progress=False,
+                 log=lambda *_: None)
+    assert loads.count("tiny_int8") == 1 and loads.count("tiny_fp16") == 1
+    assert sorted(closes) == sorted(loads)  # every session made is released
+
+
 def test_variant_below_threshold_is_not_written_unless_forced(tiny_repo, image_folder, monkeypatch):
     # the reference is another (differently initialised) model, so the variant disagrees with it
     other = Path(tiny_repo).parent / "other.onnx"
