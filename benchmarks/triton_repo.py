@@ -151,13 +151,12 @@ def thread_counts(entry, ort_threads: int = 0, env: dict | None = None) -> dict[
     """The onnxruntime thread counts Kestrel's backend uses for `entry` when the server runs with
     `--ort-threads ort_threads` (serve/backends/onnxruntime.py: the model's config parameters win over
     the server option; KESTREL_ORT_THREADS when neither sets intra-op threads; 0 = onnxruntime's default)."""
-    from serve.backends.onnxruntime import config_thread_options
+    from serve.backends.onnxruntime import config_thread_options, intra_op_threads_for
 
-    env = os.environ if env is None else env
     options = {"intra_op_threads": ort_threads or None, "inter_op_threads": None}
     options.update(config_thread_options(entry))
-    intra = options["intra_op_threads"] or int(env.get("KESTREL_ORT_THREADS", "0") or 0)
-    return {"intra_op_thread_count": int(intra or 0), "inter_op_thread_count": int(options["inter_op_threads"] or 0)}
+    return {"intra_op_thread_count": intra_op_threads_for(options["intra_op_threads"], env),
+            "inter_op_thread_count": int(options["inter_op_threads"] or 0)}
 
 
 def triton_config(entry, *, onnx_path: Path, threads: dict[str, int]):

@@ -44,6 +44,13 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_threads", "inter_op_thread_count": "inter_op_threads"}
 
 
+def intra_op_threads_for(requested: int | None, env=None) -> int:
+    """The intra-op thread count a session gets: `requested` (a model's config or --ort-threads), else
+    KESTREL_ORT_THREADS, else 0 (onnxruntime's default: one per physical core)."""
+    env = os.environ if env is None else env
+    return int(requested or int(env.get("KESTREL_ORT_THREADS", "0") or 0))
+
+
 def config_thread_options(entry: ModelEntry) -> dict[str, int]:
     """Thread counts set in the model's config.pbtxt `parameters`; 0 means onnxruntime's default."""
     options = {}
@@ -93,7 +100,7 @@ class OnnxRuntimeRunner(Runner):
         # a lone client 152 against 151. Off by default: the tails matter more to most users.
         cores = os.cpu_count() or 1
         self.adaptive = (bool(adaptive_threads) and cores > 1
-                         and not (intra_op_threads or int(os.environ.get("KESTREL_ORT_THREADS", "0") or 0))
+                         and not intra_op_threads_for(intra_op_threads)
                          and providers in (None, ["CPUExecutionProvider"]))
         self.preferred_workers = cores if self.adaptive else 1
 
@@ -131,7 +138,7 @@ class OnnxRuntimeRunner(Runner):
         onnxruntime's default)."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = intra_op_threads or int(os.environ.get("KESTREL_ORT_THREADS", "0") or 0)
+        threads = intra_op_threads_for(intra_op_threads)
         if threads:
             opts.intra_op_num_threads = threads
         if self.inter_op_threads:
