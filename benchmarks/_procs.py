@@ -226,13 +226,19 @@ def locust_command(locustfile: Path, *, users: int, run_time_s: float, host: str
     return command
 
 
-def run_locust(command: list[str], log_path: Path, *, timeout: float, env: dict | None = None) -> int:
-    """Run one locust process to completion (bounded); returns its exit code (1 = some requests failed)."""
-    process = Process("locust", command, log_path, env=env)
+def run_to_end(name: str, command: list[str], log_path: Path, *, timeout: float, env: dict | None = None) -> int:
+    """Run one process to completion (bounded; stopped with its children after `timeout`, then
+    BenchmarkError); returns its exit code."""
+    process = Process(name, command, log_path, env=env)
     try:
         return process.popen.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.stop(timeout=5)
-        raise BenchmarkError(f"locust did not finish within {timeout:.0f} s; see {log_path}") from None
+        raise BenchmarkError(f"{name} did not finish within {timeout:.0f} s; see {log_path}") from None
     finally:
         process.stop(timeout=5)
+
+
+def run_locust(command: list[str], log_path: Path, *, timeout: float, env: dict | None = None) -> int:
+    """Run one locust process to completion (bounded); returns its exit code (1 = some requests failed)."""
+    return run_to_end("locust", command, log_path, timeout=timeout, env=env)

@@ -49,7 +49,7 @@ from serve import console
 from serve.errors import KestrelError
 
 from . import _method
-from ._procs import ROOT, BenchmarkError, KestrelServer, Process
+from ._procs import ROOT, BenchmarkError, KestrelServer, _tail, run_to_end
 from .vs_triton_report import _num
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -185,17 +185,14 @@ def load_command(url: str, *, protocol: str, model: str, clients: int, batch: in
 def run_load(command: list[str], log: Path, output: Path, *, timeout: float) -> tuple[dict, str]:
     """Run one load-generator process; (its record, an error message or "")."""
     output.unlink(missing_ok=True)
-    process = Process("the load generator", command, log)
     try:
-        code = process.popen.wait(timeout=timeout)
-    except Exception:  # noqa: BLE001 - timeout: stop it, the run is an error
-        process.stop(timeout=5)
-        return {}, f"the load generator did not finish within {timeout:.0f} s; see {log}"
-    process.stop(timeout=5)
+        code = run_to_end("the load generator", command, log, timeout=timeout)
+    except BenchmarkError as exc:  # timed out: stopped, the run is an error
+        return {}, str(exc)
     try:
         return json.loads(output.read_text()), ""
     except (OSError, ValueError):
-        return {}, f"the load generator wrote no record (exit {code}); last output:\n{process.log_tail(5)}"
+        return {}, f"the load generator wrote no record (exit {code}); last output:\n{_tail(log, 5)}"
 
 
 ROW_KEYS = ("requests", "images", "errors", "images_per_s", "requests_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms",
