@@ -194,10 +194,6 @@ class HoldOut:
             parts.append(f"the {singles} single-image folders are all calibrated on")
         return "; ".join(parts)
 
-    def describe(self, source: str | Path = "") -> str:
-        """How many of the images (of folder `source`) were held out, and why."""
-        return f"{self.count(source)} ({self.why()})"
-
 
 def hold_out(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0) -> HoldOut:
     """Deterministic split into calibration and held-out images, stratified by parent folder (class).
@@ -236,13 +232,6 @@ def hold_out(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: i
     held = [p for parent in sorted(parts) for p in parts[parent][1]]
     return HoldOut(calibration, held, float(holdout), classes=len(groups), multi_classes=len(groups) - len(singles),
                    single_held=single_held)
-
-
-def split_calibration(paths: Sequence[Path], holdout: float = DEFAULT_HOLDOUT, *, seed: int = 0
-                      ) -> tuple[list[Path], list[Path]]:
-    """(calibration, held-out): `hold_out`'s lists."""
-    split = hold_out(paths, holdout, seed=seed)
-    return split.calibration, split.held
 
 
 def interleave_classes(paths: Sequence[Path]) -> list[Path]:

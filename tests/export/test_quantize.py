@@ -37,18 +37,23 @@ def test_options_reject_bad_values():
         quant.QuantizeOptions(keep_float=("sensitive",))
 
 
+def _split(paths, holdout, seed=0):
+    split = quant.hold_out(paths, holdout, seed=seed)
+    return split.calibration, split.held
+
+
 def test_split_is_stratified_deterministic_and_disjoint(tmp_path):
     paths = [tmp_path / c / f"{i}.jpg" for c in ("a", "b", "c") for i in range(10)]
-    cal, held = quant.split_calibration(paths, 0.2, seed=0)
+    cal, held = _split(paths, 0.2, seed=0)
     assert len(cal) == 24 and len(held) == 6
     assert not set(cal) & set(held)
     assert sorted(p.parent.name for p in held) == ["a", "a", "b", "b", "c", "c"]
-    assert quant.split_calibration(list(reversed(paths)), 0.2, seed=0) == (cal, held)
+    assert _split(list(reversed(paths)), 0.2, seed=0) == (cal, held)
     # a class of two still contributes one held-out image
-    cal2, held2 = quant.split_calibration([tmp_path / "x" / "1.jpg", tmp_path / "x" / "2.jpg"], 0.2)
+    cal2, held2 = _split([tmp_path / "x" / "1.jpg", tmp_path / "x" / "2.jpg"], 0.2)
     assert len(cal2) == 1 and len(held2) == 1
     with pytest.raises(ConfigError):
-        quant.split_calibration(paths, 1.0)
+        quant.hold_out(paths, 1.0)
 
 
 def test_interleave_covers_every_class_first(tmp_path):
