@@ -40,7 +40,8 @@ from .errors import (ConfigError, ControlModeError, InvalidInputError, KestrelEr
                      ModelNotFoundError, ServerUnavailableError, shown, status_of)
 from .hub import ENSEMBLE_PLATFORM, ClassifyResult, ModelHub, Targets
 from .metrics import RequestRecord
-from .registry import ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, not_loaded, shared_input_spec
+from .registry import (ENSEMBLE_VERSION, EnsembleRecord, Handle, ModelRecord, check_ensemble_version, not_loaded,
+                       shared_input_spec)
 from .repository import config_from_json
 
 log = logging.getLogger(__name__)
@@ -378,8 +379,7 @@ class DataPlane:
         asked for, else the latest loaded, else config.pbtxt), or each member's for an ensemble."""
         record = self.hub.find(name)
         if isinstance(record, EnsembleRecord):
-            if version not in ("", None, ENSEMBLE_VERSION):
-                raise ModelNotFoundError(not_loaded(name, version, [ENSEMBLE_VERSION]))
+            check_ensemble_version(name, version)
             return record, [e for e in (self._model_entry(m) for m in record.ensemble.members) if e is not None]
         if version not in ("", None):
             text = str(version)

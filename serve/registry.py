@@ -347,6 +347,21 @@ def not_loaded(name: str, version: str, loaded: list[str]) -> str:
     return f"model '{name}' has no version {which} loaded; loaded versions: {', '.join(loaded) or 'none'}"
 
 
+def version_text(name: str, version) -> str:
+    """A requested model version as text: "" (none: the highest READY) or digits; else ModelNotFoundError."""
+    text = "" if version in (None, "", 0) else str(version)
+    if text and not text.isdigit():
+        raise ModelNotFoundError(f"model '{name}': received version {shown(text)}, expected a number (or empty)")
+    return text
+
+
+def check_ensemble_version(name: str, version) -> None:
+    """An ensemble has one version, ENSEMBLE_VERSION; any other but none is ModelNotFoundError."""
+    text = "" if version in (None, "", 0) else str(version)
+    if text and text != ENSEMBLE_VERSION:
+        raise ModelNotFoundError(not_loaded(name, text, [ENSEMBLE_VERSION]))
+
+
 def trim_heap() -> None:
     """Give the heap memory a closed version freed back to the system (glibc's malloc_trim). A closed
     onnxruntime session frees its buffers, but glibc keeps them in its arenas: without this, RSS grew
@@ -467,10 +482,7 @@ class ModelRegistry:
         raise self._unknown(name)
 
     def _acquire_version(self, record: ModelRecord, version: str | int = "") -> ModelVersion:
-        text = "" if version in (None, "", 0) else str(version)
-        if text and not text.isdigit():
-            raise ModelNotFoundError(f"model '{record.name}': received version {shown(text)}, expected a number "
-                                     "(or empty)")
+        text = version_text(record.name, version)
         serving = record.serving()
         if text:
             chosen = record.versions.get(int(text))
@@ -483,9 +495,7 @@ class ModelRegistry:
         raise ModelLoadError(f"model '{record.name}' is not ready: {record.reason}")
 
     def _acquire_ensemble(self, record: EnsembleRecord, version: str) -> Handle:
-        text = "" if version in (None, "", 0) else str(version)
-        if text and text != ENSEMBLE_VERSION:
-            raise ModelNotFoundError(not_loaded(record.name, text, [ENSEMBLE_VERSION]))
+        check_ensemble_version(record.name, version)
         if not record.loaded:
             raise ModelLoadError(f"ensemble '{record.name}' is not ready: {record.reason or 'unloaded'}")
         held: list[ModelVersion] = []
@@ -534,16 +544,12 @@ class ModelRegistry:
     def ready(self, name: str, version: str = "") -> bool:
         target = self.find(name)
         if isinstance(target, EnsembleRecord):
-            if version not in ("", None, ENSEMBLE_VERSION):
-                self._acquire_ensemble(target, version)  # raises not found
+            check_ensemble_version(name, version)
             return self.ensemble_state(target)[0] == READY
         if self.closing:
             return False
-        if version not in ("", None):
-            text = str(version)
-            if not text.isdigit():
-                raise ModelNotFoundError(f"model '{name}': received version {shown(text)}, expected a number "
-                                         "(or empty)")
+        text = version_text(name, version)
+        if text:
             chosen = target.versions.get(int(text))
             if chosen is None:
                 raise ModelNotFoundError(not_loaded(name, text, [v.label for v in target.serving()]))
