@@ -67,9 +67,7 @@ class RepositoryPoller:
             self._seen[name] = self._applied[name] = sig
 
     def _folders(self) -> list[str]:
-        repository = self.hub.repository
-        names = repository.names() + repository.ensemble_names()
-        return [n for n in names if self.names is None or n in self.names]
+        return [n for n in self.hub.repository.folder_names() if self.names is None or n in self.names]
 
     def start(self) -> "RepositoryPoller":
         self._thread = threading.Thread(target=self._run, name="repository-poll", daemon=True)

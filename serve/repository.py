@@ -346,6 +346,10 @@ class ModelRepository:
             raise ConfigError(read_error(self.root, exc)) from None
         return sorted((p for p in children if _has_config(p)), key=lambda p: p.name)
 
+    def folder_names(self) -> list[str]:
+        """Names of every model and ensemble folder (a config.pbtxt), sorted: one look, no config read."""
+        return [p.name for p in self._folders()]
+
     def names(self) -> list[str]:
         """Names of all model folders (a config.pbtxt that is not an ensemble's), sorted."""
         return [p.name for p in self._folders() if not is_ensemble_folder(p)]
