@@ -166,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "RESOURCE_EXHAUSTED at once (default: --threads minus an eighth, kept for health checks, "
                              "metadata and control: 56)")
     parser.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
-    parser.add_argument("--ort-adaptive-threads", action="store_true",
+    parser.add_argument("--ort-adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
                         help="onnxruntime models without a thread count run a lone batch on every core and, while "
-                             "others run or wait, each batch on one core side by side: more throughput under load, "
-                             "longer tails (docs/server.md; a model's config parameter adaptive_threads wins)")
+                             "others run or wait, two batches side by side on half the cores each: more throughput "
+                             "under load, one more session in memory per model (default on; docs/server.md; a "
+                             "model's config parameter adaptive_threads wins)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
     parser.add_argument("--drain-delay", type=float, default=0.0,
                         help="on SIGTERM, seconds to keep serving with readiness false before closing the ports "
@@ -205,8 +206,8 @@ def main(argv=None) -> int:
     ort = {}
     if args.ort_threads:
         ort["intra_op_threads"] = args.ort_threads
-    if args.ort_adaptive_threads:
-        ort["adaptive_threads"] = True
+    if not args.ort_adaptive_threads:
+        ort["adaptive_threads"] = False
     runner_options = {"onnxruntime_onnx": ort} if ort else None
     if args.repository_poll_secs is not None and args.model_control_mode != "poll":
         print("error: --repository-poll-secs applies to --model-control-mode poll", file=sys.stderr)

@@ -34,7 +34,13 @@ runner once and hands each request its rows.
   ServerUnavailableError and the workers are abandoned. The runner is closed by
   the last worker to stop (with `close_runner=True`), never while one is inside it.
 - Workers: a runner that is not thread-safe gets one; a thread-safe one gets
-  `workers` (default 1: one worker keeps the batches big).
+  `workers` (default 1: one worker keeps the batches big), or more if the runner
+  prefers them (`preferred_workers`: onnxruntime's adaptive threads).
+- Side by side: with a runner that prefers several workers, a worker takes at most
+  its share of the images in the model (queued and running, divided by the
+  workers), so the workers' batches stay even: one narrow batch holding most of
+  the clients would take twice as long as the same work split (measured: p95 up
+  to 44 % longer at 32 clients without the split, equal to one wide session with it).
 """
 
 from __future__ import annotations
@@ -207,6 +213,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = max(0, int(max_queue_delay_us)) / 1e6
         self.max_queue_size = max(0, int(max_queue_size))
         self.workers = 1 if not runner.thread_safe else max(1, int(workers), int(runner.preferred_workers))
+        self.split = self.workers > 1 and runner.thread_safe and int(runner.preferred_workers) > 1
         self.stats = stats  # serve.metrics.ModelStats or None
         self.idle_fast_path = idle_fast_path
         self.close_runner = close_runner
@@ -367,6 +374,13 @@ class DynamicBatcher:
         recent = now - finished < max(0.01, 5 * self.max_queue_delay_s)
         return images if images > 1 and recent and self.max_queue_delay_s > 0 else 0
 
+    def _share(self) -> int:
+        """The most images the next batch takes (under the lock): max_batch_size, or with workers side by
+        side, this worker's share of the images in the model."""
+        if not self.split:
+            return self.max_batch_size
+        return min(self.max_batch_size, max(1, -(-(self._queued_images + self._running_images) // self.workers)))
+
     def _take(self, returning: int = 0) -> tuple[list[Pending], bool] | None:
         """Block until a batch is due; None when closing with an empty queue. `returning`: images of the batch
         this worker just finished, whose clients may be about to send again."""
@@ -381,14 +395,14 @@ class DynamicBatcher:
                 shape = first.shape
                 delay = 0.0 if (self.idle_fast_path and first.alone and len(self._queue) == 1) else self.max_queue_delay_s
                 due = first.arrival + delay
-                target = self.max_batch_size
+                target = cap = self._share()
                 if first.company:  # the clients of the last batch, coming back: go as soon as they all did
-                    target = min(self.max_batch_size, first.company)
+                    target = min(cap, first.company)
                 if returning and delay > 0:
                     # requests queued behind the batch this worker just finished: wait (at most the queue delay,
                     # from now) for that batch's clients to come back and run them all as one batch, instead of
                     # alternating two half batches for ever (4 clients: 2 + 2 -> 4)
-                    target = min(self.max_batch_size, self._shape_images.get(shape, 0) + returning)
+                    target = min(cap, self._shape_images.get(shape, 0) + returning)
                     due = max(due, time.monotonic() + delay)
                 returning = 0
                 while (self._queue and self._queue[0] is first and self._shape_images.get(shape, 0) < target
@@ -399,11 +413,12 @@ class DynamicBatcher:
                     self._cond.wait(left)
                 if not self._queue or self._queue[0] is not first:  # another worker took it
                     continue
+                cap = self._share()  # more may have come while it waited
                 taken, kept, images = [], [], 0
                 full = False
                 for request in self._queue:
                     if not full and request.shape == shape:
-                        if images + request.size <= self.max_batch_size:
+                        if images + request.size <= (cap if images else self.max_batch_size):
                             taken.append(request)
                             images += request.size
                             continue

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ENSEMBLE_PLATFORM = "ensemble"
 CONTROL_MODES = ("none", "explicit", "poll")  # Triton's --model-control-mode
+# What a served model's runner gets unless the server's options (serve's --no-ort-adaptive-threads) or the
+# model's config.pbtxt say otherwise: onnxruntime's adaptive threads (two batches side by side under load).
+SERVING_RUNNER_OPTIONS: dict[str, dict] = {"onnxruntime_onnx": {"adaptive_threads": True}}
 __all__ = ["ModelHub", "InferResult", "ClassifyResult", "ModelAnswer", "EnsembleAnswer", "READY", "UNAVAILABLE",
            "Targets"]
 
@@ -239,7 +242,7 @@ class ModelHub:
     def start_version(self, entry: ModelEntry, version: int, stats) -> tuple[Runner, DynamicBatcher]:
         """What the registry calls to load one version: runner loaded and warmed up, batcher started.
         (deploy/ray overrides it: there the batcher is a model deployment.)"""
-        options = dict(self.runner_options.get(entry.platform, {}))
+        options = {**SERVING_RUNNER_OPTIONS.get(entry.platform, {}), **self.runner_options.get(entry.platform, {})}
         runner = create_runner(entry, version, **options)
         try:
             runner.load()

@@ -90,19 +90,20 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
         self._narrow = None  # the busy-time session (adaptive threads), or None
         self.providers: list[str] = []
-        # Adaptive threads (`adaptive_threads`; config parameter "adaptive_threads", or serve's
-        # --ort-adaptive-threads; CPU only, when no thread count is set): a lone batch runs on every core
-        # (lowest latency), and while other batches run or wait, each runs on one core in a second session
-        # of one thread, side by side: more throughput (no thread of a batch waits for another preempted by
-        # request handling), longer tails (a batch on one core takes twice as long). Measured on
-        # mobilenet_v2, 2 cores AVX-512 VNNI, gRPC batch-1 clients, interleaved 3 x 5 s: 8 / 16 / 32 clients
-        # 213 / 214 / 214 img/s against 181 / 186 / 201 without, p95 60 / 125 / 258 ms against 61 / 104 / 179;
-        # a lone client 152 against 151. Off by default: the tails matter more to most users.
+        # Adaptive threads (`adaptive_threads`; on in the server unless --no-ort-adaptive-threads or the
+        # config parameter adaptive_threads "false"; CPU only, more than one core, no thread count set): a
+        # lone batch runs on every core (lowest latency), and while other batches run or wait, each runs in
+        # a second session on half the cores, two side by side, the batcher splitting the work between them
+        # evenly: no thread of a batch waits for another preempted by request handling. Measured on
+        # mobilenet_v2, 2 cores AVX-512 VNNI, gRPC batch-1 clients, interleaved 3 x 6 s: 4 / 8 / 16 / 32
+        # clients +6 / +8 / +9 / +11 % img/s, p95 within 3 % (docs/benchmarks.md). Without the even split
+        # (before): p95 up to 44 % longer at 32 clients.
         cores = os.cpu_count() or 1
         self.adaptive = (bool(adaptive_threads) and cores > 1
                          and not intra_op_threads_for(intra_op_threads)
                          and providers in (None, ["CPUExecutionProvider"]))
-        self.preferred_workers = cores if self.adaptive else 1
+        self.narrow_threads = max(1, cores // 2)
+        self.preferred_workers = 2 if self.adaptive else 1
 
     @classmethod
     def from_entry(cls, entry: ModelEntry, version: int | None = None, **options) -> "OnnxRuntimeRunner":
@@ -127,7 +128,7 @@ class OnnxRuntimeRunner(Runner):
             raise ModelLoadError(f"model '{self.name}': {unreadable}")
         self.session = self._session(ort, self.intra_op_threads)
         if self.adaptive and set(self.providers) == {"CPUExecutionProvider"}:
-            self._narrow = self._session(ort, 1)
+            self._narrow = self._session(ort, self.narrow_threads)
         else:
             self.adaptive, self.preferred_workers = False, 1
         self._input_name = self.session.get_inputs()[0].name

@@ -100,6 +100,48 @@ def test_not_thread_safe_runner_gets_one_worker():
     assert DynamicBatcher(_runner(thread_safe=True), workers=4).workers == 4
 
 
+class _SideBySide(FakeRunner):
+    """A runner that asks for two workers (as onnxruntime's adaptive threads do); each batch waits at a gate
+    and records its size and whether the batcher said others run meanwhile."""
+
+    def __init__(self, preferred: int):
+        super().__init__("m", SPEC, OUT, max_batch_size=16)
+        self.preferred_workers = preferred
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.runs: list[tuple[int, bool]] = []
+
+    def run(self, batch, busy=False):
+        self.runs.append((len(batch), busy))
+        self.entered.release()
+        assert self.gate.wait(10)
+        return super().run(batch, busy)
+
+
+@pytest.mark.parametrize("preferred, batches", [(2, [(4, True), (4, True)]), (1, [(8, False)])])
+def test_workers_side_by_side_split_the_queued_images_evenly(preferred, batches):
+    """With a runner that prefers two workers, 8 queued requests run as 4 + 4 at once (each worker takes its
+    share of the images in the model), not 8 in one narrow batch while the other worker idles; two workers
+    from instance_group alone keep the old rule (the biggest batch)."""
+    runner = _SideBySide(preferred).load()
+    batcher = DynamicBatcher(runner, max_queue_delay_us=1000, workers=2).start()
+    assert batcher.workers == 2
+    with batcher._cond:  # the 8 arrive together: no worker looks at the queue before all are in
+        pending = [batcher.submit(_images(1, seed=i)) for i in range(8)]
+    for _ in batches:
+        assert runner.entered.acquire(timeout=10)
+    assert not runner.entered.acquire(timeout=0.2)  # nothing else started
+    assert sorted(runner.runs) == batches
+    runner.gate.set()
+    for i, p in enumerate(pending):
+        np.testing.assert_allclose(p.result(10).probabilities, fake_probabilities(_images(1, seed=i), 5), rtol=1e-6)
+    lone = batcher.submit(_images(1))  # alone: the whole batch, and not busy (onnxruntime: every core)
+    assert lone.result(10).batch_size == 1 and runner.runs[-1] == (1, False)
+    big = batcher.submit(_images(12))  # one request bigger than its share still runs whole
+    assert big.result(10).batch_size == 12
+    batcher.close()
+
+
 def test_idle_model_does_not_wait_for_company():
     batcher = DynamicBatcher(_runner(), max_queue_delay_us=500_000).start()
     t0 = time.perf_counter()

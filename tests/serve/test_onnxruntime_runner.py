@@ -185,15 +185,16 @@ def test_float_layers_inside_an_int8_model_keep_their_float_weights(tmp_path):
 
 
 def test_adaptive_threads_run_busy_batches_in_a_one_thread_session(entry, monkeypatch):
-    """Opt-in (config parameter adaptive_threads): a second one-thread session for batches that run while
-    others do; the batcher gives the runner a worker per core; both sessions answer the same."""
+    """Config parameter adaptive_threads (a runner made in process: off unless asked; served: see below): a
+    second session on half the cores (one of two) for batches that run while others do; the batcher gives
+    the runner two workers; both sessions answer the same."""
     from serve.backends.onnxruntime import OnnxRuntimeRunner
     from serve.batching import DynamicBatcher
 
     entry, _ = entry
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     monkeypatch.delenv("KESTREL_ORT_THREADS", raising=False)
-    assert create_runner(entry).preferred_workers == 1  # off by default
+    assert create_runner(entry).preferred_workers == 1  # off in a runner made in process
     entry.config.parameters["adaptive_threads"].string_value = "true"
     runner = create_runner(entry).load()
     assert isinstance(runner, OnnxRuntimeRunner) and runner.adaptive and runner.preferred_workers == 2
@@ -209,3 +210,31 @@ def test_adaptive_threads_run_busy_batches_in_a_one_thread_session(entry, monkey
     entry.config.parameters["adaptive_threads"].string_value = "true"
     entry.config.parameters["intra_op_thread_count"].string_value = "1"  # an explicit thread count wins
     assert not create_runner(entry).adaptive
+
+
+def test_served_onnxruntime_models_get_adaptive_threads_unless_turned_off(entry, monkeypatch):
+    """The server (ModelHub) turns adaptive threads on for onnxruntime models; serve's
+    --no-ort-adaptive-threads (runner option) and a model's config parameter "false" turn it off."""
+    from serve.__main__ import build_parser
+    from serve.hub import ModelHub
+
+    entry, _ = entry
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv("KESTREL_ORT_THREADS", raising=False)
+
+    def served(**options):
+        hub = ModelHub(entry.path.parent, ["tiny"], **options).load()
+        try:
+            with hub.acquire("tiny") as handle:
+                version = handle.versions[0]
+                return version.runner.adaptive, version.batcher.workers
+        finally:
+            hub.close()
+
+    assert served() == (True, 2)
+    assert served(runner_options={"onnxruntime_onnx": {"adaptive_threads": False}}) == (False, 1)
+    assert build_parser().parse_args([]).ort_adaptive_threads is True
+    assert build_parser().parse_args(["--no-ort-adaptive-threads"]).ort_adaptive_threads is False
+    entry.config.parameters["adaptive_threads"].string_value = "false"
+    repo.write_config(entry.config, entry.path)
+    assert served() == (False, 1)
