@@ -8,8 +8,12 @@ speed drifts by 10-20 % over minutes that puts the two halves of the share at di
 round runs the server under the load (benchmarks/triton_load.py, gRPC, batch-1 requests, the server idle
 otherwise) and then, with the server idle, the same model in this process (the runner the server would
 make) at the whole batch sizes around the mean batch the server just formed; the share is the round's
-img/s over the in-process img/s at that batch (linear between the two sizes). Prints each round and the
-median share with the range of the rounds, per client count; `--json FILE` keeps them.
+img/s over the in-process img/s at that batch (linear between the two sizes). The server runs batches
+side by side under load (onnxruntime's adaptive threads, on by default), so each round also measures
+onnxruntime alone doing the same: two threads, each running batches of the nearest whole size in the
+narrow session, for as long as a round's in-process timing; `side_by_side_share` is the server's img/s
+over that. Prints each round and the median shares with the range of the rounds, per client count;
+`--json FILE` keeps them.
 """
 
 from __future__ import annotations
@@ -29,9 +33,54 @@ from .vs_triton import ceiling, load_command, run_load
 from .vs_triton_report import per_image_seconds
 
 
+def side_by_side(repository: Path, model: str, size: int, *, images: Path | None, seconds: float) -> float | None:
+    """img/s of onnxruntime alone running batches of `size` as the server does under load: two threads, each
+    in the narrow session of a runner with adaptive threads, for `seconds` after a warm-up; None when the
+    runner has no narrow session (one core, or a thread count set)."""
+    import threading
+    import time
+
+    from serve.backends import create_runner
+    from serve.repository import ModelRepository
+
+    from ._images import image_arrays
+    from .vs_triton import _batch_of
+
+    runner = create_runner(ModelRepository(repository).entry(model), adaptive_threads=True).load()
+    try:
+        if not getattr(runner, "adaptive", False):
+            return None
+        batch = _batch_of(image_arrays(str(images or ""), runner.image_size), size)
+        for _ in range(3):
+            runner.run(batch, busy=True)
+        counts = [0] * runner.preferred_workers
+        start = threading.Barrier(len(counts) + 1)
+        end: list[float] = []
+
+        def work(i: int) -> None:
+            start.wait()
+            while time.perf_counter() < end[0]:
+                runner.run(batch, busy=True)
+                counts[i] += size
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(counts))]
+        for thread in threads:
+            thread.start()
+        began = time.perf_counter()
+        end.append(began + seconds)
+        start.wait()
+        for thread in threads:
+            thread.join()
+        return sum(counts) / (time.perf_counter() - began)
+    finally:
+        runner.close()
+
+
 def share_rounds(repository: Path, model: str, clients: list[int], *, rounds: int, duration: float, warmup: float,
-                 images: Path | None, work: Path, server_args: list[str] = ()) -> dict[int, list[dict]]:
-    """{clients: [{"images_per_s", "mean_batch", "ceiling", "share"} per round]}."""
+                 images: Path | None, work: Path, server_args: list[str] = (), side_seconds: float = 3.0
+                 ) -> dict[int, list[dict]]:
+    """{clients: [{"images_per_s", "mean_batch", "ceiling", "share", and with side-by-side batches
+    "side_by_side", "side_by_side_share"} per round]}."""
     server = KestrelServer(repository, [model], work / "server.log", extra_args=list(server_args))
     out: dict[int, list[dict]] = {n: [] for n in clients}
     try:
@@ -54,9 +103,15 @@ def share_rounds(repository: Path, model: str, clients: list[int], *, rounds: in
                 row = {"images_per_s": record["images_per_s"], "mean_batch": batch, "p95_ms": record["p95_ms"],
                        "ceiling": 1.0 / seconds, "share": record["images_per_s"] * seconds,
                        "loadgen_cores": record.get("loadgen_cores")}
+                pair = side_by_side(repository, model, max(1, round(batch)), images=images, seconds=side_seconds)
+                if pair is not None:
+                    row["side_by_side"] = pair
+                    row["side_by_side_share"] = record["images_per_s"] / pair
                 out[n].append(row)
                 print(f"round {r + 1}, {n} clients: server {row['images_per_s']:.1f} img/s at mean batch "
-                      f"{batch:.2f}; in process {row['ceiling']:.1f} img/s: {100 * row['share']:.0f} %", flush=True)
+                      f"{batch:.2f}; in process {row['ceiling']:.1f} img/s: {100 * row['share']:.0f} %"
+                      + (f"; two batches side by side in process {pair:.1f} img/s: "
+                         f"{100 * row['side_by_side_share']:.0f} %" if pair is not None else ""), flush=True)
     finally:
         server.stop()
     return out
@@ -99,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         summary[n] = {"share": _method.median(shares), "low": min(shares), "high": max(shares),
                       "images_per_s": _method.median(r["images_per_s"] for r in rows),
                       "mean_batch": _method.median(r["mean_batch"] for r in rows), "rounds": rows}
+        pairs = [r["side_by_side_share"] for r in rows if "side_by_side_share" in r]
+        if pairs:
+            summary[n].update(side_by_side_share=_method.median(pairs), side_by_side_low=min(pairs),
+                              side_by_side_high=max(pairs))
         s = summary[n]
         print(f"  {n} clients: {s['images_per_s']:.1f} img/s at mean batch {s['mean_batch']:.2f} = "
-              f"{100 * s['share']:.0f} % ({100 * s['low']:.0f}-{100 * s['high']:.0f} %) of onnxruntime in process")
+              f"{100 * s['share']:.0f} % ({100 * s['low']:.0f}-{100 * s['high']:.0f} %) of onnxruntime in process"
+              + (f"; {100 * s['side_by_side_share']:.0f} % ({100 * s['side_by_side_low']:.0f}-"
+                 f"{100 * s['side_by_side_high']:.0f} %) of two batches side by side in process" if pairs else ""))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "machine": cpu, "clients": summary}, indent=2))
     return 0

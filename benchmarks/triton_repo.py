@@ -172,9 +172,12 @@ def triton_config(entry, *, onnx_path: Path, threads: dict[str, int]):
     return config
 
 
-def build_repository(kestrel_repository: Path, models: list[str], target: Path, *, ort_threads: int = 0) -> dict:
+def build_repository(kestrel_repository: Path, models: list[str], target: Path, *, ort_threads: int = 0,
+                     instances: int = 0, instance_threads: int = 0) -> dict:
     """Write a Triton repository at `target` serving `models` of the Kestrel repository; returns
-    {model: {"onnx": path, "threads": {...}, "max_batch_size": n, "max_queue_delay_us": n, "instances": n}}."""
+    {model: {"onnx": path, "threads": {...}, "max_batch_size": n, "max_queue_delay_us": n, "instances": n}}.
+    `instances` / `instance_threads` (0: as Kestrel's config and thread count) give Triton another arrangement,
+    e.g. 2 instances of 1 thread: two batches side by side, as Kestrel's adaptive threads run under load."""
     from serve.repository import PLATFORM_ONNX, ModelRepository, write_config
 
     repo = ModelRepository(kestrel_repository)
@@ -188,7 +191,15 @@ def build_repository(kestrel_repository: Path, models: list[str], target: Path, 
                                  f"({PLATFORM_ONNX})")
         onnx = entry.artifact()
         threads = thread_counts(entry, ort_threads)
+        if instance_threads:
+            threads["intra_op_thread_count"] = int(instance_threads)
         config = triton_config(entry, onnx_path=onnx, threads=threads)
+        if instances:
+            kind = config.instance_group[0].kind if config.instance_group else None
+            del config.instance_group[:]
+            group = config.instance_group.add(count=int(instances))
+            if kind is not None:
+                group.kind = kind
         folder = target / name
         if folder.exists():
             shutil.rmtree(folder)

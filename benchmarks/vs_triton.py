@@ -78,6 +78,8 @@ class Settings:
     images: Path | None = None  # default ../shared/photos when present, else synthetic
     triton_venv: Path = ROOT / ".venv-triton"
     ort_threads: int = 0  # 0: Kestrel's default (onnxruntime's own); else --ort-threads for Kestrel, the same for Triton
+    triton_instances: int = 0  # 0: the model's instance_group, as Kestrel; else Triton's instance count
+    triton_threads: int = 0  # 0: as Kestrel; else onnxruntime intra-op threads per Triton instance
     export: bool = True
     weights: str = "imagenet"
     calibration: Path | None = None  # INT8 calibration; default ../shared/datasets/imagenet_val
@@ -107,6 +109,9 @@ class Settings:
         if s.repeats < 1 or s.duration_s <= 0 or s.warmup_s < 0 or s.ceiling_repeats < 1 or s.ceiling_iterations < 1:
             raise KestrelError(f"received repeats={s.repeats}, duration={s.duration_s}, warmup={s.warmup_s}; expected "
                                "repeats >= 1, duration > 0, warm-up >= 0")
+        if s.triton_instances < 0 or s.triton_threads < 0:
+            raise KestrelError(f"received --triton-instances {s.triton_instances} --triton-threads "
+                               f"{s.triton_threads}; expected 0 (as Kestrel) or more")
         if s.ort_threads < 0:
             raise KestrelError(f"received --ort-threads {s.ort_threads}; expected 0 (onnxruntime's default) or more")
         if s.ensemble_only and not s.ensemble:
@@ -310,7 +315,8 @@ def _servers_for(s: Settings, variants: list[str], logs: Path):
 
     install = triton_repo.prepare(triton_repo.find_install(s.triton_venv))
     built = triton_repo.build_repository(s.repository, variants, s.output / "triton_repository",
-                                         ort_threads=s.ort_threads)
+                                         ort_threads=s.ort_threads, instances=s.triton_instances,
+                                         instance_threads=s.triton_threads)
     extra = ["--ort-threads", str(s.ort_threads)] if s.ort_threads else []
     kestrel = KestrelServer(s.repository, variants, logs / "kestrel_server.log", extra_args=extra)
     try:
@@ -507,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the venv with nvidia-pytriton (default .venv-triton, made by `make bench-triton`)")
     p.add_argument("--ort-threads", type=int, default=0,
                    help="onnxruntime intra-op threads for both servers (default 0: Kestrel's default, onnxruntime's own)")
+    p.add_argument("--triton-instances", type=int, default=0,
+                   help="Triton's model instances (default 0: the model's instance_group, as Kestrel's config)")
+    p.add_argument("--triton-threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per Triton instance (default 0: as Kestrel); with "
+                        "--triton-instances 2 --triton-threads 1 Triton runs two batches side by side, as Kestrel's "
+                        "default does under load on 2 cores")
     p.add_argument("--ensemble", default="imagenet",
                    help="the Kestrel ensemble for the ensemble section (default imagenet, `make demo`'s); '' skips it")
     p.add_argument("--ensemble-clients", type=int, default=8, help="clients for the ensemble section (default 8)")
@@ -530,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> Settings:
     values: dict = dict(model=args.model, repository=args.repository, images=args.images, triton_venv=args.triton_venv,
-                        ort_threads=args.ort_threads, ensemble=args.ensemble, ensemble_clients=args.ensemble_clients,
+                        ort_threads=args.ort_threads, triton_instances=args.triton_instances,
+                        triton_threads=args.triton_threads, ensemble=args.ensemble, ensemble_clients=args.ensemble_clients,
                         ensemble_only=args.ensemble_only, export=not args.no_export, weights=args.weights,
                         calibration=args.calibration, budget_s=args.budget * 60.0, output=args.output,
                         quick=args.quick)

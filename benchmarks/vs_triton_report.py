@@ -304,15 +304,22 @@ def setup_lines(meta: dict) -> list[str]:
              "graph optimisation, WeightBiasQuantization disabled, no spinning, the same thread counts; Triton's "
              "dynamic batcher hands it each batch of requests, run as one `session.run`.",
              f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
-             f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')})"
-             + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + "."]
+             f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
+             + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ")"
+             + ("." if s.get("ort_threads") else
+                ": adaptive threads, a lone batch in one session with the thread count below and, under load, two "
+                "batches side by side in a second session on half the cores (docs/server.md; "
+                "`--no-ort-adaptive-threads` gives Triton's arrangement: one session per instance).")]
     for name, m in models.items():
         threads = m.get("threads") or {}
         lines.append(f"- {name}: max_batch_size {m.get('max_batch_size')}, dynamic batching max_queue_delay "
                      f"{m.get('max_queue_delay_us')} us, {m.get('instances')} instance(s), onnxruntime intra-op threads "
                      f"{threads.get('intra_op_thread_count') or 'default (one per physical core)'}, inter-op "
-                     f"{threads.get('inter_op_thread_count') or 'default'}; the same config.pbtxt for both servers "
-                     "but the platform.")
+                     f"{threads.get('inter_op_thread_count') or 'default'}; "
+                     + ("Triton's instances and threads set by --triton-instances / --triton-threads, the rest of "
+                        "the config.pbtxt the same for both servers but the platform."
+                        if s.get("triton_instances") or s.get("triton_threads") else
+                        "the same config.pbtxt for both servers but the platform."))
     lines += [f"- Load: benchmarks/triton_load.py, one process per run, one thread and one tritonclient "
               f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, gRPC or HTTP (binary tensors); the "
               f"same decoded images ({s.get('images') or 'synthetic'}) resized to the model's input, client i "
@@ -338,7 +345,9 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
              f"**Machine:** {machine_line(meta)}.", "",
              f"**Triton:** the `tritonserver` 2.51 binary of PyPI's nvidia-pytriton 0.7.0 wheel. "
              f"**{TRITON_BACKEND_NOTE}** running the same ONNX in the same onnxruntime with the same session "
-             "options, batching limits and thread count as Kestrel.", ""]
+             + ("options and batching limits as Kestrel, with the instances and threads set by --triton-instances / "
+                "--triton-threads." if s.get("triton_instances") or s.get("triton_threads") else
+                "options, batching limits and thread count as Kestrel's session for a lone batch."), ""]
     if rows or ensemble:
         lines += ["## Headline", ""] + headline(meta, rows, agg, ceiling, ensemble) + [""]
     if rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_each_round_pairs_the_servers_throughput_with_onnxruntime_alone_at_the_b
     work = tmp_path / "work"
     work.mkdir()
     rounds = ceiling_share.share_rounds(tmp_path / "models", "tiny", [1, 3], rounds=2, duration=0.5, warmup=0.2,
-                                        images=photos, work=work)
+                                        images=photos, work=work, side_seconds=0.3)
     assert sorted(rounds) == [1, 3]
     for clients, rows in rounds.items():
         assert len(rows) == 2
@@ -46,6 +47,26 @@ def test_each_round_pairs_the_servers_throughput_with_onnxruntime_alone_at_the_b
             assert 1.0 <= row["mean_batch"] <= clients
             # the share is the server's img/s over onnxruntime's at that batch, nothing else
             assert row["share"] == pytest.approx(row["images_per_s"] / row["ceiling"])
+            # and over onnxruntime alone running two batches side by side, as the server does under load
+            assert ("side_by_side" in row) == ((os.cpu_count() or 1) > 1)
+            if "side_by_side" in row:
+                assert row["side_by_side"] > 0
+                assert row["side_by_side_share"] == pytest.approx(row["images_per_s"] / row["side_by_side"])
+
+
+def test_side_by_side_runs_two_threads_in_the_narrow_session_or_says_it_cannot(tmp_path, monkeypatch):
+    _tiny(tmp_path / "models")
+    monkeypatch.delenv("KESTREL_ORT_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    from serve.backends.onnxruntime import OnnxRuntimeRunner
+
+    busy = []
+    real = OnnxRuntimeRunner._infer_busy
+    monkeypatch.setattr(OnnxRuntimeRunner, "_infer_busy", lambda self, b: busy.append(len(b)) or real(self, b))
+    assert ceiling_share.side_by_side(tmp_path / "models", "tiny", 3, images=None, seconds=0.2) > 0
+    assert busy and set(busy) == {3}  # every batch in the narrow session, at the size asked
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one core: no narrow session to compare with
+    assert ceiling_share.side_by_side(tmp_path / "models", "tiny", 3, images=None, seconds=0.2) is None
 
 
 def test_a_model_not_in_the_repository_is_refused_in_one_line(tmp_path, capsys):

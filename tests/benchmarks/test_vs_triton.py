@@ -65,6 +65,25 @@ def test_triton_repository_serves_kestrels_onnx_through_the_python_backend(tmp_p
                           "max_batch_size": 16, "max_queue_delay_us": 1500, "instances": 2}
 
 
+def test_triton_can_be_given_two_instances_of_one_thread(tmp_path):
+    """--triton-instances / --triton-threads: Triton's arrangement changes (two batches side by side, as
+    Kestrel's adaptive threads under load), everything else stays Kestrel's config."""
+    kestrel = tmp_path / "kestrel"
+    _onnx_entry(kestrel, "m", delay_us=1500, max_batch=16)
+    built = triton_repo.build_repository(kestrel, ["m"], tmp_path / "triton", instances=2, instance_threads=1)
+    ours = read_config(kestrel / "m" / "config.pbtxt")
+    theirs = read_config(tmp_path / "triton" / "m" / "config.pbtxt")
+    assert [(g.count, g.kind) for g in theirs.instance_group] == [(2, ours.instance_group[0].kind)]
+    assert theirs.parameters["intra_op_thread_count"].string_value == "1"
+    assert theirs.dynamic_batching == ours.dynamic_batching and theirs.max_batch_size == 16
+    assert built["m"]["instances"] == 2 and built["m"]["threads"]["intra_op_thread_count"] == 1
+    args = vs_triton.build_parser().parse_args(["--triton-instances", "2", "--triton-threads", "1"])
+    settings = vs_triton.settings_from_args(args)
+    assert (settings.triton_instances, settings.triton_threads) == (2, 1)
+    with pytest.raises(KestrelError, match="--triton-instances -1"):
+        vs_triton.Settings(triton_instances=-1).resolved()
+
+
 def test_thread_counts_follow_kestrels_backend(tmp_path):
     from serve.repository import load_entry
 
