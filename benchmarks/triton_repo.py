@@ -194,12 +194,9 @@ def build_repository(kestrel_repository: Path, models: list[str], target: Path, 
         if instance_threads:
             threads["intra_op_thread_count"] = int(instance_threads)
         config = triton_config(entry, onnx_path=onnx, threads=threads)
-        if instances:
-            kind = config.instance_group[0].kind if config.instance_group else None
-            del config.instance_group[:]
-            group = config.instance_group.add(count=int(instances))
-            if kind is not None:
-                group.kind = kind
+        if instances:  # one group of that many (its kind kept)
+            del config.instance_group[1:]
+            (config.instance_group[0] if config.instance_group else config.instance_group.add()).count = int(instances)
         folder = target / name
         if folder.exists():
             shutil.rmtree(folder)

@@ -221,8 +221,9 @@ def _batch_of(images: list, size: int):
 def ceiling(repository: Path, models: list[str], sizes: dict[str, set[int]], *, ort_threads: int, images: Path | None,
             repeats: int, iterations: int) -> dict[str, dict[int, dict]]:
     """{model: {batch: {"median_ms", "low_ms", "high_ms", "images_per_s"}}}: onnxruntime alone in this
-    process, each model a runner exactly as the server makes it (serve.backends.create_runner with the
-    server's --ort-threads), timed like `kestrel bench inprocess` (warm-up excluded, median of repeats)."""
+    process, each model in the session the server runs a lone batch in (serve.backends.create_runner with
+    the server's --ort-threads; batches side by side: benchmarks.ceiling_share.side_by_side), timed like
+    `kestrel bench inprocess` (warm-up excluded, median of repeats)."""
     from serve.backends import create_runner
     from serve.repository import ModelRepository
 

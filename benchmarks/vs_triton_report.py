@@ -288,6 +288,11 @@ def load_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _triton_rearranged(settings: dict) -> bool:
+    """Triton given its own instances / threads (--triton-instances / --triton-threads), not Kestrel's."""
+    return bool(settings.get("triton_instances") or settings.get("triton_threads"))
+
+
 def setup_lines(meta: dict) -> list[str]:
     s = meta.get("settings") or {}
     tri = meta.get("triton") or {}
@@ -318,7 +323,7 @@ def setup_lines(meta: dict) -> list[str]:
                      f"{threads.get('inter_op_thread_count') or 'default'}; "
                      + ("Triton's instances and threads set by --triton-instances / --triton-threads, the rest of "
                         "the config.pbtxt the same for both servers but the platform."
-                        if s.get("triton_instances") or s.get("triton_threads") else
+                        if _triton_rearranged(s) else
                         "the same config.pbtxt for both servers but the platform."))
     lines += [f"- Load: benchmarks/triton_load.py, one process per run, one thread and one tritonclient "
               f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, gRPC or HTTP (binary tensors); the "
@@ -346,7 +351,7 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
              f"**Triton:** the `tritonserver` 2.51 binary of PyPI's nvidia-pytriton 0.7.0 wheel. "
              f"**{TRITON_BACKEND_NOTE}** running the same ONNX in the same onnxruntime with the same session "
              + ("options and batching limits as Kestrel, with the instances and threads set by --triton-instances / "
-                "--triton-threads." if s.get("triton_instances") or s.get("triton_threads") else
+                "--triton-threads." if _triton_rearranged(s) else
                 "options, batching limits and thread count as Kestrel's session for a lone batch."), ""]
     if rows or ensemble:
         lines += ["## Headline", ""] + headline(meta, rows, agg, ceiling, ensemble) + [""]

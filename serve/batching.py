@@ -213,7 +213,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = max(0, int(max_queue_delay_us)) / 1e6
         self.max_queue_size = max(0, int(max_queue_size))
         self.workers = 1 if not runner.thread_safe else max(1, int(workers), int(runner.preferred_workers))
-        self.split = self.workers > 1 and runner.thread_safe and int(runner.preferred_workers) > 1
+        self.split = runner.thread_safe and int(runner.preferred_workers) > 1  # workers side by side
         self.stats = stats  # serve.metrics.ModelStats or None
         self.idle_fast_path = idle_fast_path
         self.close_runner = close_runner
