@@ -47,6 +47,10 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
     for key, items in found.items():
         ok = [r for r in items if _ok(r)]
         out[key] = {m: _method.over_repeats(r.get(m) for r in ok) for m in METRICS}
+        # the server's CPU (its process and children: Triton's stub too) per image served, ms: where a server's
+        # request path costs more, it shows here even when the two serve the same img/s
+        out[key]["cpu_ms_per_image"] = _method.over_repeats(
+            1000 * _method.ratio(r.get("own_cores"), r.get("images_per_s")) for r in ok)
         out[key].update(errors=sum(int(r.get("errors") or 0) for r in items),
                         requests=sum(int(r.get("requests") or 0) for r in items), runs=len(ok),
                         failed=[r["error"] for r in items if r.get("error")], model=items[0].get("model"))
@@ -165,8 +169,8 @@ def results_tables(rows: list[dict], agg: dict, ceiling: dict) -> list[str]:
     for group in groups(rows):
         lines += [f"### {group_title(group)}", "",
                   "| clients | Kestrel img/s | Triton img/s | Kestrel/Triton | batch formed K / T | "
-                  "% of in-process ceiling K / T | errors K / T |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "% of in-process ceiling K / T | server CPU ms/image K / T | errors K / T |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         levels = sorted({c for (p, pr, b, c, _s) in agg if (p, pr, b) == group})
         for c in levels:
             k, t = agg.get(group + (c, "kestrel")), agg.get(group + (c, "triton"))
@@ -180,6 +184,9 @@ def results_tables(rows: list[dict], agg: dict, ceiling: dict) -> list[str]:
                 return _pct(_method.ratio(a["images_per_s"].median, ceiling_at(ceiling, a["model"],
                                                                               a["mean_batch"].median)))
 
+            def cpu(a):
+                return _num(a["cpu_ms_per_image"].median, 2) if a else "n/a"
+
             def errors(a):
                 if not a:
                     return "n/a"
@@ -187,7 +194,8 @@ def results_tables(rows: list[dict], agg: dict, ceiling: dict) -> list[str]:
 
             lines.append(f"| {c} | {cell(k, 'images_per_s')} | {cell(t, 'images_per_s')} | "
                          f"{ratio_text(agg, rows, group + (c,))} | {cell(k, 'mean_batch', 2)} / "
-                         f"{cell(t, 'mean_batch', 2)} | {share(k)} / {share(t)} | {errors(k)} / {errors(t)} |")
+                         f"{cell(t, 'mean_batch', 2)} | {share(k)} / {share(t)} | {cpu(k)} / {cpu(t)} | "
+                         f"{errors(k)} / {errors(t)} |")
         lines.append("")
     return lines
 
@@ -359,7 +367,9 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
         lines += ["## Results", "",
                   f"Medians over {s.get('repeats')} round(s) (range in parentheses); Kestrel/Triton is the ratio of "
                   "the medians with the range of the per-round ratios. *% of in-process ceiling*: the server's img/s "
-                  "against onnxruntime alone in one process at the mean batch size that server formed.", ""]
+                  "against onnxruntime alone in one process at the mean batch size that server formed. *Server CPU "
+                  "ms/image*: the CPU time the server's processes used (Triton's python-backend stub included) per "
+                  "image served: the model's work plus the request path's.", ""]
         lines += results_tables(rows, agg, ceiling)
         lines += ["![throughput](throughput.png)", ""]
         lines += ["## Latency under load", ""] + latency_tables(rows, agg)

@@ -329,6 +329,7 @@ def _rows() -> list[dict]:
                              repeat=repeat, model="m", requests=100, images=100, errors=1 if server == "triton" else 0,
                              images_per_s=rate, p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95 * 1.5, mean_batch=batch,
                              loadgen_cores=0.3, busy_cores=1.9, foreign_cores=0.05,
+                             own_cores=1.8 if server == "kestrel" else 1.6,
                              error_messages={"timeout": 1} if server == "triton" else {}, error=""))
     return rows
 
@@ -366,9 +367,13 @@ def test_report_medians_ratios_batches_and_ceiling(tmp_path):
                                                                     "max_abs_diff": 1e-6}})
     assert "Triton's native onnxruntime backend is not in that wheel, so this is Triton with its Python backend" in text
     assert "**Machine:** Test EPYC (AVX-512 VNNI), 2 cores usable" in text
-    assert "| 1 | 125.0 (120.0-130.0) | 100.0 | 1.25 (1.20-1.30) | 1.00 / 1.00 | 62 % / 50 % | 0 / 3 |" in text
+    # server CPU per image: Kestrel 1.8 cores / 120, 125, 130 img/s -> 14.40 ms (median); Triton 1.6 / 100 = 16.00
+    assert ("| 1 | 125.0 (120.0-130.0) | 100.0 | 1.25 (1.20-1.30) | 1.00 / 1.00 | 62 % / 50 % | 14.40 / 16.00 | "
+            "0 / 3 |") in text
     # 16 clients: Kestrel formed batches of 6 (24 ms -> 250 img/s in process), Triton 8 (266.7 img/s)
-    assert "| 16 | 180.0 (170.0-190.0) | 200.0 | 0.90 (0.85-0.95) | 6.00 (6.00-7.00) / 8.00 | 72 % / 75 % |" in text
+    assert ("| 16 | 180.0 (170.0-190.0) | 200.0 | 0.90 (0.85-0.95) | 6.00 (6.00-7.00) / 8.00 | 72 % / 75 % | "
+            "10.00 / 8.00 |") in text
+    assert "*Server CPU ms/image*" in text
     assert "Kestrel/Triton throughput 1.25 at 1, 0.90 at 16 client(s)" in text
     assert "| 16 | 50.0 / 100.0 / 150.0 | 40.0 / 80.0 / 120.0 | 1.25 (1.12-1.38) |" in text  # p95 under load
     assert "Kestrel 180.0 img/s = 72 % of onnxruntime alone" in text
