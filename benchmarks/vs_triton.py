@@ -248,6 +248,24 @@ def ceiling(repository: Path, models: list[str], sizes: dict[str, set[int]], *, 
     return out
 
 
+def side_by_side_models(repository: Path, models: list[str], ort_threads: int) -> dict[str, bool]:
+    """{model: whether the server runs its batches side by side under load (onnxruntime's adaptive threads)}, from
+    the runner the server makes with these options (serve.hub.SERVING_RUNNER_OPTIONS), not loaded: the report
+    describes the arrangement each run had, not the one the code has when the report is rebuilt."""
+    from serve.backends import create_runner
+    from serve.hub import SERVING_RUNNER_OPTIONS
+    from serve.repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    out = {}
+    for model in models:
+        entry = repo.entry(model)
+        options = {**SERVING_RUNNER_OPTIONS.get(entry.platform, {}),
+                   **({"intra_op_threads": ort_threads} if ort_threads else {})}
+        out[model] = int(create_runner(entry, **options).preferred_workers) > 1
+    return out
+
+
 def ceiling_sizes(mean_batches, fixed, max_batch: int) -> set[int]:
     """The fixed batch sizes plus the whole numbers on each side of every formed mean batch."""
     sizes = {int(b) for b in fixed if 1 <= int(b) <= max_batch}
@@ -375,7 +393,8 @@ def run(settings: Settings) -> Path:
                 kestrel.wait_ready(s.start_timeout_s)
                 triton.wait_ready(variants, s.start_timeout_s)
                 meta["triton"]["server"] = triton.metadata()
-                meta["kestrel_server"] = {"grpc": kestrel.address, "http_port": kestrel.http_port}
+                meta["kestrel_server"] = {"grpc": kestrel.address, "http_port": kestrel.http_port,
+                                          "side_by_side": side_by_side_models(s.repository, variants, s.ort_threads)}
                 parity = compare_answers(kestrel.address, triton.address, variants, s, logs)
                 rows = _grid(s, variants, kestrel, triton, raw, logs, skipped, started)
             finally:

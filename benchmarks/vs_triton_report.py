@@ -301,6 +301,17 @@ def _triton_rearranged(settings: dict) -> bool:
     return bool(settings.get("triton_instances") or settings.get("triton_threads"))
 
 
+def kestrel_arrangement(side_by_side: dict | None) -> str:
+    """How the run's Kestrel ran its batches, as recorded ({model: bool}); nothing when the run did not record it."""
+    if not side_by_side:
+        return ""
+    if any(side_by_side.values()):
+        return (": adaptive threads, a lone batch in one session with the thread count below and, under load, two "
+                "batches side by side in a second session on half the cores (docs/server.md; "
+                "`--no-ort-adaptive-threads` gives Triton's arrangement: one session per instance)")
+    return ": one onnxruntime session per model"
+
+
 def setup_lines(meta: dict) -> list[str]:
     s = meta.get("settings") or {}
     tri = meta.get("triton") or {}
@@ -319,10 +330,7 @@ def setup_lines(meta: dict) -> list[str]:
              f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
              f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
              + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ")"
-             + ("." if s.get("ort_threads") else
-                ": adaptive threads, a lone batch in one session with the thread count below and, under load, two "
-                "batches side by side in a second session on half the cores (docs/server.md; "
-                "`--no-ort-adaptive-threads` gives Triton's arrangement: one session per instance).")]
+             + kestrel_arrangement((meta.get("kestrel_server") or {}).get("side_by_side")) + "."]
     for name, m in models.items():
         threads = m.get("threads") or {}
         lines.append(f"- {name}: max_batch_size {m.get('max_batch_size')}, dynamic batching max_queue_delay "

@@ -97,6 +97,29 @@ def test_thread_counts_follow_kestrels_backend(tmp_path):
     assert triton_repo.thread_counts(pinned, 2, env={}) == {"intra_op_thread_count": 1, "inter_op_thread_count": 2}
 
 
+def test_the_run_records_whether_kestrel_runs_batches_side_by_side(tmp_path, monkeypatch):
+    """From the runner the server would make (not loaded): the server's default, a thread count, the model's config."""
+    monkeypatch.delenv("KESTREL_ORT_THREADS", raising=False)
+    _onnx_entry(tmp_path, "plain")
+    _onnx_entry(tmp_path, "off", parameters={"adaptive_threads": "false"})
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert vs_triton.side_by_side_models(tmp_path, ["plain", "off"], 0) == {"plain": True, "off": False}
+    assert vs_triton.side_by_side_models(tmp_path, ["plain"], 2) == {"plain": False}  # --ort-threads
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert vs_triton.side_by_side_models(tmp_path, ["plain"], 0) == {"plain": False}
+
+
+def test_the_report_describes_kestrels_arrangement_as_the_run_recorded_it():
+    def kestrel_line(meta):
+        return next(line for line in vs_triton_report.setup_lines(meta) if line.startswith("- Kestrel:"))
+
+    assert kestrel_line(META).endswith("Python 3.11.7).")  # not recorded (older runs): nothing claimed
+    side = kestrel_line({**META, "kestrel_server": {"side_by_side": {"m": True, "m_int8": True}}})
+    assert "two batches side by side in a second session on half the cores" in side
+    one = kestrel_line({**META, "kestrel_server": {"side_by_side": {"m": False}}})
+    assert one.endswith("): one onnxruntime session per model.")
+
+
 def test_a_model_that_is_not_onnx_is_refused(tmp_path):
     from serve.backends.fake import write_fake_model
 
