@@ -142,6 +142,37 @@ def test_workers_side_by_side_split_the_queued_images_evenly(preferred, batches)
     batcher.close()
 
 
+def test_a_worker_starting_beside_a_running_batch_does_not_wait_the_queue_delay():
+    """Side by side, a request arriving while another batch runs starts at once in the second worker (its batch
+    gains almost nothing from company on its own cores), though its share of the images in the model (2 of 4)
+    is more than is queued and the queue delay is 5 s; with one worker per batch rule (instance_group workers)
+    the same request waits for company as before."""
+    runner = _SideBySide(2).load()
+    batcher = DynamicBatcher(runner, max_queue_delay_us=5_000_000, workers=2).start()
+    first = batcher.submit(_images(3))  # alone: runs at once, on every core
+    assert runner.entered.acquire(timeout=10) and runner.runs == [(3, False)]
+    t0 = time.monotonic()
+    second = batcher.submit(_images(1, seed=1))
+    assert runner.entered.acquire(timeout=2), "the second worker waited for company beside a running batch"
+    assert time.monotonic() - t0 < 2 and runner.runs[-1] == (1, True)
+    runner.gate.set()
+    assert first.result(10).batch_size == 3 and second.result(10).batch_size == 1
+    batcher.close()
+
+    plain = _SideBySide(1).load()  # two workers from instance_group: the queue delay still applies
+    batcher = DynamicBatcher(plain, max_queue_delay_us=300_000, workers=2).start()
+    with batcher._cond:  # both queued before any worker looks: the first batch waits for nobody
+        pending = [batcher.submit(_images(1, seed=i)) for i in range(2)]
+    assert plain.entered.acquire(timeout=10)
+    t0 = time.monotonic()
+    late = batcher.submit(_images(1, seed=5))
+    assert not plain.entered.acquire(timeout=0.1)  # waiting for company, not started
+    assert plain.entered.acquire(timeout=10) and time.monotonic() - t0 >= 0.25
+    plain.gate.set()
+    assert [p.result(10).batch_size for p in pending] == [2, 2] and late.result(10).queue_s >= 0.25
+    batcher.close()
+
+
 def test_idle_model_does_not_wait_for_company():
     batcher = DynamicBatcher(_runner(), max_queue_delay_us=500_000).start()
     t0 = time.perf_counter()
