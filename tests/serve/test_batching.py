@@ -145,8 +145,8 @@ def test_workers_side_by_side_split_the_queued_images_evenly(preferred, batches)
 def test_a_worker_starting_beside_a_running_batch_does_not_wait_the_queue_delay():
     """Side by side, a request arriving while another batch runs starts at once in the second worker (its batch
     gains almost nothing from company on its own cores), though its share of the images in the model (2 of 4)
-    is more than is queued and the queue delay is 5 s; with one worker per batch rule (instance_group workers)
-    the same request waits for company as before."""
+    is more than is queued and the queue delay is 5 s; with two workers from instance_group (no side-by-side
+    split) the same request still waits the queue delay for company."""
     runner = _SideBySide(2).load()
     batcher = DynamicBatcher(runner, max_queue_delay_us=5_000_000, workers=2).start()
     first = batcher.submit(_images(3))  # alone: runs at once, on every core
