@@ -250,19 +250,18 @@ def ceiling(repository: Path, models: list[str], sizes: dict[str, set[int]], *, 
 
 def side_by_side_models(repository: Path, models: list[str], ort_threads: int) -> dict[str, bool]:
     """{model: whether the server runs its batches side by side under load (onnxruntime's adaptive threads)}, from
-    the runner the server makes with these options (serve.hub.SERVING_RUNNER_OPTIONS), not loaded: the report
+    the runner the server makes with these options (serve.hub.serving_runner_options), not loaded: the report
     describes the arrangement each run had, not the one the code has when the report is rebuilt."""
     from serve.backends import create_runner
-    from serve.hub import SERVING_RUNNER_OPTIONS
+    from serve.hub import serving_runner_options
     from serve.repository import ModelRepository
 
     repo = ModelRepository(repository)
+    server = {"onnxruntime_onnx": {"intra_op_threads": ort_threads}} if ort_threads else None  # --ort-threads
     out = {}
     for model in models:
         entry = repo.entry(model)
-        options = {**SERVING_RUNNER_OPTIONS.get(entry.platform, {}),
-                   **({"intra_op_threads": ort_threads} if ort_threads else {})}
-        out[model] = int(create_runner(entry, **options).preferred_workers) > 1
+        out[model] = int(create_runner(entry, **serving_runner_options(entry.platform, server)).preferred_workers) > 1
     return out
 
 

@@ -39,6 +39,13 @@ CONTROL_MODES = ("none", "explicit", "poll")  # Triton's --model-control-mode
 # What a served model's runner gets unless the server's options (serve's --no-ort-adaptive-threads) or the
 # model's config.pbtxt say otherwise: onnxruntime's adaptive threads (two batches side by side under load).
 SERVING_RUNNER_OPTIONS: dict[str, dict] = {"onnxruntime_onnx": {"adaptive_threads": True}}
+
+
+def serving_runner_options(platform: str, server_options: dict[str, dict] | None = None) -> dict:
+    """The options a served model's runner of `platform` is created with: SERVING_RUNNER_OPTIONS, overridden
+    by the server's own ({platform: options}, e.g. serve's --ort-threads); the model's config.pbtxt has the last
+    word inside the runner."""
+    return {**SERVING_RUNNER_OPTIONS.get(platform, {}), **(server_options or {}).get(platform, {})}
 __all__ = ["ModelHub", "InferResult", "ClassifyResult", "ModelAnswer", "EnsembleAnswer", "READY", "UNAVAILABLE",
            "Targets"]
 
@@ -242,8 +249,7 @@ class ModelHub:
     def start_version(self, entry: ModelEntry, version: int, stats) -> tuple[Runner, DynamicBatcher]:
         """What the registry calls to load one version: runner loaded and warmed up, batcher started.
         (deploy/ray overrides it: there the batcher is a model deployment.)"""
-        options = {**SERVING_RUNNER_OPTIONS.get(entry.platform, {}), **self.runner_options.get(entry.platform, {})}
-        runner = create_runner(entry, version, **options)
+        runner = create_runner(entry, version, **serving_runner_options(entry.platform, self.runner_options))
         try:
             runner.load()
             self._warm_up(runner)
