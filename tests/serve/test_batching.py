@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from serve.backends.fake import FakeRunner, fake_probabilities
-from serve.batching import DynamicBatcher
+from serve.batching import LIGHT_LOAD_IMAGES_PER_WORKER, DynamicBatcher
 from serve.errors import (BackendError, DeadlineExceededError, InvalidInputError, ResourceExhaustedError,
                           ServerUnavailableError)
 from serve.metrics import Metrics
@@ -118,16 +118,17 @@ class _SideBySide(FakeRunner):
         return super().run(batch, busy)
 
 
-@pytest.mark.parametrize("preferred, batches", [(2, [(4, True), (4, True)]), (1, [(8, False)])])
+@pytest.mark.parametrize("preferred, batches", [(2, [(6, True), (6, True)]), (1, [(12, False)])])
 def test_workers_side_by_side_split_the_queued_images_evenly(preferred, batches):
-    """With a runner that prefers two workers, 8 queued requests run as 4 + 4 at once (each worker takes its
-    share of the images in the model), not 8 in one narrow batch while the other worker idles; two workers
+    """With a runner that prefers two workers, 12 queued requests run as 6 + 6 at once (each worker takes its
+    share of the images in the model), not 12 in one narrow batch while the other worker idles; two workers
     from instance_group alone keep the old rule (the biggest batch)."""
     runner = _SideBySide(preferred).load()
     batcher = DynamicBatcher(runner, max_queue_delay_us=1000, workers=2).start()
     assert batcher.workers == 2
-    with batcher._cond:  # the 8 arrive together: no worker looks at the queue before all are in
-        pending = [batcher.submit(_images(1, seed=i)) for i in range(8)]
+    assert 12 > LIGHT_LOAD_IMAGES_PER_WORKER * 2  # above light load: the even split applies
+    with batcher._cond:  # the 12 arrive together: no worker looks at the queue before all are in
+        pending = [batcher.submit(_images(1, seed=i)) for i in range(12)]
     for _ in batches:
         assert runner.entered.acquire(timeout=10)
     assert not runner.entered.acquire(timeout=0.2)  # nothing else started
@@ -142,21 +143,54 @@ def test_workers_side_by_side_split_the_queued_images_evenly(preferred, batches)
     batcher.close()
 
 
+@pytest.mark.parametrize("preferred", [2, 1])
+def test_side_by_side_workers_take_one_request_at_a_time_at_light_load(preferred):
+    """While the model holds at most LIGHT_LOAD_IMAGES_PER_WORKER images per worker, side-by-side workers run
+    one request each (on one core a bigger batch gains little per image, and each image would wait for the
+    whole batch): 8 queued requests run as 1 + 1 side by side, then one at a time; a request bigger than one
+    image still runs whole. Two workers from instance_group keep the biggest batch."""
+    runner = _SideBySide(preferred).load()
+    batcher = DynamicBatcher(runner, max_queue_delay_us=1000, workers=2).start()
+    n = LIGHT_LOAD_IMAGES_PER_WORKER * 2
+    with batcher._cond:  # all arrive before any worker looks at the queue
+        pending = [batcher.submit(_images(1, seed=i)) for i in range(n - 2)] + [batcher.submit(_images(2, seed=9))]
+    started = 2 if preferred == 2 else 1
+    for _ in range(started):
+        assert runner.entered.acquire(timeout=10)
+    assert not runner.entered.acquire(timeout=0.2)  # nothing else started while those run
+    if preferred == 2:
+        assert runner.runs == [(1, True), (1, True)]
+    else:
+        assert runner.runs == [(n, False)]
+    runner.gate.set()
+    sizes = [p.result(10).batch_size for p in pending]
+    for i, p in enumerate(pending[:-1]):
+        np.testing.assert_allclose(p.result(10).probabilities, fake_probabilities(_images(1, seed=i), 5), rtol=1e-6)
+    np.testing.assert_allclose(pending[-1].result(10).probabilities, fake_probabilities(_images(2, seed=9), 5),
+                               rtol=1e-6)
+    if preferred == 2:
+        assert sizes == [1] * (n - 2) + [2] and len(runner.runs) == n - 1
+    else:
+        assert sizes == [n] * (n - 1)
+    batcher.close()
+
+
 def test_a_worker_starting_beside_a_running_batch_does_not_wait_the_queue_delay():
     """Side by side, a request arriving while another batch runs starts at once in the second worker (its batch
-    gains almost nothing from company on its own cores), though its share of the images in the model (2 of 4)
-    is more than is queued and the queue delay is 5 s; with two workers from instance_group (no side-by-side
-    split) the same request still waits the queue delay for company."""
+    gains almost nothing from company on its own cores), though its share of the images in the model (5 of 10,
+    above light load) is more than is queued and the queue delay is 5 s; with two workers from instance_group
+    (no side-by-side split) the same request still waits the queue delay for company."""
     runner = _SideBySide(2).load()
     batcher = DynamicBatcher(runner, max_queue_delay_us=5_000_000, workers=2).start()
-    first = batcher.submit(_images(3))  # alone: runs at once, on every core
-    assert runner.entered.acquire(timeout=10) and runner.runs == [(3, False)]
+    first = batcher.submit(_images(9))  # alone: runs at once, on every core
+    assert 9 + 1 > LIGHT_LOAD_IMAGES_PER_WORKER * 2  # the share is 5, not light load's one request
+    assert runner.entered.acquire(timeout=10) and runner.runs == [(9, False)]
     t0 = time.monotonic()
     second = batcher.submit(_images(1, seed=1))
     assert runner.entered.acquire(timeout=2), "the second worker waited for company beside a running batch"
     assert time.monotonic() - t0 < 2 and runner.runs[-1] == (1, True)
     runner.gate.set()
-    assert first.result(10).batch_size == 3 and second.result(10).batch_size == 1
+    assert first.result(10).batch_size == 9 and second.result(10).batch_size == 1
     batcher.close()
 
     plain = _SideBySide(1).load()  # two workers from instance_group: the queue delay still applies
