@@ -90,6 +90,7 @@ class Settings:
     ceiling_batches: list[int] = field(default_factory=lambda: list(CEILING_BATCHES))
     ceiling_repeats: int = 3
     ceiling_iterations: int = 10
+    side_by_side_s: float = 3.0  # onnxruntime alone with the ensemble members' batches side by side, per member
     budget_s: float = 3 * 3600.0
     start_timeout_s: float = 600.0
     output: Path | None = None
@@ -131,7 +132,7 @@ class Settings:
 def quick_overrides() -> dict:
     """--quick: every precision, protocol and batch, 1 and 8 clients, one round of 1 + 2 s."""
     return dict(clients=[1, 8], repeats=1, duration_s=2.0, warmup_s=1.0, ceiling_repeats=1, ceiling_iterations=5,
-                ceiling_batches=[1, 8, 32])
+                ceiling_batches=[1, 8, 32], side_by_side_s=1.0)
 
 
 # ---- step 1: exports ----------------------------------------------------------------------------
@@ -309,22 +310,54 @@ def ensemble_runs(s: Settings, logs: Path, raw: Path) -> dict:
     return {"name": name, "members": members, "clients": s.ensemble_clients, "runs": runs}
 
 
-def ensemble_limit(ensemble: dict, costs: dict[str, dict[int, dict]]) -> dict:
-    """The limit the members' summed in-process cost allows, and the measured throughput against it."""
+def ensemble_batches(ensemble: dict) -> dict[str, float]:
+    """{member: the median over the good rounds of the mean batch the server formed for it}."""
+    runs = [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
+    return {m: _method.median(r["members"].get(m) for r in runs) for m in ensemble["members"]}
+
+
+def side_by_side_costs(repository: Path, ensemble: dict, *, images: Path | None, seconds: float
+                       ) -> dict[str, float]:
+    """{member: in-process ms per image with its batches side by side on one core each, at the batch the server
+    formed (rounded)}, for the members the server runs that way under load (benchmarks.ceiling_share.side_by_side:
+    onnxruntime alone, both cores busy); members it runs in one session are left out."""
+    from .ceiling_share import side_by_side
+
+    out = {}
+    for m, batch in ensemble_batches(ensemble).items():
+        size = 1 if math.isnan(batch) else max(1, round(batch))
+        print(f"in-process side by side: {m} batch {size}", flush=True)
+        rate = side_by_side(repository, m, size, images=images, seconds=seconds)
+        if rate:
+            out[m] = 1000.0 / rate
+    return out
+
+
+def ensemble_limit(ensemble: dict, costs: dict[str, dict[int, dict]],
+                   side_costs: dict[str, float] | None = None) -> dict:
+    """The limit the members' summed in-process cost allows, and the measured throughput against it: with each
+    member in the session a lone batch runs in (the issue's definition), and, when `side_costs` has a cost for
+    each member, with their batches side by side on one core each (what the server does under load)."""
     from .vs_triton_report import per_image_seconds
 
     runs = [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
     throughput = _method.median(r["images_per_s"] for r in runs)
     members = {}
-    for m in ensemble["members"]:
-        batch = _method.median(r["members"].get(m) for r in runs)
+    for m, batch in ensemble_batches(ensemble).items():
         seconds = per_image_seconds(costs.get(m, {}), batch if not math.isnan(batch) else 1.0)
         members[m] = {"mean_batch": batch, "ms_per_image": seconds * 1000.0}
+        if side_costs and m in side_costs:
+            members[m]["side_by_side_ms_per_image"] = side_costs[m]
     total = sum(v["ms_per_image"] for v in members.values()) / 1000.0
     limit = 1.0 / total if total > 0 else float("nan")
-    return {"throughput": throughput, "limit": limit, "fraction": _method.ratio(throughput, limit),
-            "members": members, "p95_ms": _method.median(r["p95_ms"] for r in runs),
-            "errors": sum(int(r.get("errors") or 0) for r in ensemble["runs"])}
+    out = {"throughput": throughput, "limit": limit, "fraction": _method.ratio(throughput, limit),
+           "members": members, "p95_ms": _method.median(r["p95_ms"] for r in runs),
+           "errors": sum(int(r.get("errors") or 0) for r in ensemble["runs"])}
+    if members and all("side_by_side_ms_per_image" in v for v in members.values()):
+        side = sum(v["side_by_side_ms_per_image"] for v in members.values()) / 1000.0
+        out["side_by_side_limit"] = 1.0 / side if side > 0 else float("nan")
+        out["side_by_side_fraction"] = _method.ratio(throughput, out["side_by_side_limit"])
+    return out
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
@@ -420,7 +453,8 @@ def run(settings: Settings) -> Path:
         ceiling_data = {"costs": {m: {str(b): v for b, v in c.items()} for m, c in costs.items()},
                         "load": monitor.stop()}
         if ensemble:
-            ensemble["limit"] = ensemble_limit(ensemble, costs)
+            side_costs = side_by_side_costs(s.repository, ensemble, images=s.images, seconds=s.side_by_side_s)
+            ensemble["limit"] = ensemble_limit(ensemble, costs, side_costs)
     finally:
         meta["duration_s"] = round(time.time() - started, 1)
         meta["load_average_end"] = _method.load_average()

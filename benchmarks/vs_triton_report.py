@@ -160,7 +160,10 @@ def headline(meta: dict, rows: list[dict], agg: dict, ceiling: dict, ensemble: d
     if limit:
         lines.append(f"- Ensemble {ensemble['name']} ({', '.join(ensemble['members'])}) at {ensemble['clients']} "
                      f"clients through Kestrel: {_num(limit['throughput'])} img/s = {_pct(limit['fraction'])} of the "
-                     f"{_num(limit['limit'])} img/s its members' summed in-process cost allows.")
+                     f"{_num(limit['limit'])} img/s its members' summed in-process cost allows"
+                     + (f" ({_pct(limit['side_by_side_fraction'])} of {_num(limit['side_by_side_limit'])} img/s with "
+                        "their batches side by side, as the server runs them)." if "side_by_side_limit" in limit
+                        else "."))
     return lines
 
 
@@ -247,14 +250,23 @@ def ensemble_lines(ensemble: dict) -> list[str]:
              f"{len(runs)} round(s). Each member's in-process cost per image is taken at the mean batch the server "
              "formed for it (ModelStatistics over the window; linear between the whole batch sizes measured "
              "around it); their sum is the work one image needs, so 1 / sum is the most images per second the "
-             "cores can give the ensemble if nothing else cost anything.", "",
-             "| member | batch formed | in-process ms per image |", "|---|---:|---:|"]
+             "cores can give the ensemble if nothing else cost anything. The cost is taken in the session a lone "
+             "batch runs in (every core); under load the server runs each member's batches side by side on one "
+             "core each (adaptive threads), which that cost does not credit, so the last column gives the cost "
+             "measured that way (onnxruntime alone, two batches of that size side by side, both cores busy) and "
+             "the limit it allows.", "",
+             "| member | batch formed | in-process ms per image | side by side, ms per image |",
+             "|---|---:|---:|---:|"]
     for m, v in (limit.get("members") or {}).items():
-        lines.append(f"| {m} | {_num(v['mean_batch'], 2)} | {_num(v['ms_per_image'], 2)} |")
+        lines.append(f"| {m} | {_num(v['mean_batch'], 2)} | {_num(v['ms_per_image'], 2)} | "
+                     f"{_num(v.get('side_by_side_ms_per_image', float('nan')), 2)} |")
     lines += ["", f"Limit: {_num(limit.get('limit'))} img/s. Measured: {_num(limit.get('throughput'))} img/s "
                   f"(p95 {_num(limit.get('p95_ms'))} ms, errors {limit.get('errors', 'n/a')}) = "
-                  f"**{_pct(limit.get('fraction', float('nan')))} of the limit**.", ""]
-    return lines
+                  f"**{_pct(limit.get('fraction', float('nan')))} of the limit**."]
+    if "side_by_side_limit" in limit:
+        lines.append(f"With the members' batches side by side: limit {_num(limit['side_by_side_limit'])} img/s, "
+                     f"measured = **{_pct(limit['side_by_side_fraction'])} of it**.")
+    return lines + [""]
 
 
 def parity_lines(parity: dict) -> list[str]:
@@ -319,6 +331,20 @@ def setup_lines(meta: dict) -> list[str]:
     server = tri.get("server") or {}
     models = tri.get("models") or {}
     v = meta.get("versions") or {}
+    if s.get("ensemble_only"):  # Triton never ran: say so instead of a line of question marks
+        return ["## Set-up", "",
+                "- Triton: not run (`--ensemble-only`: Kestrel alone serves the ensemble).",
+                f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
+                f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
+                + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ").",
+                f"- Load: benchmarks/triton_load.py, one process per run, one thread and one tritonclient "
+                f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, gRPC, batch-1 requests, "
+                f"the same decoded images ({s.get('images') or 'synthetic'}) resized to the model's input; "
+                f"{s.get('repeats')} round(s), each {s.get('warmup_s')} s warm-up + {s.get('duration_s')} s measured. "
+                "*batch formed*: inference_count / execution_count of each member's V2 ModelStatistics over the "
+                "measured window.",
+                f"- Versions: Kestrel {v.get('kestrel', '?')}, onnxruntime {v.get('onnxruntime', '?')}, Python "
+                f"{meta.get('python', '?')}, grpcio {v.get('grpcio', '?')}, protobuf {v.get('protobuf', '?')}.", ""]
     lines = ["## Set-up", "",
              f"- Triton: `tritonserver` {server.get('version', '?')} from PyPI's nvidia-pytriton "
              f"{tv.get('nvidia-pytriton', '?')} (.venv-triton). {TRITON_BACKEND_NOTE}: "
@@ -364,11 +390,13 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
              + (" Quick run (`--quick`): one short round per level, a check of the harness, not a measurement."
                 if s.get("quick") else ""), "",
              f"**Machine:** {machine_line(meta)}.", "",
-             f"**Triton:** the `tritonserver` 2.51 binary of PyPI's nvidia-pytriton 0.7.0 wheel. "
-             f"**{TRITON_BACKEND_NOTE}** running the same ONNX in the same onnxruntime with the same session "
-             + ("options and batching limits as Kestrel, with the instances and threads set by --triton-instances / "
-                "--triton-threads." if _triton_rearranged(s) else
-                "options, batching limits and thread count as Kestrel's session for a lone batch."), ""]
+             ("**Triton:** not run (`--ensemble-only`): this report is the ensemble through Kestrel against its "
+              "members' cost." if s.get("ensemble_only") else
+              f"**Triton:** the `tritonserver` 2.51 binary of PyPI's nvidia-pytriton 0.7.0 wheel. "
+              f"**{TRITON_BACKEND_NOTE}** running the same ONNX in the same onnxruntime with the same session "
+              + ("options and batching limits as Kestrel, with the instances and threads set by --triton-instances / "
+                 "--triton-threads." if _triton_rearranged(s) else
+                 "options, batching limits and thread count as Kestrel's session for a lone batch.")), ""]
     if rows or ensemble:
         lines += ["## Headline", ""] + headline(meta, rows, agg, ceiling, ensemble) + [""]
     if rows:
@@ -382,7 +410,7 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
         lines += ["![throughput](throughput.png)", ""]
         lines += ["## Latency under load", ""] + latency_tables(rows, agg)
         lines += ["![p95 latency](latency_p95.png)", ""]
-    else:
+    elif not s.get("ensemble_only"):
         lines += ["No load run completed.", ""]
     lines += ["## In-process ceiling", "",
               "onnxruntime alone in one process, the session made exactly as Kestrel makes it, one batch after "

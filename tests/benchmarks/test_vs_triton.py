@@ -417,10 +417,50 @@ def test_report_ensemble_against_its_summed_member_cost(tmp_path):
     assert limit["members"]["a"]["ms_per_image"] == pytest.approx(8.0)
     assert limit["limit"] == pytest.approx(1 / 0.012) and limit["throughput"] == 65.0
     assert limit["fraction"] == pytest.approx(65.0 * 0.012)
+    assert "side_by_side_limit" not in limit  # no side-by-side costs: only the one-session limit
     ensemble["limit"] = limit
     text = vs_triton_report.markdown(META, _rows(), CEILING, ensemble, {})
     assert "Limit: 83.3 img/s. Measured: 65.0 img/s" in text and "**78 % of the limit**" in text
     assert "Ensemble trio (a, b) at 8 clients through Kestrel: 65.0 img/s = 78 % of the 83.3 img/s" in text
+    assert "| a | 2.00 | 8.00 | n/a |" in text and "With the members' batches side by side" not in text
+
+    # members run side by side under load: 5 + 5 ms per image that way -> a 100 img/s limit, 65 % of it
+    limit = vs_triton.ensemble_limit(ensemble, costs, {"a": 5.0, "b": 5.0})
+    assert limit["limit"] == pytest.approx(1 / 0.012)  # the one-session limit is unchanged
+    assert limit["side_by_side_limit"] == pytest.approx(100.0) and limit["side_by_side_fraction"] == pytest.approx(0.65)
+    assert vs_triton.ensemble_limit(ensemble, costs, {"a": 5.0}).keys() == limit.keys() - {
+        "side_by_side_limit", "side_by_side_fraction"}  # one member without a cost: no side-by-side limit
+    ensemble["limit"] = limit
+    text = vs_triton_report.markdown(META, _rows(), CEILING, ensemble, {})
+    assert "| a | 2.00 | 8.00 | 5.00 |" in text
+    assert "With the members' batches side by side: limit 100.0 img/s, measured = **65 % of it**." in text
+    assert "= 78 % of the 83.3 img/s its members' summed in-process cost allows (65 % of 100.0 img/s with their " \
+           "batches side by side, as the server runs them)." in text
+
+    # --ensemble-only: Triton never ran, and the report says so instead of printing its versions as "?"
+    only = {**META, "settings": {**META["settings"], "ensemble_only": True}, "triton": {}}
+    text = vs_triton_report.markdown(only, [], {}, ensemble, {})
+    assert "**Triton:** not run (`--ensemble-only`)" in text and "- Triton: not run (`--ensemble-only`" in text
+    assert "tritonserver` ?" not in text and "Triton ?" not in text and "## Results" not in text
+    assert "No load run completed" not in text
+    assert "With the members' batches side by side: limit 100.0 img/s" in text
+
+
+def test_side_by_side_costs_are_measured_at_the_batch_each_member_formed(tmp_path, monkeypatch):
+    asked = []
+
+    def fake_side_by_side(repository, model, size, *, images, seconds):
+        asked.append((model, size, seconds))
+        return {"a": 200.0, "b": None}[model]  # b runs in one session: no side-by-side cost
+
+    monkeypatch.setattr("benchmarks.ceiling_share.side_by_side", fake_side_by_side)
+    ensemble = {"name": "trio", "members": ["a", "b"], "clients": 8,
+                "runs": [{"requests": 5, "error": "", "members": {"a": 2.6, "b": 1.0}},
+                         {"requests": 5, "error": "", "members": {"a": 3.0, "b": 1.0}},
+                         {"requests": 0, "error": "timeout", "members": {"a": 9.0, "b": 9.0}}]}
+    costs = vs_triton.side_by_side_costs(tmp_path, ensemble, images=None, seconds=0.5)
+    assert asked == [("a", 3, 0.5), ("b", 1, 0.5)]  # the median of the good rounds' batches, rounded
+    assert costs == {"a": pytest.approx(5.0)}
 
 
 def test_report_writes_plots_and_rebuilds_from_results_json(tmp_path):
