@@ -310,10 +310,14 @@ def ensemble_runs(s: Settings, logs: Path, raw: Path) -> dict:
     return {"name": name, "members": members, "clients": s.ensemble_clients, "runs": runs}
 
 
+def _good_runs(ensemble: dict) -> list[dict]:
+    """The ensemble's rounds that completed requests without an error."""
+    return [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
+
+
 def ensemble_batches(ensemble: dict) -> dict[str, float]:
     """{member: the median over the good rounds of the mean batch the server formed for it}."""
-    runs = [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
-    return {m: _method.median(r["members"].get(m) for r in runs) for m in ensemble["members"]}
+    return {m: _method.median(r["members"].get(m) for r in _good_runs(ensemble)) for m in ensemble["members"]}
 
 
 def side_by_side_costs(repository: Path, ensemble: dict, *, images: Path | None, seconds: float
@@ -340,7 +344,7 @@ def ensemble_limit(ensemble: dict, costs: dict[str, dict[int, dict]],
     each member, with their batches side by side on one core each (what the server does under load)."""
     from .vs_triton_report import per_image_seconds
 
-    runs = [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
+    runs = _good_runs(ensemble)
     throughput = _method.median(r["images_per_s"] for r in runs)
     members = {}
     for m, batch in ensemble_batches(ensemble).items():
@@ -453,7 +457,10 @@ def run(settings: Settings) -> Path:
         ceiling_data = {"costs": {m: {str(b): v for b, v in c.items()} for m, c in costs.items()},
                         "load": monitor.stop()}
         if ensemble:
-            side_costs = side_by_side_costs(s.repository, ensemble, images=s.images, seconds=s.side_by_side_s)
+            # the side-by-side limit only where the server ran every member that way (not with --ort-threads)
+            arranged = side_by_side_models(s.repository, ensemble["members"], s.ort_threads)
+            side_costs = (side_by_side_costs(s.repository, ensemble, images=s.images, seconds=s.side_by_side_s)
+                          if all(arranged.values()) else None)
             ensemble["limit"] = ensemble_limit(ensemble, costs, side_costs)
     finally:
         meta["duration_s"] = round(time.time() - started, 1)

@@ -324,6 +324,16 @@ def kestrel_arrangement(side_by_side: dict | None) -> str:
     return ": one onnxruntime session per model"
 
 
+def kestrel_setup_line(meta: dict) -> str:
+    """The set-up's Kestrel item: versions, --ort-threads, and how it ran its batches (when the run recorded it)."""
+    s = meta.get("settings") or {}
+    v = meta.get("versions") or {}
+    return (f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
+            f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
+            + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ")"
+            + kestrel_arrangement((meta.get("kestrel_server") or {}).get("side_by_side")) + ".")
+
+
 def setup_lines(meta: dict) -> list[str]:
     s = meta.get("settings") or {}
     tri = meta.get("triton") or {}
@@ -334,9 +344,7 @@ def setup_lines(meta: dict) -> list[str]:
     if s.get("ensemble_only"):  # Triton never ran: say so instead of a line of question marks
         return ["## Set-up", "",
                 "- Triton: not run (`--ensemble-only`: Kestrel alone serves the ensemble).",
-                f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
-                f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
-                + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ").",
+                kestrel_setup_line(meta),
                 f"- Load: benchmarks/triton_load.py, one process per run, one thread and one tritonclient "
                 f"{v.get('tritonclient', '?')} client per concurrent client, closed loop, gRPC, batch-1 requests, "
                 f"the same decoded images ({s.get('images') or 'synthetic'}) resized to the model's input; "
@@ -353,10 +361,7 @@ def setup_lines(meta: dict) -> list[str]:
              f"{tri.get('python_backend_python', '?')} in the stub), set up like Kestrel's onnxruntime backend: every "
              "graph optimisation, WeightBiasQuantization disabled, no spinning, the same thread counts; Triton's "
              "dynamic batcher hands it each batch of requests, run as one `session.run`.",
-             f"- Kestrel: `python -m serve` with its defaults (onnxruntime {v.get('onnxruntime', '?')}, numpy "
-             f"{v.get('numpy', '?')}, Kestrel {v.get('kestrel', '?')}, Python {meta.get('python', '?')}"
-             + (f", `--ort-threads {s.get('ort_threads')}`" if s.get("ort_threads") else "") + ")"
-             + kestrel_arrangement((meta.get("kestrel_server") or {}).get("side_by_side")) + "."]
+             kestrel_setup_line(meta)]
     for name, m in models.items():
         threads = m.get("threads") or {}
         lines.append(f"- {name}: max_batch_size {m.get('max_batch_size')}, dynamic batching max_queue_delay "

@@ -46,6 +46,8 @@ def serving_runner_options(platform: str, server_options: dict[str, dict] | None
     by the server's own ({platform: options}, e.g. serve's --ort-threads); the model's config.pbtxt has the last
     word inside the runner."""
     return {**SERVING_RUNNER_OPTIONS.get(platform, {}), **(server_options or {}).get(platform, {})}
+
+
 __all__ = ["ModelHub", "InferResult", "ClassifyResult", "ModelAnswer", "EnsembleAnswer", "READY", "UNAVAILABLE",
            "Targets"]
 
