@@ -13,7 +13,9 @@ output FP32 (batch, classes) and finite; anything else is an error, counted with
 requests that complete inside the measured window count; their latencies are kept raw. The model's
 V2 statistics (inference_count, execution_count) are read over gRPC (`--stats-url`, default the load
 URL for gRPC) when the window opens and when it closes: their deltas give the mean batch size the
-server executed during the window. Writes one JSON record (`--output`).
+server executed during the window. With `--cpu-pids`, the CPU time those processes and every process
+under them (Triton's python-backend stub) used inside the window is recorded too (`server_cores`): the
+server's CPU, without the load generator's or the warm-up's. Writes one JSON record (`--output`).
 
 `compare`: sends each image alone to every `--url` and reports the largest absolute difference between
 their probabilities and their top-1 agreement (the same model answers the same on both servers).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import threading
@@ -185,6 +188,32 @@ class _Run:
                 self.errors += errors
 
 
+def process_tree_cpu(pids: list[int]) -> float | None:
+    """CPU seconds (user + system, every thread) used so far by `pids` and every process under them that is
+    still running (from /proc); None where /proc cannot tell (not Linux) or none of `pids` is running."""
+    processes: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, clock ticks)
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return None
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            processes[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    tree = {p for p in pids if p in processes}
+    if not tree:
+        return None
+    grew = True
+    while grew:
+        under = {pid for pid, (parent, _) in processes.items() if parent in tree} - tree
+        tree |= under
+        grew = bool(under)
+    return sum(processes[pid][1] for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args) -> dict:
     from benchmarks._images import image_arrays
 
@@ -205,9 +234,11 @@ def run(args) -> dict:
     time.sleep(args.warmup)
     before = statistics(stats_url, stats_models) if stats_url else None
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    server_before = process_tree_cpu(args.cpu_pids) if args.cpu_pids else None
     window_start = time.perf_counter()
     time.sleep(args.duration)
     window_end = time.perf_counter()
+    server_after = process_tree_cpu(args.cpu_pids) if args.cpu_pids else None
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     after = statistics(stats_url, stats_models) if stats_url else None
     state.stop.set()
@@ -241,6 +272,8 @@ def run(args) -> dict:
         "mean_ms": float(lat.mean()) if lat.size else None, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
         "mean_batch": (executed.get(args.model) or {}).get("mean_batch"), "executed": executed,
         "loadgen_cores": cpu / window if window > 0 else None, "stuck_clients": stuck,
+        "server_cores": ((server_after - server_before) / window
+                         if server_before is not None and server_after is not None and window > 0 else None),
         "image_count": len(images), "input_size": list(io["size"]),
         "response_times_ms": [round(v, 3) for v in measured],
     }
@@ -286,6 +319,16 @@ def _write(path: Path | None, data: dict) -> None:
     write_text_atomic(path, text)
 
 
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated process ids, received {text!r}") from None
+    if any(p < 1 for p in pids):
+        raise argparse.ArgumentTypeError(f"expected process ids >= 1, received {text!r}")
+    return pids
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.triton_load", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -302,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0, help="seconds per request before it is an error")
     r.add_argument("--images", type=Path, help="image folder (default ../shared/photos, else synthetic)")
     r.add_argument("--output", type=Path, help="write the JSON record here (default stdout)")
+    r.add_argument("--cpu-pids", type=_pids, default=[],
+                   help="the server's process ids (comma-separated): record their CPU, and their children's, "
+                        "over the measured window")
     c = sub.add_parser("compare", help="the same images through several servers: do the answers agree?")
     c.add_argument("--url", action="append", required=True, help="host:port (repeat for each server)")
     c.add_argument("--protocol", choices=PROTOCOLS, default="grpc")

@@ -22,13 +22,16 @@ What it does, in order:
    against Kestrel and Triton alternately, `--repeats` rounds with the order rotated each round.
    Each run: warm-up (not measured), then `--duration` s measured; img/s, p50/p95/p99, errors and the
    mean batch each server executed (V2 ModelStatistics: inference_count / execution_count over the window).
-5. Ensembles (Kestrel only; `--ensemble NAME`, default the demo's `imagenet`): the ensemble's
+5. The request path alone (benchmarks/request_path.py; `--request-path-clients`, default 4 and 32): both
+   servers serving a model that does no work with the compared model's tensors and batching, gRPC and
+   HTTP, batch 1, alternated: each server's CPU per request besides the model.
+6. Ensembles (Kestrel only; `--ensemble NAME`, default the demo's `imagenet`): the ensemble's
    throughput at `--ensemble-clients` (8) against the limit its members' summed in-process cost per
    image allows at the batch sizes the server formed.
-6. With the servers stopped, the in-process ceiling: onnxruntime alone in this process (Kestrel's
+7. With the servers stopped, the in-process ceiling: onnxruntime alone in this process (Kestrel's
    session options and thread count) at batch 1, 4, 8, 16, 32 and at the mean batch sizes the servers
    formed.
-7. Writes results.json, runs.csv, report.md and plots into benchmarks/results/<timestamp>/
+8. Writes results.json, runs.csv, report.md and plots into benchmarks/results/<timestamp>/
    (benchmarks/vs_triton_report.py).
 """
 
@@ -87,6 +90,7 @@ class Settings:
     ensemble: str = "imagenet"  # "" skips the ensemble section
     ensemble_clients: int = 8
     ensemble_only: bool = False
+    request_path_clients: list[int] = field(default_factory=lambda: [4, 32])  # [] skips the request-path runs
     ceiling_batches: list[int] = field(default_factory=lambda: list(CEILING_BATCHES))
     ceiling_repeats: int = 3
     ceiling_iterations: int = 10
@@ -104,9 +108,11 @@ class Settings:
         if bad or not s.precisions or not s.protocols:
             raise KestrelError(f"received precisions {s.precisions} and protocols {s.protocols}; expected some of "
                                f"{', '.join(PRECISIONS)} and of {', '.join(PROTOCOLS)}")
-        if not s.clients or not s.batches or min(s.clients + s.batches) < 1 or s.ensemble_clients < 1:
+        if (not s.clients or not s.batches or min(s.clients + s.batches + s.request_path_clients) < 1
+                or s.ensemble_clients < 1):
             raise KestrelError(f"received clients {s.clients}, batches {s.batches}, ensemble clients "
-                               f"{s.ensemble_clients}; expected integers >= 1")
+                               f"{s.ensemble_clients}, request-path clients {s.request_path_clients}; expected "
+                               "integers >= 1")
         if s.repeats < 1 or s.duration_s <= 0 or s.warmup_s < 0 or s.ceiling_repeats < 1 or s.ceiling_iterations < 1:
             raise KestrelError(f"received repeats={s.repeats}, duration={s.duration_s}, warmup={s.warmup_s}; expected "
                                "repeats >= 1, duration > 0, warm-up >= 0")
@@ -130,9 +136,9 @@ class Settings:
 
 
 def quick_overrides() -> dict:
-    """--quick: every precision, protocol and batch, 1 and 8 clients, one round of 1 + 2 s."""
+    """--quick: every precision, protocol and batch, 1 and 8 clients (the request path at 8), one round of 1 + 2 s."""
     return dict(clients=[1, 8], repeats=1, duration_s=2.0, warmup_s=1.0, ceiling_repeats=1, ceiling_iterations=5,
-                ceiling_batches=[1, 8, 32], side_by_side_s=1.0)
+                ceiling_batches=[1, 8, 32], side_by_side_s=1.0, request_path_clients=[8])
 
 
 # ---- step 1: exports ----------------------------------------------------------------------------
@@ -177,12 +183,15 @@ def export_ensemble(s: Settings, notes: list[str]) -> bool:
 
 # ---- one load run -------------------------------------------------------------------------------
 def load_command(url: str, *, protocol: str, model: str, clients: int, batch: int, duration: float, warmup: float,
-                 stats_url: str, output: Path, images: Path | None, stats_models: list[str] = ()) -> list[str]:
+                 stats_url: str, output: Path, images: Path | None, stats_models: list[str] = (),
+                 cpu_pids: list[int] = ()) -> list[str]:
     command = [sys.executable, "-m", "benchmarks.triton_load", "run", "--url", url, "--protocol", protocol,
                "--model", model, "--clients", str(clients), "--batch", str(batch), "--duration", f"{duration:g}",
                "--warmup", f"{warmup:g}", "--stats-url", stats_url, "--output", str(output)]
     if stats_models:
         command += ["--stats-models", ",".join(stats_models)]
+    if cpu_pids:
+        command += ["--cpu-pids", ",".join(str(p) for p in cpu_pids)]
     if images is not None:
         command += ["--images", str(images)]
     return command
@@ -202,7 +211,7 @@ def run_load(command: list[str], log: Path, output: Path, *, timeout: float) -> 
 
 
 ROW_KEYS = ("requests", "images", "errors", "images_per_s", "requests_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms",
-            "mean_batch", "loadgen_cores", "window_s", "error_messages", "stuck_clients")
+            "mean_batch", "loadgen_cores", "server_cores", "window_s", "error_messages", "stuck_clients")
 
 
 def _row(record: dict, error: str, **fields) -> dict:
@@ -395,6 +404,37 @@ def compare_answers(kestrel_address: str, triton_address: str, models: list[str]
     return out
 
 
+def request_path_runs(s: Settings, source: str, logs: Path, raw: Path, skipped: list[dict],
+                      started: float) -> dict:
+    """Both servers serving a model that does no work (benchmarks/request_path.py, built from `source`),
+    gRPC/HTTP x `s.request_path_clients`, batch 1, servers alternated: each server's CPU per request."""
+    from . import request_path, triton_repo
+
+    repository = request_path.write_repository(s.repository, source, s.output / "request_path_repository")
+    install = triton_repo.prepare(triton_repo.find_install(s.triton_venv))
+    triton_repo.build_repository(repository, [request_path.NAME], s.output / "triton_request_path_repository",
+                                 ort_threads=s.ort_threads, instances=s.triton_instances,
+                                 instance_threads=s.triton_threads)
+    extra = ["--ort-threads", str(s.ort_threads)] if s.ort_threads else []
+    kestrel = KestrelServer(repository, [request_path.NAME], logs / "kestrel_request_path_server.log",
+                            extra_args=extra)
+    triton = None
+    try:
+        triton = triton_repo.TritonServer(install, s.output / "triton_request_path_repository",
+                                          logs / "triton_request_path_server.log")
+        print(f"the request path alone: both servers with {request_path.NAME} (no work, {source}'s tensors)",
+              flush=True)
+        kestrel.wait_ready(s.start_timeout_s)
+        triton.wait_ready([request_path.NAME], s.start_timeout_s)
+        cells = [(request_path.NAME, proto, 1, c) for proto in s.protocols for c in s.request_path_clients]
+        rows = _runs(s, cells, lambda _precision: request_path.NAME, kestrel, triton, raw, logs, skipped, started)
+    finally:
+        kestrel.stop()
+        if triton is not None:
+            triton.stop()
+    return {"source": source, "rows": rows}
+
+
 def run(settings: Settings) -> Path:
     """Run the comparison; returns the output folder (report.md inside)."""
     s = settings.resolved()
@@ -415,6 +455,7 @@ def run(settings: Settings) -> Path:
     ceiling_data: dict = {}
     ensemble: dict = {}
     parity: dict = {}
+    request_path: dict = {}
     try:
         variants = [] if s.ensemble_only else export_variants(s, logs, notes)
         if not s.ensemble_only and not variants:
@@ -436,6 +477,8 @@ def run(settings: Settings) -> Path:
             finally:
                 kestrel.stop()
                 triton.stop()
+        if variants and s.request_path_clients:
+            request_path = request_path_runs(s, variants[0], logs, raw, skipped, started)
         if has_ensemble:
             ensemble = ensemble_runs(s, logs, raw)
         # the ceiling, with every server stopped
@@ -465,20 +508,27 @@ def run(settings: Settings) -> Path:
     finally:
         meta["duration_s"] = round(time.time() - started, 1)
         meta["load_average_end"] = _method.load_average()
-        write_results(out, meta, rows, ceiling_data, ensemble, parity)
+        write_results(out, meta, rows, ceiling_data, ensemble, parity, request_path)
     from . import vs_triton_report
 
-    vs_triton_report.write(out, meta, rows, ceiling_data, ensemble, parity)
+    vs_triton_report.write(out, meta, rows, ceiling_data, ensemble, parity, request_path)
     return out
 
 
 def _grid(s: Settings, variants: list[str], kestrel, triton, raw: Path, logs: Path, skipped: list[dict],
           started: float) -> list[dict]:
+    cells = [(p, proto, b, c) for p in s.precisions if s.variant(p) in variants for proto in s.protocols
+             for b in s.batches for c in s.clients]
+    return _runs(s, cells, s.variant, kestrel, triton, raw, logs, skipped, started)
+
+
+def _runs(s: Settings, cells: list[tuple], model_for: Callable[[str], str], kestrel, triton, raw: Path, logs: Path,
+          skipped: list[dict], started: float) -> list[dict]:
+    """Every (precision, protocol, batch, clients) cell against both servers, `s.repeats` rounds alternated;
+    `model_for(precision)` names the model a cell loads. One row per run."""
     addresses = {"kestrel": {"grpc": kestrel.address, "http": f"127.0.0.1:{kestrel.http_port}"},
                  "triton": {"grpc": triton.address, "http": triton.url}}
     processes = {"kestrel": kestrel.process, "triton": triton.process}
-    cells = [(p, proto, b, c) for p in s.precisions if s.variant(p) in variants for proto in s.protocols
-             for b in s.batches for c in s.clients]
     plan = [(cell, repeat, server) for cell in cells for repeat, server in _method.interleaved(SERVERS, s.repeats)]
     per_run = s.warmup_s + s.duration_s + RUN_OVERHEAD_S
     print(f"{len(plan)} runs of {s.warmup_s:g}+{s.duration_s:g} s: about {len(plan) * per_run / 60:.1f} min "
@@ -486,7 +536,7 @@ def _grid(s: Settings, variants: list[str], kestrel, triton, raw: Path, logs: Pa
     rows = []
     pids = [kestrel.process.pid, triton.process.pid]
     for index, ((precision, protocol, batch, clients), repeat, server) in enumerate(plan):
-        model = s.variant(precision)
+        model = model_for(precision)
         where = dict(server=server, precision=precision, protocol=protocol, batch=batch, clients=clients,
                      repeat=repeat, model=model)
         if time.time() - started + per_run > s.budget_s:
@@ -500,7 +550,8 @@ def _grid(s: Settings, variants: list[str], kestrel, triton, raw: Path, logs: Pa
         record_path = raw / f"{stem}.json"
         command = load_command(addresses[server][protocol], protocol=protocol, model=model, clients=clients,
                                batch=batch, duration=s.duration_s, warmup=s.warmup_s,
-                               stats_url=addresses[server]["grpc"], output=record_path, images=s.images)
+                               stats_url=addresses[server]["grpc"], output=record_path, images=s.images,
+                               cpu_pids=[processes[server].pid])
         monitor = _method.LoadMonitor(pids=pids)
         load_before = _method.load_average()
         monitor.start()
@@ -517,12 +568,15 @@ def _grid(s: Settings, variants: list[str], kestrel, triton, raw: Path, logs: Pa
 
 RUN_FIELDS = ["server", "precision", "protocol", "batch", "clients", "repeat", "order", "model", "requests", "images",
               "errors", "images_per_s", "requests_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "mean_batch",
-              "loadgen_cores", "busy_cores", "own_cores", "foreign_cores", "load_average_1m", "window_s", "error"]
+              "loadgen_cores", "server_cores", "busy_cores", "own_cores", "foreign_cores", "load_average_1m", "window_s",
+              "error"]
 
 
-def write_results(out: Path, meta: dict, rows: list[dict], ceiling_data: dict, ensemble: dict, parity: dict) -> None:
-    """results.json (everything) and runs.csv (one line per run)."""
-    data = {"meta": meta, "runs": rows, "ceiling": ceiling_data, "ensemble": ensemble, "parity": parity}
+def write_results(out: Path, meta: dict, rows: list[dict], ceiling_data: dict, ensemble: dict, parity: dict,
+                  request_path: dict | None = None) -> None:
+    """results.json (everything) and runs.csv (one line per run of the main grid)."""
+    data = {"meta": meta, "runs": rows, "ceiling": ceiling_data, "ensemble": ensemble, "parity": parity,
+            "request_path": request_path or {}}
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
     with open(out / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=RUN_FIELDS, extrasaction="ignore")
@@ -540,6 +594,11 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 1, received {text!r}")
     return values
+
+
+def _ints_or_none(text: str) -> list[int]:
+    """_ints, or [] for an empty text (skip that part)."""
+    return _ints(text) if text.strip() else []
 
 
 def _choices(allowed) -> Callable[[str], list[str]]:
@@ -583,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Kestrel ensemble for the ensemble section (default imagenet, `make demo`'s); '' skips it")
     p.add_argument("--ensemble-clients", type=int, default=8, help="clients for the ensemble section (default 8)")
     p.add_argument("--ensemble-only", action="store_true", help="only the ensemble section (no Triton)")
+    p.add_argument("--request-path-clients", type=_ints_or_none,
+                   help="clients for the request path alone: both servers with a model that does no work, CPU per "
+                        "request (default 4,32; --quick 8; '' skips it)")
     p.add_argument("--ceiling-batch", type=_ints, help="in-process batch sizes besides the formed ones "
                                                        "(default 1,4,8,16,32)")
     p.add_argument("--no-export", action="store_true", help="do not export missing models (skip them)")
@@ -592,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=180.0, help="minutes; no run starts after (default 180)")
     p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
     return console.add_examples(
-        p, "--model mobilenet_v2                      # everything, ~45 min on 2 cores",
+        p, "--model mobilenet_v2                      # everything, ~50 min on 2 cores",
         "--quick                                   # a few minutes: is the harness working?",
         "--precision fp32 --protocol grpc --batch 1 --clients 1,4,8,16 --repeats 3 --duration 6",
         "--ensemble-only --repeats 3              # the demo ensemble against its members' summed cost",
@@ -611,7 +673,7 @@ def settings_from_args(args) -> Settings:
         values.update(quick_overrides())
     for key, arg in (("precisions", "precision"), ("protocols", "protocol"), ("clients", "clients"),
                      ("batches", "batch"), ("repeats", "repeats"), ("duration_s", "duration"), ("warmup_s", "warmup"),
-                     ("ceiling_batches", "ceiling_batch")):
+                     ("ceiling_batches", "ceiling_batch"), ("request_path_clients", "request_path_clients")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
     return Settings(**values)

@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import _method
+from .request_path import NAME as REQUEST_PATH_MODEL
+from .request_path import summarise as summarise_request_path
 
 SERVERS = ("kestrel", "triton")
 METRICS = ("images_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "loadgen_cores", "foreign_cores", "busy_cores")
@@ -38,6 +40,23 @@ def groups(rows: list[dict]) -> list[tuple[str, str, int]]:
     return seen
 
 
+def server_cores(row: dict) -> float | None:
+    """The cores' worth of CPU the run's server used (its processes, Triton's stub included) over the measured
+    window (`server_cores`, recorded since 2026-12-07); for older runs `own_cores`, which also counted the load
+    generator and the run's start-up and warm-up (see cpu_note)."""
+    value = row.get("server_cores")
+    return value if value is not None else row.get("own_cores")
+
+
+def cpu_note(rows: list[dict]) -> str:
+    """A warning when some run's CPU per image comes from the older, wider measurement."""
+    if any(r.get("server_cores") is None and r.get("own_cores") is not None for r in rows if _ok(r)):
+        return (" These runs predate the per-window measurement: their CPU was taken from the load generator's "
+                "start to its end and includes the load generator's own CPU (the same client for both servers), so "
+                "compare the two servers' figures with each other, not with a model's cost.")
+    return ""
+
+
 def aggregate(rows: list[dict]) -> dict[tuple, dict]:
     """{(precision, protocol, batch, clients, server): {metric: Spread, 'errors', 'requests', 'runs', 'failed'}}."""
     found: dict[tuple, list[dict]] = defaultdict(list)
@@ -50,7 +69,7 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
         # the server's CPU (its process and children: Triton's stub too) per image served, ms: where a server's
         # request path costs more, it shows here even when the two serve the same img/s
         out[key]["cpu_ms_per_image"] = _method.over_repeats(
-            1000 * _method.ratio(r.get("own_cores"), r.get("images_per_s")) for r in ok)
+            1000 * _method.ratio(server_cores(r), r.get("images_per_s")) for r in ok)
         out[key].update(errors=sum(int(r.get("errors") or 0) for r in items),
                         requests=sum(int(r.get("requests") or 0) for r in items), runs=len(ok),
                         failed=[r["error"] for r in items if r.get("error")], model=items[0].get("model"))
@@ -269,6 +288,37 @@ def ensemble_lines(ensemble: dict) -> list[str]:
     return lines + [""]
 
 
+def request_path_lines(request_path: dict) -> list[str]:
+    """The request path alone: each server's CPU per request with a model that does no work."""
+    rows = (request_path or {}).get("rows") or []
+    if not rows:
+        return []
+    lines = ["## The request path alone", "",
+             f"Both servers serving `{REQUEST_PATH_MODEL}`, a model that does no work (an ONNX graph that only "
+             f"broadcasts a constant row to the batch's size, one file for both) with `{request_path.get('source')}`'s "
+             "input, output, batching limits and parameters; batch-1 requests, servers alternated, medians over "
+             "rounds (range in parentheses). *CPU µs/request*: the CPU time of the server's processes (Triton's "
+             "python-backend stub included) over the measured window per request answered: receiving, decoding, "
+             "batching and answering a request, which the model's work shares the cores with; part of it is paid "
+             "per batch, so it also depends on the batch each server formed. *Kestrel − Triton*: the median of the "
+             "rounds' differences.", "",
+             "| protocol | clients | Kestrel req/s | Triton req/s | batch formed K / T | CPU µs/request Kestrel | "
+             "CPU µs/request Triton | Kestrel − Triton µs | errors K / T |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for line in summarise_request_path(rows):
+        k, t = line["kestrel"], line["triton"]
+        lines.append(f"| {NAMES.get(line['protocol'], line['protocol'])} | {line['clients']} | "
+                     f"{k['requests_per_s'].format(0)} | {t['requests_per_s'].format(0)} | "
+                     f"{k['mean_batch'].format(2)} / {t['mean_batch'].format(2)} | "
+                     f"{k['cpu_us_per_request'].format(0)} | {t['cpu_us_per_request'].format(0)} | "
+                     f"{line['extra_us'].format(0)} | {k['errors']} / {t['errors']} |")
+    lines += ["", "Multiplied by a cell's requests per second, the difference is the share of the cores that "
+              "Kestrel's request path takes from the model beyond Triton's: where the model keeps every core busy "
+              "(the saturated cells above), that share is what Kestrel's arrangement of the model has to win back.",
+              ""]
+    return lines
+
+
 def parity_lines(parity: dict) -> list[str]:
     if not parity:
         return []
@@ -387,7 +437,8 @@ def setup_lines(meta: dict) -> list[str]:
     return lines
 
 
-def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity: dict) -> str:
+def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity: dict,
+             request_path: dict | None = None) -> str:
     s = meta.get("settings") or {}
     agg = aggregate(rows)
     lines = [f"# Kestrel vs Triton: {s.get('model', '?')}", "",
@@ -409,14 +460,15 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
                   f"Medians over {s.get('repeats')} round(s) (range in parentheses); Kestrel/Triton is the ratio of "
                   "the medians with the range of the per-round ratios. *% of in-process ceiling*: the server's img/s "
                   "against onnxruntime alone in one process at the mean batch size that server formed. *Server CPU "
-                  "ms/image*: the CPU time the server's processes used (Triton's python-backend stub included) per "
-                  "image served: the model's work plus the request path's.", ""]
+                  "ms/image*: the CPU time the server's processes used (Triton's python-backend stub included) in the "
+                  "measured window per image served: the model's work plus the request path's." + cpu_note(rows), ""]
         lines += results_tables(rows, agg, ceiling)
         lines += ["![throughput](throughput.png)", ""]
         lines += ["## Latency under load", ""] + latency_tables(rows, agg)
         lines += ["![p95 latency](latency_p95.png)", ""]
     elif not s.get("ensemble_only"):
         lines += ["No load run completed.", ""]
+    lines += request_path_lines(request_path or {})
     lines += ["## In-process ceiling", "",
               "onnxruntime alone in one process, the session made exactly as Kestrel makes it, one batch after "
               "another (warm-up excluded; median of rounds of calls): what a server could reach at that batch size "
@@ -442,7 +494,9 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
     if messages:
         lines += ["## Request errors", ""] + [f"- {s_}: {m} ({n}x)" for (s_, m), n in sorted(messages.items())] + [""]
     lines += ["Raw data: runs.csv (one line per run), results.json, raw/ (each run's record with every latency), "
-              "logs/ (servers, load generator), triton_repository/ (what Triton served).", ""]
+              "logs/ (servers, load generator), triton_repository/ (what Triton served)"
+              + (", request_path_repository/ and triton_request_path_repository/ (the model that does no work)"
+                 if (request_path or {}).get("rows") else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -503,13 +557,14 @@ def plots(out: Path, meta: dict, rows: list[dict], ceiling: dict) -> list[Path]:
     return written
 
 
-def write(out: Path, meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity: dict) -> Path:
+def write(out: Path, meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity: dict,
+          request_path: dict | None = None) -> Path:
     """report.md and the plots into `out`; returns report.md's path."""
     out = Path(out)
     if rows:
         plots(out, meta, rows, ceiling)
     path = out / "report.md"
-    path.write_text(markdown(meta, rows, ceiling, ensemble, parity))
+    path.write_text(markdown(meta, rows, ceiling, ensemble, parity, request_path))
     return path
 
 
@@ -525,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {folder / 'results.json'}: {exc}", file=sys.stderr)
         return 1
     print(write(folder, data["meta"], data["runs"], data.get("ceiling") or {}, data.get("ensemble") or {},
-                data.get("parity") or {}))
+                data.get("parity") or {}, data.get("request_path") or {}))
     return 0
 
 

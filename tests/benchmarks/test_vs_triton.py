@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import triton_repo, vs_triton, vs_triton_report
+from benchmarks import request_path, triton_load, triton_repo, vs_triton, vs_triton_report
 from benchmarks._procs import KestrelServer
 from serve.errors import KestrelError
 from serve.repository import PLATFORM_ONNX, TensorSpec, make_config, read_config, write_config
@@ -304,7 +307,14 @@ def test_settings_defaults_quick_and_refusals(tmp_path):
     quick = vs_triton.settings_from_args(parser.parse_args(["--quick", "--protocol", "grpc"]))
     assert quick.clients == [1, 8] and quick.repeats == 1 and quick.duration_s == 2.0 and quick.protocols == ["grpc"]
     assert vs_triton.settings_from_args(parser.parse_args(["--quick", "--clients", "16"])).clients == [16]
-    for bad in (dict(precisions=["fp16"]), dict(protocols=[]), dict(clients=[0]), dict(repeats=0),
+    assert s.request_path_clients == [4, 32] and quick.request_path_clients == [8]
+    assert vs_triton.settings_from_args(parser.parse_args(["--request-path-clients", ""])).request_path_clients == []
+    assert vs_triton.settings_from_args(parser.parse_args(["--request-path-clients", "2,16"])).request_path_clients == [
+        2, 16]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--request-path-clients", "0"])
+    for bad in (dict(precisions=["fp16"]), dict(protocols=[]), dict(clients=[0]), dict(request_path_clients=[0]),
+                dict(repeats=0),
                 dict(duration_s=0), dict(ort_threads=-1), dict(ensemble_only=True, ensemble="")):
         with pytest.raises(KestrelError):
             vs_triton.Settings(repository=tmp_path, output=tmp_path, **bad).resolved()
@@ -403,6 +413,100 @@ def test_report_medians_ratios_batches_and_ceiling(tmp_path):
     assert "| m | 6 | 24.00 (23.00-25.00) | 250.0 |" in text
     assert "top-1 agreement 100 % on 13 images" in text and "triton: timeout (6x)" in text
     assert "tritonserver` 2.51.0 from PyPI's nvidia-pytriton 0.7.0" in text and "numpy 1.26.4" in text
+
+
+def test_server_cpu_comes_from_the_measured_window_and_older_runs_are_marked():
+    rows = _rows()
+    old = vs_triton_report.markdown(META, rows, CEILING, {}, {})
+    assert "predate the per-window measurement" in old and "14.40 / 16.00" in old  # own_cores, as recorded then
+    for r in rows:  # the server's own CPU over the window: Kestrel 1.5 cores, Triton 1.2
+        r["server_cores"] = 1.5 if r["server"] == "kestrel" else 1.2
+    new = vs_triton_report.markdown(META, rows, CEILING, {}, {})
+    assert "predate the per-window measurement" not in new
+    assert "| 62 % / 50 % | 12.00 / 12.00 |" in new  # 1.5 / 125 img/s and 1.2 / 100 img/s, in ms
+
+
+# ---- the request path alone ---------------------------------------------------------------------
+def test_the_request_path_model_does_no_work_with_the_compared_models_tensors(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from serve.repository import ModelRepository
+
+    _onnx_entry(tmp_path / "repo", "m", parameters={"precision": "int8"}, delay_us=700, max_batch=12, instances=2)
+    target = request_path.write_repository(tmp_path / "repo", "m", tmp_path / "nop")
+    entry = ModelRepository(target).entry(request_path.NAME)
+    source = ModelRepository(tmp_path / "repo").entry("m")
+    assert entry.input_spec == source.input_spec and entry.output_spec == source.output_spec
+    assert entry.max_batch_size == 12 and entry.parameters == {"precision": "int8"}
+    assert entry.config.dynamic_batching.max_queue_delay_microseconds == 700
+    assert entry.config.instance_group[0].count == 2
+    assert (target / request_path.NAME / "labels.txt").read_text() == (tmp_path / "repo" / "m" / "labels.txt").read_text()
+    session = ort.InferenceSession(str(target / request_path.NAME / "1" / "model.onnx"))
+    for n in (1, 3):
+        images = np.random.default_rng(n).integers(0, 256, (n, 24, 24, 3), np.uint8)
+        out = session.run(None, {"images": images})[0]
+        assert out.shape == (n, 5) and out.dtype == np.float32 and np.allclose(out, 0.2)
+    with pytest.raises(KestrelError):  # no such model
+        request_path.write_repository(tmp_path / "repo", "missing", tmp_path / "nop2")
+
+
+def test_the_request_path_model_needs_an_onnx_model_with_a_numeric_output(tmp_path):
+    pytest.importorskip("onnx")
+    from serve.repository import BACKEND_KERAS
+
+    folder = tmp_path / "repo" / "k"
+    (folder / "1").mkdir(parents=True)
+    write_config(make_config("k", BACKEND_KERAS, TensorSpec("images", np.uint8, (8, 8, 3)),
+                             TensorSpec("probabilities", np.float32, (3,))), folder)
+    with pytest.raises(ValueError, match="copies an ONNX model's config"):
+        request_path.write_repository(tmp_path / "repo", "k", tmp_path / "nop")
+    with pytest.raises(ValueError, match="numeric output"):
+        request_path.nop_model(TensorSpec("images", np.uint8, (8, 8, 3)), TensorSpec("names", np.object_, (3,)))
+
+
+def test_process_tree_cpu_counts_the_processes_under_the_server(tmp_path):
+    # a parent (idle) whose child burns 0.3 s of CPU and then waits: the parent's tree holds that CPU
+    done = tmp_path / "burned"
+    child = ("import time, pathlib\nwhile time.process_time() < 0.3: pass\n"
+             f"pathlib.Path({str(done)!r}).write_text('x')\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                               f"{child!r}])"], start_new_session=True)
+    try:
+        for _ in range(300):
+            if done.exists():
+                break
+            time.sleep(0.05)
+        assert done.exists()
+        assert triton_load.process_tree_cpu([parent.pid]) >= 0.3
+        assert triton_load.process_tree_cpu([2 ** 22 + 7]) is None  # above Linux's largest pid: no such process
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent and its child
+        parent.wait(10)
+
+
+def test_report_the_request_path_alone_per_protocol_and_clients():
+    rows = []
+    for repeat, (k, t) in enumerate(((0.6, 0.3), (0.55, 0.25), (0.7, 0.3))):  # server cores; 1000 req/s each
+        for server, cores in (("kestrel", k), ("triton", t)):
+            rows.append(dict(server=server, precision=request_path.NAME, protocol="grpc", batch=1, clients=32,
+                             repeat=repeat, model=request_path.NAME, requests=6000, errors=0, requests_per_s=1000.0,
+                             server_cores=cores, mean_batch=1.5 if server == "kestrel" else 8.0, error=""))
+    rows.append(dict(rows[0], protocol="http", clients=4, server_cores=None))  # not measured: n/a, not 0
+    lines = request_path.summarise(rows)
+    assert [(x["protocol"], x["clients"]) for x in lines] == [("grpc", 32), ("http", 4)]
+    grpc = lines[0]
+    assert grpc["kestrel"]["cpu_us_per_request"].median == pytest.approx(600)
+    assert grpc["triton"]["cpu_us_per_request"].median == pytest.approx(300)
+    assert grpc["extra_us"].median == pytest.approx(300) and (grpc["extra_us"].low, grpc["extra_us"].high) == (
+        pytest.approx(300), pytest.approx(400))
+    text = "\n".join(vs_triton_report.request_path_lines({"source": "m_int8", "rows": rows}))
+    assert "## The request path alone" in text and "`m_int8`'s input, output" in text
+    assert "| gRPC | 32 | 1000 | 1000 | 1.50 / 8.00 | 600 (550-700) | 300 (250-300) | 300 (300-400) | 0 / 0 |" in text
+    assert "| HTTP | 4 | 1000 | n/a | 1.50 / n/a | n/a | n/a | n/a | 0 / 0 |" in text
+    assert vs_triton_report.request_path_lines({}) == []
+    report = vs_triton_report.markdown(META, _rows(), CEILING, {}, {}, {"source": "m_int8", "rows": rows})
+    assert report.index("## The request path alone") < report.index("## In-process ceiling")
+    assert "request_path_repository/" in report
 
 
 def test_report_ensemble_against_its_summed_member_cost(tmp_path):
@@ -536,8 +640,11 @@ def _load(server, photos, root, *args, protocol="grpc") -> dict:
 def test_load_generator_counts_images_latencies_and_the_batches_the_server_formed(fake_server, protocol):
     server, photos, root = fake_server
     record = _load(server, photos, root, "run", "--model", "toy", "--clients", "3", "--batch", "2", "--duration",
-                   "1.5", "--warmup", "0.3", "--stats-url", server.address, protocol=protocol)
+                   "1.5", "--warmup", "0.3", "--stats-url", server.address, "--cpu-pids", str(server.process.pid),
+                   protocol=protocol)
     assert record["errors"] == 0 and record["error_messages"] == {} and record["stuck_clients"] == 0
+    # the server's CPU over the window: busy answering (some CPU), never more than the machine's cores
+    assert 0 < record["server_cores"] <= os.cpu_count()
     assert record["requests"] > 10 and record["images"] == 2 * record["requests"]
     assert len(record["response_times_ms"]) == record["requests"]
     assert record["images_per_s"] == pytest.approx(record["images"] / record["window_s"], rel=1e-3)
@@ -555,6 +662,7 @@ def test_load_generator_counts_failed_requests_as_errors(fake_server):
                    "--warmup", "0")
     assert record["requests"] == 0 and record["errors"] > 0
     assert any("simulated failure" in m for m in record["error_messages"])
+    assert record["server_cores"] is None  # no --cpu-pids: not measured
 
 
 def test_load_generator_compare_and_it_never_imports_kestrels_protobufs(fake_server):
@@ -595,13 +703,19 @@ def test_the_whole_comparison_on_a_tiny_onnx_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.vs_triton", "--model", "tiny", "--repository",
                              str(tmp_path / "models"), "--precision", "fp32", "--protocol", "grpc,http", "--batch",
                              "1", "--clients", "2", "--repeats", "1", "--duration", "1", "--warmup", "0.5",
-                             "--no-export", "--ensemble", "", "--ceiling-batch", "1", "--output",
-                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "--no-export", "--ensemble", "", "--ceiling-batch", "1", "--request-path-clients", "2",
+                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert {(r["server"], r["protocol"]) for r in data["runs"]} == {(s, p) for s in ("kestrel", "triton")
-                                                                    for p in ("grpc", "http")}
-    assert all(r["requests"] > 0 and r["errors"] == 0 and not r["error"] for r in data["runs"])
+    both = {(s, p) for s in ("kestrel", "triton") for p in ("grpc", "http")}
+    assert {(r["server"], r["protocol"]) for r in data["runs"]} == both
+    assert all(r["requests"] > 0 and r["errors"] == 0 and not r["error"] and r["server_cores"] > 0
+               for r in data["runs"])
+    path_rows = data["request_path"]["rows"]
+    assert {(r["server"], r["protocol"]) for r in path_rows} == both and data["request_path"]["source"] == "tiny"
+    assert all(r["model"] == request_path.NAME and r["requests"] > 0 and r["errors"] == 0 and r["server_cores"] > 0
+               for r in path_rows)
+    assert "## The request path alone" in (tmp_path / "out" / "report.md").read_text()
     assert data["parity"]["tiny"]["top1_agreement"] == 1.0 and data["parity"]["tiny"]["max_abs_diff"] < 1e-5
     assert data["meta"]["triton"]["server"]["version"].startswith("2.")
     assert "Triton with its Python backend" in (tmp_path / "out" / "report.md").read_text()
