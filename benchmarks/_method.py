@@ -230,6 +230,33 @@ def timestamp() -> str:
 
 
 # ---- load on the machine while measuring ----------------------------------------------------
+def process_tree_cpu(pids: Iterable[int]) -> tuple[float, frozenset[int]] | None:
+    """(CPU seconds, user + system, every thread, used so far by `pids` and every process under them that is
+    still running; the process ids counted), read from /proc. None where /proc cannot tell (not Linux) or
+    none of `pids` is running."""
+    processes: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, clock ticks)
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return None
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            processes[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    tree = {p for p in pids if p in processes}
+    if not tree:
+        return None
+    while True:
+        under = {pid for pid, (parent, _) in processes.items() if parent in tree} - tree
+        if not under:
+            break
+        tree |= under
+    return sum(processes[pid][1] for pid in tree) / os.sysconf("SC_CLK_TCK"), frozenset(tree)
+
+
 @dataclass
 class CpuSample:
     wall: float
@@ -249,7 +276,7 @@ class LoadMonitor:
         monitor.start(); ...; usage = monitor.stop()
         usage["foreign_cores"]  # cores' worth of CPU used by *other* processes meanwhile
 
-    Uses psutil (a locust dependency) when available; otherwise only /proc/stat.
+    Reads /proc (Linux); elsewhere own and foreign CPU are NaN.
     """
 
     pids: list[int] = field(default_factory=list)
@@ -264,23 +291,12 @@ class LoadMonitor:
             total = usage.ru_utime + usage.ru_stime
         except (ImportError, OSError):
             total = 0.0
-        try:
-            import psutil
-        except ImportError:
-            return float("nan")
-        for pid in self.pids:
-            try:
-                proc = psutil.Process(pid)
-                procs = [proc] + proc.children(recursive=True)
-            except psutil.Error:
-                continue
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system
-                except psutil.Error:
-                    continue
-        return total
+        if not self.pids:
+            return total
+        tree = process_tree_cpu(self.pids)
+        if tree is None:
+            return float("nan") if not Path("/proc/self/stat").exists() else total
+        return total + tree[0]
 
     @staticmethod
     def _busy() -> float:

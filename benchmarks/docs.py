@@ -110,8 +110,8 @@ def generated(results: Path, docs: Path) -> str:
         parts += ["", f"### Through the server: `{server.parent.name}/report.md`", "", _relink(body, server.parent, docs)]
     triton = newest_triton_report(results)
     if triton is not None:
-        body = _sections(triton.read_text(), ("Headline", "Results", "Latency under load", "Ensemble against its "
-                                              "physical limit", "Load on the machine"))
+        body = _sections(triton.read_text(), ("Headline", "Results", "Latency under load", "The request path alone",
+                                              "Ensemble against its physical limit", "Load on the machine"))
         parts += ["", f"### Kestrel vs Triton: `{triton.parent.name}/report.md`", "",
                   f"Full report: [{triton.parent.name}/report.md]"
                   f"({Path(os.path.relpath(triton, docs.parent)).as_posix()}).", "", _relink(body, triton.parent, docs)]

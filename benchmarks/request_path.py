@@ -32,11 +32,11 @@ def nop_model(input_spec, output_spec):
     import onnx
     from onnx import helper, numpy_helper
 
-    in_type = helper.np_dtype_to_tensor_dtype(np.dtype(input_spec.dtype))
     out_dtype = np.dtype(output_spec.dtype)
-    out_type = helper.np_dtype_to_tensor_dtype(out_dtype)
     if out_dtype.kind not in "iuf":
         raise ValueError(f"the request-path model needs a numeric output; {output_spec.name} is {out_dtype}")
+    in_type = helper.np_dtype_to_tensor_dtype(np.dtype(input_spec.dtype))
+    out_type = helper.np_dtype_to_tensor_dtype(out_dtype)
     classes = int(np.prod(output_spec.shape))
     row = np.full((1,) + tuple(int(d) for d in output_spec.shape), 1.0 / classes).astype(out_dtype)
     nodes = [
@@ -103,12 +103,13 @@ def summarise(rows: list[dict]) -> list[dict]:
         line: dict = {"protocol": protocol, "clients": clients}
         cpu_by_round: dict[str, dict[int, float]] = {}
         for server in ("kestrel", "triton"):
-            ok = [r for r in rows if (r["protocol"], int(r["clients"]), r["server"]) == (protocol, clients, server)
-                  and not r.get("error") and r.get("requests")]
+            runs = [r for r in rows if (r["protocol"], int(r["clients"]), r["server"]) == (protocol, clients, server)]
+            ok = [r for r in runs if not r.get("error") and r.get("requests")]
             line[server] = {"requests_per_s": _method.over_repeats(r.get("requests_per_s") for r in ok),
                             "mean_batch": _method.over_repeats(r.get("mean_batch") for r in ok),
                             "cpu_us_per_request": _method.over_repeats(cpu_us_per_request(r) for r in ok),
-                            "errors": sum(int(r.get("errors") or 0) for r in ok), "runs": len(ok)}
+                            "errors": sum(int(r.get("errors") or 0) for r in runs), "runs": len(ok),
+                            "failed": len(runs) - len(ok)}
             cpu_by_round[server] = {int(r["repeat"]): cpu_us_per_request(r) for r in ok}
         both = sorted(set(cpu_by_round["kestrel"]) & set(cpu_by_round["triton"]))
         line["extra_us"] = _method.over_repeats(cpu_by_round["kestrel"][i] - cpu_by_round["triton"][i] for i in both)

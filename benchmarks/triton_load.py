@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import threading
@@ -188,34 +187,9 @@ class _Run:
                 self.errors += errors
 
 
-def process_tree_cpu(pids: list[int]) -> float | None:
-    """CPU seconds (user + system, every thread) used so far by `pids` and every process under them that is
-    still running (from /proc); None where /proc cannot tell (not Linux) or none of `pids` is running."""
-    processes: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, clock ticks)
-    try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        return None
-    for name in entries:
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            processes[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-    tree = {p for p in pids if p in processes}
-    if not tree:
-        return None
-    grew = True
-    while grew:
-        under = {pid for pid, (parent, _) in processes.items() if parent in tree} - tree
-        tree |= under
-        grew = bool(under)
-    return sum(processes[pid][1] for pid in tree) / os.sysconf("SC_CLK_TCK")
-
-
 def run(args) -> dict:
     from benchmarks._images import image_arrays
+    from benchmarks._method import process_tree_cpu
 
     io = model_io(args.protocol, args.url, args.model, args.timeout)
     if io["datatype"] != "UINT8" or io["channels"] != 3:
@@ -239,6 +213,9 @@ def run(args) -> dict:
     time.sleep(args.duration)
     window_end = time.perf_counter()
     server_after = process_tree_cpu(args.cpu_pids) if args.cpu_pids else None
+    server_cpu = None  # a process of the tree that ended in the window took its CPU with it: not measured then
+    if server_before is not None and server_after is not None and server_before[1] <= server_after[1]:
+        server_cpu = server_after[0] - server_before[0]
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     after = statistics(stats_url, stats_models) if stats_url else None
     state.stop.set()
@@ -272,8 +249,7 @@ def run(args) -> dict:
         "mean_ms": float(lat.mean()) if lat.size else None, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
         "mean_batch": (executed.get(args.model) or {}).get("mean_batch"), "executed": executed,
         "loadgen_cores": cpu / window if window > 0 else None, "stuck_clients": stuck,
-        "server_cores": ((server_after - server_before) / window
-                         if server_before is not None and server_after is not None and window > 0 else None),
+        "server_cores": server_cpu / window if server_cpu is not None and window > 0 else None,
         "image_count": len(images), "input_size": list(io["size"]),
         "response_times_ms": [round(v, 3) for v in measured],
     }

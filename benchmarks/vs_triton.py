@@ -374,17 +374,21 @@ def ensemble_limit(ensemble: dict, costs: dict[str, dict[int, dict]],
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
-def _servers_for(s: Settings, variants: list[str], logs: Path):
+def _servers_for(s: Settings, models: list[str], logs: Path, *, repository: Path | None = None, name: str = ""):
+    """Kestrel on `repository` (default s.repository) and Triton on a repository built from it for `models`,
+    in `<output>/triton{_name}_repository`, logs `kestrel{_name}_server.log` / `triton{_name}_server.log`."""
     from . import triton_repo
 
+    repository = s.repository if repository is None else repository
+    suffix = f"_{name}" if name else ""
+    target = s.output / f"triton{suffix}_repository"
     install = triton_repo.prepare(triton_repo.find_install(s.triton_venv))
-    built = triton_repo.build_repository(s.repository, variants, s.output / "triton_repository",
-                                         ort_threads=s.ort_threads, instances=s.triton_instances,
-                                         instance_threads=s.triton_threads)
+    built = triton_repo.build_repository(repository, models, target, ort_threads=s.ort_threads,
+                                         instances=s.triton_instances, instance_threads=s.triton_threads)
     extra = ["--ort-threads", str(s.ort_threads)] if s.ort_threads else []
-    kestrel = KestrelServer(s.repository, variants, logs / "kestrel_server.log", extra_args=extra)
+    kestrel = KestrelServer(repository, models, logs / f"kestrel{suffix}_server.log", extra_args=extra)
     try:
-        triton = triton_repo.TritonServer(install, s.output / "triton_repository", logs / "triton_server.log")
+        triton = triton_repo.TritonServer(install, target, logs / f"triton{suffix}_server.log")
     except BaseException:
         kestrel.stop()
         raise
@@ -408,20 +412,12 @@ def request_path_runs(s: Settings, source: str, logs: Path, raw: Path, skipped: 
                       started: float) -> dict:
     """Both servers serving a model that does no work (benchmarks/request_path.py, built from `source`),
     gRPC/HTTP x `s.request_path_clients`, batch 1, servers alternated: each server's CPU per request."""
-    from . import request_path, triton_repo
+    from . import request_path
 
     repository = request_path.write_repository(s.repository, source, s.output / "request_path_repository")
-    install = triton_repo.prepare(triton_repo.find_install(s.triton_venv))
-    triton_repo.build_repository(repository, [request_path.NAME], s.output / "triton_request_path_repository",
-                                 ort_threads=s.ort_threads, instances=s.triton_instances,
-                                 instance_threads=s.triton_threads)
-    extra = ["--ort-threads", str(s.ort_threads)] if s.ort_threads else []
-    kestrel = KestrelServer(repository, [request_path.NAME], logs / "kestrel_request_path_server.log",
-                            extra_args=extra)
-    triton = None
+    _install, _built, kestrel, triton = _servers_for(s, [request_path.NAME], logs, repository=repository,
+                                                     name="request_path")
     try:
-        triton = triton_repo.TritonServer(install, s.output / "triton_request_path_repository",
-                                          logs / "triton_request_path_server.log")
         print(f"the request path alone: both servers with {request_path.NAME} (no work, {source}'s tensors)",
               flush=True)
         kestrel.wait_ready(s.start_timeout_s)
@@ -430,9 +426,20 @@ def request_path_runs(s: Settings, source: str, logs: Path, raw: Path, skipped: 
         rows = _runs(s, cells, lambda _precision: request_path.NAME, kestrel, triton, raw, logs, skipped, started)
     finally:
         kestrel.stop()
-        if triton is not None:
-            triton.stop()
+        triton.stop()
     return {"source": source, "rows": rows}
+
+
+def request_path_section(s: Settings, source: str, logs: Path, raw: Path, skipped: list[dict], started: float,
+                         notes: list[str]) -> dict:
+    """request_path_runs, or {} with a note saying why it could not run: the main grid, the ensemble and the
+    ceiling still make their report."""
+    try:
+        return request_path_runs(s, source, logs, raw, skipped, started)
+    except (KestrelError, ImportError, ValueError, OSError) as exc:
+        notes.append(f"the request path alone was not measured: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        print(f"warning: {notes[-1]}", file=sys.stderr, flush=True)
+        return {}
 
 
 def run(settings: Settings) -> Path:
@@ -478,7 +485,7 @@ def run(settings: Settings) -> Path:
                 kestrel.stop()
                 triton.stop()
         if variants and s.request_path_clients:
-            request_path = request_path_runs(s, variants[0], logs, raw, skipped, started)
+            request_path = request_path_section(s, variants[0], logs, raw, skipped, started, notes)
         if has_ensemble:
             ensemble = ensemble_runs(s, logs, raw)
         # the ceiling, with every server stopped
@@ -596,7 +603,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _ints_or_none(text: str) -> list[int]:
+def _ints_or_empty(text: str) -> list[int]:
     """_ints, or [] for an empty text (skip that part)."""
     return _ints(text) if text.strip() else []
 
@@ -642,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Kestrel ensemble for the ensemble section (default imagenet, `make demo`'s); '' skips it")
     p.add_argument("--ensemble-clients", type=int, default=8, help="clients for the ensemble section (default 8)")
     p.add_argument("--ensemble-only", action="store_true", help="only the ensemble section (no Triton)")
-    p.add_argument("--request-path-clients", type=_ints_or_none,
+    p.add_argument("--request-path-clients", type=_ints_or_empty,
                    help="clients for the request path alone: both servers with a model that does no work, CPU per "
                         "request (default 4,32; --quick 8; '' skips it)")
     p.add_argument("--ceiling-batch", type=_ints, help="in-process batch sizes besides the formed ones "

@@ -1,6 +1,6 @@
 """The Triton comparison's report: Markdown tables, Kestrel/Triton ratios, the ceiling, the ensemble, plots.
 
-    vs_triton_report.write(folder, meta, rows, ceiling, ensemble, parity)  # report.md, throughput.png, latency_p95.png
+    vs_triton_report.write(folder, meta, rows, ceiling, ensemble, parity, request_path)  # report.md and the plots
     python -m benchmarks.vs_triton_report FOLDER                          # rebuild them from FOLDER/results.json
 
 Every number is the median over rounds (range over rounds in parentheses); a ratio is the ratio of
@@ -43,7 +43,7 @@ def groups(rows: list[dict]) -> list[tuple[str, str, int]]:
 def server_cores(row: dict) -> float | None:
     """The cores' worth of CPU the run's server used (its processes, Triton's stub included) over the measured
     window (`server_cores`, recorded since 2026-12-07); for older runs `own_cores`, which also counted the load
-    generator and the run's start-up and warm-up (see cpu_note)."""
+    generator, the other (idle) server and the run's start-up and warm-up (see cpu_note)."""
     value = row.get("server_cores")
     return value if value is not None else row.get("own_cores")
 
@@ -52,8 +52,8 @@ def cpu_note(rows: list[dict]) -> str:
     """A warning when some run's CPU per image comes from the older, wider measurement."""
     if any(r.get("server_cores") is None and r.get("own_cores") is not None for r in rows if _ok(r)):
         return (" These runs predate the per-window measurement: their CPU was taken from the load generator's "
-                "start to its end and includes the load generator's own CPU (the same client for both servers), so "
-                "compare the two servers' figures with each other, not with a model's cost.")
+                "start to its end and includes the load generator's own CPU and the idle other server's (the same for "
+                "both servers' runs), so compare the two servers' figures with each other, not with a model's cost.")
     return ""
 
 
@@ -288,6 +288,10 @@ def ensemble_lines(ensemble: dict) -> list[str]:
     return lines + [""]
 
 
+def _errors(line: dict) -> str:
+    return str(line["errors"]) + (f" (+{line['failed']} failed runs)" if line.get("failed") else "")
+
+
 def request_path_lines(request_path: dict) -> list[str]:
     """The request path alone: each server's CPU per request with a model that does no work."""
     rows = (request_path or {}).get("rows") or []
@@ -311,11 +315,11 @@ def request_path_lines(request_path: dict) -> list[str]:
                      f"{k['requests_per_s'].format(0)} | {t['requests_per_s'].format(0)} | "
                      f"{k['mean_batch'].format(2)} / {t['mean_batch'].format(2)} | "
                      f"{k['cpu_us_per_request'].format(0)} | {t['cpu_us_per_request'].format(0)} | "
-                     f"{line['extra_us'].format(0)} | {k['errors']} / {t['errors']} |")
-    lines += ["", "Multiplied by a cell's requests per second, the difference is the share of the cores that "
-              "Kestrel's request path takes from the model beyond Triton's: where the model keeps every core busy "
-              "(the saturated cells above), that share is what Kestrel's arrangement of the model has to win back.",
-              ""]
+                     f"{line['extra_us'].format(0)} | {_errors(k)} / {_errors(t)} |")
+    lines += ["", "The difference in µs times a cell's requests per second, divided by a million, is the cores' worth "
+              "of CPU that Kestrel's request path takes from the model beyond Triton's: where the model keeps every "
+              "core busy (the saturated cells above), that is what Kestrel's arrangement of the model has to win "
+              "back.", ""]
     return lines
 
 
@@ -483,12 +487,13 @@ def markdown(meta: dict, rows: list[dict], ceiling: dict, ensemble: dict, parity
         lines += [f"## Skipped runs ({len(meta['skipped'])})", ""]
         lines += [f"- {k['server']} {k['precision']} {k['protocol']} batch {k['batch']} x {k['clients']}, round "
                   f"{k['repeat'] + 1}: {k['reason']}" for k in meta["skipped"][:50]] + [""]
-    failed = [r for r in rows if r.get("error")]
+    every_run = rows + list((request_path or {}).get("rows") or [])
+    failed = [r for r in every_run if r.get("error")]
     if failed:
         lines += ["## Failed runs", ""] + [f"- {r['server']} {r['precision']} {r['protocol']} batch {r['batch']} x "
                                           f"{r['clients']}: {r['error'].splitlines()[0]}" for r in failed] + [""]
     messages: dict = defaultdict(int)
-    for r in rows:
+    for r in every_run:
         for m, n in (r.get("error_messages") or {}).items():
             messages[(r["server"], m)] += int(n)
     if messages:

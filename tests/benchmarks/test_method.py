@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -88,3 +92,24 @@ def test_load_monitor_sees_own_busy_process():
     assert usage["own_cores"] > 0.1  # spinning (on a shared machine: a share of a core); idle ~0
     assert usage["busy_cores"] >= usage["own_cores"] * 0.8
     assert usage["foreign_cores"] >= 0.0
+
+
+def test_process_tree_cpu_counts_the_processes_under_the_server(tmp_path):
+    # a parent (idle) whose child burns 0.3 s of CPU and then waits: the parent's tree holds that CPU
+    done = tmp_path / "burned"
+    child = ("import time, pathlib\nwhile time.process_time() < 0.3: pass\n"
+             f"pathlib.Path({str(done)!r}).write_text('x')\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                               f"{child!r}])"], start_new_session=True)
+    try:
+        for _ in range(300):
+            if done.exists():
+                break
+            time.sleep(0.05)
+        assert done.exists()
+        cpu, pids = _method.process_tree_cpu([parent.pid])
+        assert cpu >= 0.3 and parent.pid in pids and len(pids) == 2  # the parent and its child
+        assert _method.process_tree_cpu([2 ** 22 + 7]) is None  # above Linux's largest pid: no such process
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent and its child
+        parent.wait(10)
