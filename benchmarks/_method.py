@@ -229,6 +229,11 @@ def timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def completed(row: dict) -> bool:
+    """A load run that ran to its end and answered requests (no run error): one whose numbers count."""
+    return not row.get("error") and bool(row.get("requests"))
+
+
 # ---- load on the machine while measuring ----------------------------------------------------
 def process_tree_cpu(pids: Iterable[int]) -> tuple[float, frozenset[int]] | None:
     """(CPU seconds, user + system, every thread, used so far by `pids` and every process under them that is

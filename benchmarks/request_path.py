@@ -104,7 +104,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         cpu_by_round: dict[str, dict[int, float]] = {}
         for server in ("kestrel", "triton"):
             runs = [r for r in rows if (r["protocol"], int(r["clients"]), r["server"]) == (protocol, clients, server)]
-            ok = [r for r in runs if not r.get("error") and r.get("requests")]
+            ok = [r for r in runs if _method.completed(r)]
             line[server] = {"requests_per_s": _method.over_repeats(r.get("requests_per_s") for r in ok),
                             "mean_batch": _method.over_repeats(r.get("mean_batch") for r in ok),
                             "cpu_us_per_request": _method.over_repeats(cpu_us_per_request(r) for r in ok),

@@ -26,8 +26,7 @@ TRITON_BACKEND_NOTE = ("Triton's native onnxruntime backend is not in that wheel
                        "backend")
 
 
-def _ok(row: dict) -> bool:
-    return not row.get("error") and bool(row.get("requests"))
+_ok = _method.completed
 
 
 def groups(rows: list[dict]) -> list[tuple[str, str, int]]:
