@@ -321,7 +321,7 @@ def ensemble_runs(s: Settings, logs: Path, raw: Path) -> dict:
 
 def _good_runs(ensemble: dict) -> list[dict]:
     """The ensemble's rounds that completed requests without an error."""
-    return [r for r in ensemble["runs"] if not r.get("error") and r.get("requests")]
+    return [r for r in ensemble["runs"] if _method.completed(r)]
 
 
 def ensemble_batches(ensemble: dict) -> dict[str, float]:

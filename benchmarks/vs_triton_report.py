@@ -26,9 +26,6 @@ TRITON_BACKEND_NOTE = ("Triton's native onnxruntime backend is not in that wheel
                        "backend")
 
 
-_ok = _method.completed
-
-
 def groups(rows: list[dict]) -> list[tuple[str, str, int]]:
     """(precision, protocol, batch) in the order they were run."""
     seen = []
@@ -49,7 +46,7 @@ def server_cores(row: dict) -> float | None:
 
 def cpu_note(rows: list[dict]) -> str:
     """A warning when some run's CPU per image comes from the older, wider measurement."""
-    if any(r.get("server_cores") is None and r.get("own_cores") is not None for r in rows if _ok(r)):
+    if any(r.get("server_cores") is None and r.get("own_cores") is not None for r in rows if _method.completed(r)):
         return (" These runs predate the per-window measurement: their CPU was taken from the load generator's "
                 "start to its end and includes the load generator's own CPU and the idle other server's (the same for "
                 "both servers' runs), so compare the two servers' figures with each other, not with a model's cost.")
@@ -63,7 +60,7 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
         found[(r["precision"], r["protocol"], int(r["batch"]), int(r["clients"]), r["server"])].append(r)
     out = {}
     for key, items in found.items():
-        ok = [r for r in items if _ok(r)]
+        ok = [r for r in items if _method.completed(r)]
         out[key] = {m: _method.over_repeats(r.get(m) for r in ok) for m in METRICS}
         # the server's CPU (its process and children: Triton's stub too) per image served, ms: where a server's
         # request path costs more, it shows here even when the two serve the same img/s
@@ -79,7 +76,7 @@ def paired(rows: list[dict], cell: tuple, metric: str = "images_per_s") -> list[
     """Per-round Kestrel/Triton ratios of `metric` in `cell` = (precision, protocol, batch, clients)."""
     rounds: dict[int, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        if (r["precision"], r["protocol"], int(r["batch"]), int(r["clients"])) == cell and _ok(r):
+        if (r["precision"], r["protocol"], int(r["batch"]), int(r["clients"])) == cell and _method.completed(r):
             rounds[int(r["repeat"])][r["server"]] = r.get(metric)
     out = []
     for values in rounds.values():
@@ -344,7 +341,7 @@ def machine_line(meta: dict) -> str:
 
 
 def load_lines(rows: list[dict]) -> list[str]:
-    ok = [r for r in rows if _ok(r)]
+    ok = [r for r in rows if _method.completed(r)]
     if not ok:
         return []
     busy = _method.median(r.get("busy_cores") for r in ok)
